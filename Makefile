@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   # environment + CIFAR-10 betons + a real training run (all GPUs, or the cpu preset)
+#   make test    # environment + the test suite (CPU only; .ci/run calls exactly this)
+# Variables: CIFAR10_SOURCE (torchvision | ImageFolder dir | tarball), DATA_DIR, RUN_DIR,
+#            CONFIG (default: configs/resnet18.yaml with a GPU, configs/cpu.yaml without),
+#            ARGS (extra key=value overrides), PYTHON, VENV, TORCH_SPEC.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CIFAR10_SOURCE ?= torchvision
+DATA_DIR ?= data/cifar10
+FFCV_APT := pkg-config libopencv-dev libturbojpeg0-dev
+
+.PHONY: setup data train test
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing FFCV's system libraries: $(FFCV_APT)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FFCV_APT) >/dev/null; \
+	  else \
+	    echo "FFCV needs system libraries. Run this, then 'make' again:"; \
+	    echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends $(FFCV_APT)"; \
+	    echo "  (conda: conda install -c conda-forge pkg-config opencv libjpeg-turbo)"; exit 1; \
+	  fi; \
+	fi
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+data: setup
+	@if [ -f $(DATA_DIR)/manifest.json ]; then echo "betons ready in $(DATA_DIR)"; \
+	else $(BIN)/python -m dist_resnet.data.prepare --source $(CIFAR10_SOURCE) --out $(DATA_DIR); fi
+
+train: data
+	PATH=$(abspath $(BIN)):$$PATH DATA_DIR=$(DATA_DIR) RUN_DIR=$(RUN_DIR) CONFIG=$(CONFIG) launch/single_node.sh $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc = 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc

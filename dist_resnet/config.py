@@ -1,0 +1,183 @@
+"""One typed config tree: dataclass schema + YAML preset + dotted overrides.
+
+Each component owns a small dataclass; `Config` composes them. OmegaConf
+validates keys and types against the schema before anything starts, and the
+resolved tree is written to `run.dir/config.yaml` and into every checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Schedule(str, Enum):
+    onecycle = "onecycle"  # linear warm-up to lr, linear decay to 0
+    cosine = "cosine"  # linear warm-up to lr, cosine decay to 0
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@dataclass
+class DataConfig:
+    dir: str = MISSING  # folder with train.beton, test.beton, manifest.json
+    num_workers: int = 8  # FFCV decode threads per rank
+    batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
+    os_cache: bool = True  # share the beton through the page cache
+    flip: bool = True  # random horizontal flip (train only)
+    translate: int = 2  # random translation of up to N pixels (train only)
+    cutout: int = 0  # side of a square cut out at random (train only); 0 = off
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # see dist_resnet.models.MODELS
+    width: int = 64  # base width (resnet9 family: widths w, 2w, 4w, 8w)
+    channels_last: bool = True
+    compile: bool = True  # torch.compile the model (GPU only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.2  # peak learning rate for train.batch_size
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # never applied to BatchNorm weights or biases
+    label_smoothing: float = 0.1
+    schedule: Schedule = Schedule.onecycle
+    warmup_epochs: float = 1.0  # may be fractional
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 512  # GLOBAL batch size, split evenly across ranks
+    seed: int = 0
+    precision: Precision = Precision.auto
+    device: Device = Device.auto
+    resume: bool = False  # continue from run.dir/last.pt
+    eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    log_every: int = 50  # steps between host syncs for logging
+    deterministic: bool = False  # deterministic kernels (slower); for exact reproducibility
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # output folder: config.yaml, metrics.json, checkpoints, TensorBoard
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what is valid."""
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        where = f"'{parent}'" if parent else "the top level"
+        return f"unknown config key '{key}'. Valid keys in {where}: {', '.join(valid)}"
+    return f"bad value for '{key}': {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema <- YAML preset <- `key=value` overrides; raises ConfigError."""
+    schema = OmegaConf.structured(Config)
+    try:
+        cfg = schema
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                presets = sorted(x.name for x in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+                raise ConfigError(f"config file {p} not found. Presets: {', '.join(presets)}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.epochs=10)")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"required config keys not set: {', '.join(missing)} (e.g. {missing[0]}=PATH)")
+        obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except MissingMandatoryValue as e:  # pragma: no cover - caught by missing_keys above
+        raise ConfigError(f"required config key not set: {e.full_key}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, schema)) from None
+    _check(obj)
+    return obj
+
+
+def _check(cfg: Config) -> None:
+    from .models import MODELS
+
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"bad value for 'model.name': '{cfg.model.name}'. Valid: {', '.join(MODELS)}")
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.eval_every": cfg.train.eval_every,
+        "train.log_every": cfg.train.log_every,
+        "data.batches_ahead": cfg.data.batches_ahead,
+        "data.num_workers": cfg.data.num_workers,
+        "model.width": cfg.model.width,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"bad value for '{key}': {value}; it must be >= 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"bad value for 'optim.lr': {cfg.optim.lr}; it must be > 0")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        raise ConfigError("bad value for 'optim.label_smoothing': it must be in [0, 1)")
+    if cfg.data.translate < 0 or cfg.data.cutout < 0:
+        raise ConfigError("'data.translate' and 'data.cutout' must be >= 0")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train") -> Config:
+    """`--config PRESET.yaml key=value ...` -> Config; exits with a clear message on error."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.")
+    p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
+    args = p.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

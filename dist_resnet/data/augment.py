@@ -1,0 +1,72 @@
+"""Batch augmentation on the training device, seeded per step.
+
+FFCV's own flip/translate/cutout draw from numba's unseeded per-thread RNGs, so
+two runs with the same seed would differ. Here every random choice comes from a
+generator seeded by (seed, epoch, step, rank): the same seed gives the same run,
+and a resume at any step sees the same augmentations as an uninterrupted run.
+The same code serves the FFCV pipeline and the device-resident one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys; different keys give independent streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class Normalize:
+    """uint8-valued images (any float dtype) -> (x / 255 - mean) / std."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, dtype: torch.dtype):
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1).to(device, dtype)
+        self.shift = (-torch.tensor(mean) / std_t).view(1, 3, 1, 1).to(device, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+class Augment:
+    """Random flip, translate (zero = mean padding after normalisation) and cutout."""
+
+    def __init__(self, flip: bool, translate: int, cutout: int, device: torch.device):
+        self.flip, self.translate, self.cutout = flip, translate, cutout
+        self.generator = torch.Generator(device=device)
+        self.device = device
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.translate > 0 or self.cutout > 0
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        g = self.generator.manual_seed(seed)
+        n, c, h, w = x.shape
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else torch.contiguous_format
+        if self.flip:
+            mask = torch.rand(n, device=self.device, generator=g) < 0.5
+            x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+        if self.translate > 0:
+            p = self.translate
+            padded = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n, 1), device=self.device, generator=g)
+            dx = torch.randint(0, 2 * p + 1, (n, 1), device=self.device, generator=g)
+            rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
+            cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
+            ni = torch.arange(n, device=self.device).view(n, 1, 1, 1)
+            ci = torch.arange(c, device=self.device).view(1, c, 1, 1)
+            x = padded[ni, ci, rows, cols]
+        if self.cutout > 0:
+            half = self.cutout // 2
+            cy = torch.randint(0, h, (n, 1, 1, 1), device=self.device, generator=g)
+            cx = torch.randint(0, w, (n, 1, 1, 1), device=self.device, generator=g)
+            r = torch.arange(h, device=self.device).view(1, 1, h, 1)
+            s = torch.arange(w, device=self.device).view(1, 1, 1, w)
+            hole = (r >= cy - half) & (r < cy + half) & (s >= cx - half) & (s < cx + half)
+            x = x.masked_fill(hole, 0)
+        return x.contiguous(memory_format=fmt)

@@ -1,0 +1,239 @@
+"""Write CIFAR-10 (or any 32x32 ImageFolder) as FFCV betons.
+
+    python -m dist_resnet.data.prepare --source SRC --out DIR [--force] [--resize 32]
+
+SRC is `torchvision` (download CIFAR-10), an ImageFolder directory with
+`train/<class>/*` and `test/<class>/*`, or a .tar/.tar.gz/.tgz of one.
+Writes DIR/train.beton and DIR/test.beton (RGBImageField raw mode: lossless;
+IntField label) and DIR/manifest.json. Everything is validated and written into
+a temporary folder first, so a failure leaves DIR as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+SPLITS = ("train", "test")
+FILES = ("train.beton", "test.beton", "manifest.json")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+class PrepareError(RuntimeError):
+    """Bad source data; the message names the file or folder and what to do."""
+
+
+# ---------------------------------------------------------------- sources
+def _find_root(folder: Path) -> Path:
+    """The folder holding train/ and test/: `folder` itself or its single child."""
+    if all((folder / s).is_dir() for s in SPLITS):
+        return folder
+    children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1 and all((children[0] / s).is_dir() for s in SPLITS):
+        return children[0]
+    found = sorted(c.name for c in folder.iterdir()) if folder.is_dir() else []
+    raise PrepareError(
+        f"{folder} is not an ImageFolder source: it needs train/<class>/* and test/<class>/* "
+        f"(found: {', '.join(found) or 'nothing'})"
+    )
+
+
+def _list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    classes = {}
+    for split in SPLITS:
+        classes[split] = sorted(d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not classes[split]:
+            raise PrepareError(f"{root / split} has no class folders; expected {split}/<class>/<image>")
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise PrepareError(
+            f"train and test class sets differ in {root}: only in train: {only_train or 'none'}; "
+            f"only in test: {only_test or 'none'}. Both splits need the same class folders."
+        )
+    names = classes["train"]
+    items: dict[str, list[tuple[Path, int]]] = {}
+    for split in SPLITS:
+        items[split] = []
+        for label, name in enumerate(names):
+            files = sorted(f for f in (root / split / name).iterdir() if f.is_file() and not f.name.startswith("."))
+            if not files:
+                raise PrepareError(f"class folder {root / split / name} is empty")
+            items[split] += [(f, label) for f in files]
+    return names, items
+
+
+def _decode(job: tuple[str, int | None]) -> tuple[np.ndarray | None, str | None]:
+    """Decode one file to 32x32x3 uint8; returns (image, None) or (None, error)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path, resize = job
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return None, f"{path} is not a readable image ({type(e).__name__}: {e})"
+    if im.size != (32, 32):
+        if resize is None:
+            return None, f"{path} is {im.size[0]}x{im.size[1]}, not 32x32; pass --resize 32 to resize such images"
+        im = im.resize((resize, resize), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8), None
+
+
+def _decode_all(files: list[tuple[Path, int]], resize: int | None, split: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    jobs = [(str(f), resize) for f, _ in files]
+    images = []
+    with ProcessPoolExecutor(workers) as pool:
+        it = pool.map(_decode, jobs, chunksize=512)
+        for img, err in tqdm(it, total=len(jobs), desc=f"decode {split}", unit="img"):
+            if err is not None:
+                raise PrepareError(err)
+            images.append(img)
+    return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
+
+
+def load_folder(root: Path, resize: int | None, workers: int) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    names, items = _list_images(_find_root(root))
+    return names, {s: _decode_all(items[s], resize, s, workers) for s in SPLITS}
+
+
+def load_torchvision(download_root: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    from torchvision.datasets import CIFAR10
+
+    data = {}
+    for split in SPLITS:
+        try:
+            ds = CIFAR10(str(download_root), train=split == "train", download=True)
+        except Exception as e:  # network errors come in many types
+            raise PrepareError(
+                f"torchvision CIFAR-10 download into {download_root} failed ({type(e).__name__}: {e}). "
+                "Without internet, pass --source PATH to an ImageFolder directory or tarball."
+            ) from None
+        data[split] = (np.ascontiguousarray(ds.data), np.array(ds.targets, dtype=np.int64))
+    return list(ds.classes), data
+
+
+def load_source(source: str, resize: int | None, download_root: Path, workers: int, tmp: Path):
+    if source == "torchvision":
+        return load_torchvision(download_root)
+    src = Path(source)
+    if not src.exists():
+        raise PrepareError(f"source {src} does not exist; give 'torchvision', an ImageFolder directory or a tarball")
+    if src.is_dir():
+        if not any(src.iterdir()):
+            raise PrepareError(f"source directory {src} is empty")
+        return load_folder(src, resize, workers)
+    if not src.name.endswith(TAR_SUFFIXES):
+        raise PrepareError(f"source {src} is a file but not a {'/'.join(TAR_SUFFIXES)} archive")
+    try:
+        with tarfile.open(src) as tar:
+            if not tar.getmembers():
+                raise PrepareError(f"archive {src} is empty")
+            tar.extractall(tmp / "src", filter="data")
+    except tarfile.TarError as e:
+        raise PrepareError(f"cannot read archive {src}: {e}") from None
+    return load_folder(tmp / "src", resize, workers)
+
+
+# ---------------------------------------------------------------- writing
+class _Arrays:
+    """Indexable (image, label) view that FFCV's DatasetWriter consumes."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    # one worker: the file's bytes (and so its sha256) do not depend on scheduling
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Arrays(images, labels))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare(source: str, out: Path, force: bool = False, resize: int | None = None,
+            download_root: Path | None = None, workers: int | None = None) -> dict:
+    out = Path(out)
+    existing = [f for f in FILES if (out / f).exists()]
+    if existing and not force:
+        raise PrepareError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
+    if resize is not None and resize != 32:
+        raise PrepareError(f"--resize {resize} is not supported: CIFAR models expect 32x32, use --resize 32")
+    download_root = download_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_resnet"
+    workers = workers or min(8, os.cpu_count() or 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp_str:
+        tmp = Path(tmp_str)
+        classes, data = load_source(source, resize, download_root, workers, tmp)
+        train_x = data["train"][0]
+        manifest = {
+            "format": 1,
+            "source": source if source == "torchvision" else str(Path(source).resolve()),
+            "classes": classes,
+            "image_shape": list(train_x.shape[1:]),
+            # per-channel statistics of the train split, in [0, 1]; the loader normalises with them
+            "mean": (train_x.reshape(-1, 3).mean(0, dtype=np.float64) / 255).round(6).tolist(),
+            "std": (train_x.reshape(-1, 3).std(0, dtype=np.float64) / 255).round(6).tolist(),
+        }
+        for split in SPLITS:
+            images, labels = data[split]
+            path = tmp / f"{split}.beton"
+            write_beton(path, images, labels)
+            manifest[split] = {
+                "file": path.name,
+                "count": int(len(labels)),
+                "sha256": sha256(path),
+                "class_counts": np.bincount(labels, minlength=len(classes)).tolist(),
+            }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in FILES:  # manifest last: a folder with a manifest is complete
+            os.replace(tmp / f, out / f)
+        shutil.rmtree(tmp / "src", ignore_errors=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dist_resnet.data.prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", required=True, help="'torchvision', an ImageFolder directory, or a .tar/.tar.gz of one")
+    p.add_argument("--out", required=True, type=Path, help="output folder for train.beton, test.beton, manifest.json")
+    p.add_argument("--force", action="store_true", help="overwrite existing betons in --out")
+    p.add_argument("--resize", type=int, default=None, help="resize images that are not 32x32 to this size (only 32)")
+    p.add_argument("--download-root", type=Path, default=None, help="torchvision download cache (default ~/.cache/dist_resnet)")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
+    args = p.parse_args(argv)
+    try:
+        m = prepare(args.source, args.out, args.force, args.resize, args.download_root, args.workers)
+    except PrepareError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {args.out}: train {m['train']['count']}, test {m['test']['count']} images, {len(m['classes'])} classes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+import pytest
+
+from dist_resnet.config import ConfigError, Precision, Schedule, load_config, to_yaml
+from tests.conftest import ROOT, python_module
+
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+REQUIRED = ["data.dir=/d", "run.dir=/r"]
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset, REQUIRED)
+    assert cfg.train.epochs > 0 and cfg.train.batch_size > 0
+
+
+def test_required_keys_are_named_when_missing():
+    with pytest.raises(ConfigError, match="data.dir.*run.dir"):
+        load_config(ROOT / "configs" / "cpu.yaml")
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(ROOT / "configs" / "resnet18.yaml",
+                      REQUIRED + ["train.epochs=3", "optim.lr=0.05", "model.compile=false", "optim.schedule=cosine",
+                                  "train.precision=fp16"])
+    assert cfg.train.epochs == 3 and cfg.optim.lr == 0.05 and cfg.model.compile is False
+    assert cfg.optim.schedule == Schedule.cosine and cfg.train.precision == Precision.fp16
+    assert cfg.model.name == "resnet18" and cfg.data.dir == "/d"
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, REQUIRED + ["train.epoch=3"])
+    msg = str(e.value)
+    assert "train.epoch" in msg and "epochs" in msg and "batch_size" in msg
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'trian.*Valid keys.*train"):
+        load_config(None, REQUIRED + ["trian.epochs=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, REQUIRED + ["train.epochs=ten"])
+
+
+def test_bad_choice_lists_the_valid_choices():
+    with pytest.raises(ConfigError, match="bf16.*fp16.*fp32"):
+        load_config(None, REQUIRED + ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="resnet9.*resnet18"):
+        load_config(None, REQUIRED + ["model.name=vgg"])
+
+
+def test_out_of_range_values_are_rejected():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, REQUIRED + ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, REQUIRED + ["train.epochs"])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + ["train.seed=7"])
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_cli_exits_2_with_a_clear_message_before_anything_starts(tmp_path):
+    p = python_module("dist_resnet.train", "--config", "configs/cpu.yaml", "data.dir=/nowhere",
+                      f"run.dir={tmp_path / 'run'}", "train.bogus=1", check=False, timeout=120)
+    assert p.returncode == 2
+    assert "unknown config key 'train.bogus'" in p.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from dist_resnet.checkpoint import unwrap
+from dist_resnet.models import MODELS, build_model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_builds_and_gives_logits(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, width=16 if name == "resnet9" else 64).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet18_has_the_known_11_17M_parameters():
+    n = sum(p.numel() for p in build_model("resnet18").parameters())
+    assert n == 11_173_962  # CIFAR ResNet-18 (3x3 stem, 10 classes)
+
+
+def test_resnet9_width_scales_the_classic_net():
+    classic = sum(p.numel() for p in build_model("resnet9", width=64).parameters())
+    assert 6.5e6 < classic < 6.6e6  # DAWNBench ResNet-9 is ~6.57M parameters
+    narrow = sum(p.numel() for p in build_model("resnet9", width=16).parameters())
+    assert narrow < classic / 14
+
+
+def test_channels_last_gives_the_same_output():
+    torch.manual_seed(0)
+    model = build_model("resnet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="resnet18"):
+        build_model("resnet1000")
+
+
+def test_unwrap_strips_compile_and_ddp_wrappers():
+    model = build_model("resnet9", width=8)
+    assert unwrap(torch.compile(model)) is model

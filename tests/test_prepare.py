@@ -1,0 +1,115 @@
+"""dist_resnet.data.prepare: lossless betons, a manifest, and clear errors that leave nothing behind."""
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dist_resnet.data.prepare import PrepareError, prepare, sha256
+from tests.conftest import CLASSES, SUBSET, python_module
+
+
+def test_manifest_describes_the_betons(betons):
+    m = json.loads((betons / "manifest.json").read_text())
+    assert m["classes"] == CLASSES
+    assert m["train"]["count"] == 5000 and m["test"]["count"] == 1000
+    assert m["train"]["class_counts"] == [500] * 10 and m["test"]["class_counts"] == [100] * 10
+    for split in ("train", "test"):
+        assert m[split]["sha256"] == sha256(betons / f"{split}.beton")
+    assert m["source"].endswith("cifar10-subset.tar.gz")
+    assert m["mean"] == pytest.approx([0.49, 0.48, 0.45], abs=0.03)  # CIFAR-10's channel means
+
+
+def test_beton_bytes_are_reproducible(betons, tmp_path):
+    m = prepare(str(SUBSET), tmp_path / "again", workers=1)
+    assert m["train"]["sha256"] == json.loads((betons / "manifest.json").read_text())["train"]["sha256"]
+
+
+def small_folder(root, subset_dir, per_class=2, classes=CLASSES[:3]):
+    """A tiny real ImageFolder copied from the subset."""
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for f in sorted((subset_dir / split / c).iterdir())[:per_class]:
+                shutil.copy(f, root / split / c / f.name)
+    return root
+
+
+def test_folder_source_and_refusal_to_overwrite(tmp_path, subset_dir):
+    src = small_folder(tmp_path / "src", subset_dir)
+    out = tmp_path / "out"
+    m = prepare(str(src), out)
+    assert m["classes"] == CLASSES[:3] and m["train"]["count"] == 6
+    before = (out / "train.beton").read_bytes()
+    with pytest.raises(PrepareError, match="--force"):
+        prepare(str(src), out)
+    assert (out / "train.beton").read_bytes() == before
+    prepare(str(src), out, force=True)
+
+
+def assert_fails_cleanly(source, out, match, **kw):
+    with pytest.raises(PrepareError, match=match):
+        prepare(str(source), out, **kw)
+    assert not out.exists() or not any(out.iterdir())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_missing_source(tmp_path):
+    assert_fails_cleanly(tmp_path / "nope", tmp_path / "out", "does not exist")
+
+
+def test_empty_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_fails_cleanly(tmp_path / "empty", tmp_path / "out", "is empty")
+    empty_tar = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty_tar, "w:gz"):
+        pass
+    assert_fails_cleanly(empty_tar, tmp_path / "out", "empty")
+
+
+def test_folder_without_splits(tmp_path):
+    (tmp_path / "src" / "cats").mkdir(parents=True)
+    assert_fails_cleanly(tmp_path / "src", tmp_path / "out", "train/<class>")
+
+
+def test_class_sets_that_differ(tmp_path, subset_dir):
+    src = small_folder(tmp_path / "src", subset_dir)
+    shutil.rmtree(src / "test" / "bird")
+    assert_fails_cleanly(src, tmp_path / "out", r"only in train: \['bird'\]")
+
+
+def test_file_that_is_not_an_image(tmp_path, subset_dir):
+    src = small_folder(tmp_path / "src", subset_dir)
+    (src / "train" / "airplane" / "notes.txt").write_text("not an image")
+    assert_fails_cleanly(src, tmp_path / "out", "notes.txt is not a readable image")
+
+
+def test_image_that_is_not_32x32_unless_resize(tmp_path, subset_dir):
+    src = small_folder(tmp_path / "src", subset_dir)
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(src / "test" / "bird" / "big.png")
+    assert_fails_cleanly(src, tmp_path / "out", "64x48, not 32x32.*--resize 32")
+    m = prepare(str(src), tmp_path / "out", resize=32)
+    assert m["test"]["count"] == 7
+
+
+def test_tarball_with_a_top_folder_and_grayscale_images(tmp_path, subset_dir):
+    src = small_folder(tmp_path / "pkg" / "cifar", subset_dir)
+    Image.new("L", (32, 32), 128).save(src / "train" / "airplane" / "gray.png")
+    tar = tmp_path / "src.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "pkg" / "cifar", arcname="cifar")
+    m = prepare(str(tar), tmp_path / "out")
+    assert m["train"]["count"] == 7
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path):
+    p = python_module("dist_resnet.data.prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                      check=False, timeout=120)
+    assert p.returncode == 2 and "prepare: error:" in p.stderr and "does not exist" in p.stderr
+
+
+def test_source_images_are_the_committed_subset(source_images):
+    assert source_images["train"][0].shape == (5000, 32, 32, 3)
+    assert source_images["test"][0].dtype == np.uint8

@@ -41,4 +41,7 @@ train: data
 	PATH=$(abspath $(BIN)):$$PATH DATA_DIR=$(DATA_DIR) RUN_DIR=$(RUN_DIR) CONFIG=$(CONFIG) launch/single_node.sh $(ARGS)
 
 test: setup
+	@command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; } || \
+	  echo "shellcheck not found (apt-get install shellcheck); its test will be skipped"
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc = 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc

@@ -28,6 +28,11 @@ class Schedule(str, Enum):
     cosine = "cosine"  # linear warm-up to lr, cosine decay to 0
 
 
+class Norm(str, Enum):
+    batch = "batch"  # BatchNorm (SyncBatchNorm across ranks with model.sync_bn=true)
+    group = "group"  # GroupNorm(8 groups): batch-independent, so DDP equals one big batch exactly
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -49,6 +54,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet18"  # see dist_resnet.models.MODELS
     width: int = 64  # base width (resnet9 family: widths w, 2w, 4w, 8w)
+    norm: Norm = Norm.batch
+    sync_bn: bool = False  # SyncBatchNorm over all ranks (GPU only; torch has no CPU SyncBatchNorm)
     channels_last: bool = True
     compile: bool = True  # torch.compile the model (GPU only)
 
@@ -68,12 +75,16 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 512  # GLOBAL batch size, split evenly across ranks
+    accum_steps: int = 1  # micro-batches per optimizer step on each rank (all-reduce on the last only)
     seed: int = 0
+    ema: bool = False  # keep an EMA of the weights (and BN buffers), evaluated beside the raw model
+    ema_decay: float = 0.999  # per optimizer step
     precision: Precision = Precision.auto
     device: Device = Device.auto
     resume: bool = False  # continue from run.dir/last.pt
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
     log_every: int = 50  # steps between host syncs for logging
+    stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
     deterministic: bool = False  # deterministic kernels (slower); for exact reproducibility
 
 
@@ -108,11 +119,11 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     return f"bad value for '{key}': {msg}"
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema <- YAML preset <- `key=value` overrides; raises ConfigError."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> Config:
+    """Schema <- `base` (e.g. a checkpoint's config) <- YAML preset <- `key=value` overrides; raises ConfigError."""
     schema = OmegaConf.structured(Config)
     try:
-        cfg = schema
+        cfg = schema if base is None else OmegaConf.merge(schema, base)
         if path is not None:
             p = Path(path)
             if not p.is_file():
@@ -145,6 +156,8 @@ def _check(cfg: Config) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.eval_every": cfg.train.eval_every,
         "train.log_every": cfg.train.log_every,
+        "train.accum_steps": cfg.train.accum_steps,
+        "train.stop_check_every": cfg.train.stop_check_every,
         "data.batches_ahead": cfg.data.batches_ahead,
         "data.num_workers": cfg.data.num_workers,
         "model.width": cfg.model.width,
@@ -156,6 +169,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"bad value for 'optim.lr': {cfg.optim.lr}; it must be > 0")
     if not 0 <= cfg.optim.label_smoothing < 1:
         raise ConfigError("bad value for 'optim.label_smoothing': it must be in [0, 1)")
+    if not 0 < cfg.train.ema_decay < 1:
+        raise ConfigError("bad value for 'train.ema_decay': it must be in (0, 1)")
     if cfg.data.translate < 0 or cfg.data.cutout < 0:
         raise ConfigError("'data.translate' and 'data.cutout' must be >= 0")
 
@@ -175,7 +190,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
     p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.")
     p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as e:

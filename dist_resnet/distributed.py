@@ -6,7 +6,10 @@ LOCAL_RANK and LOCAL_WORLD_SIZE; a plain `python -m dist_resnet.train` is rank 0
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,7 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    control_group: object = field(default=None, repr=False)  # gloo group for host-side agreement
 
     @property
     def is_main(self) -> bool:
@@ -48,9 +52,28 @@ def setup(device: str = "auto") -> DistEnv:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return DistEnv(rank, world, local_rank, local_world, dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            _init_process_group("nccl" if use_cuda else "gloo", rank, world, dev if use_cuda else None)
+        # stop requests are agreed on the host: a gloo group never waits on the GPU
+        control = dist.new_group(backend="gloo") if use_cuda else None
+    return DistEnv(rank, world, local_rank, local_world, dev, control)
+
+
+def _init_process_group(backend: str, rank: int, world: int, device_id: torch.device | None) -> None:
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, device_id=device_id)
+        return
+    # Under torchrun the agent's store outlives a worker-group restart (--max-restarts), and
+    # its keys are not namespaced per attempt: a restarted group can read the dead group's
+    # addresses and fail to connect (gloo: "connectFullMesh failed ... Connection refused").
+    # A prefix per attempt keeps the rounds apart.
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dist_resnet/attempt_{attempt}", store), rank=rank,
+                            world_size=world, device_id=device_id)
 
 
 def cleanup() -> None:
@@ -67,3 +90,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class StopRequest:
+    """Ask a run to stop cleanly: SIGUSR1 (Slurm's --signal warning), SIGTERM (scancel, the
+    end of wall time, torchrun shutting its workers down) or a file `stop_file` (what
+    slurm/train.sh writes, since `--signal=B:USR1` reaches only the batch shell).
+
+    `agreed()` all-reduces the request, so every rank stops after the same step.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, stop_file: Path):
+        self.stop_file = stop_file
+        self.reason: str | None = None
+        for s in self.SIGNALS:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def agreed(self, group=None) -> bool:
+        if self.reason is None and self.stop_file.exists():
+            self.reason = f"stop file {self.stop_file}"
+        flag = torch.tensor([int(self.reason is not None)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if flag.item() and self.reason is None:
+            self.reason = "another rank's request"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)

@@ -14,18 +14,30 @@ import torch
 from torch import nn
 
 
-def conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+Norm = Callable[[int], nn.Module]  # channels -> normalisation layer
+
+
+def group_norm(c: int) -> nn.Module:
+    return nn.GroupNorm(8 if c % 8 == 0 else 1, c)
+
+
+NORMS: dict[str, Norm] = {"batch": nn.BatchNorm2d, "group": group_norm}
+
+
+def conv_bn(cin: int, cout: int, norm: Norm, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), norm(cout)]
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1):
+    def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
         super().__init__()
         cout = planes * self.expansion
-        self.body = nn.Sequential(*conv_bn(cin, planes, stride), nn.ReLU(inplace=True), *conv_bn(planes, cout))
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(*conv_bn(cin, cout, stride, 1))
+        self.body = nn.Sequential(*conv_bn(cin, planes, norm, stride), nn.ReLU(inplace=True),
+                                  *conv_bn(planes, cout, norm))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
+                         else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -34,29 +46,31 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1):
+    def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
         super().__init__()
         cout = planes * self.expansion
         self.body = nn.Sequential(
-            *conv_bn(cin, planes, 1, 1), nn.ReLU(inplace=True),
-            *conv_bn(planes, planes, stride), nn.ReLU(inplace=True),
-            *conv_bn(planes, cout, 1, 1),
+            *conv_bn(cin, planes, norm, 1, 1), nn.ReLU(inplace=True),
+            *conv_bn(planes, planes, norm, stride), nn.ReLU(inplace=True),
+            *conv_bn(planes, cout, norm, 1, 1),
         )
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(*conv_bn(cin, cout, stride, 1))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
+                         else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int, width: int = 64):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int,
+                 width: int = 64, norm: Norm = nn.BatchNorm2d):
         super().__init__()
-        self.stem = nn.Sequential(*conv_bn(3, width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(*conv_bn(3, width, norm), nn.ReLU(inplace=True))
         stages, cin = [], width
         for i, n in enumerate(layers):
             planes = width * 2**i
             for j in range(n):
-                stages.append(block(cin, planes, stride=2 if (i > 0 and j == 0) else 1))
+                stages.append(block(cin, planes, norm, stride=2 if (i > 0 and j == 0) else 1))
                 cin = planes * block.expansion
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -65,7 +79,7 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for m in self.modules():  # zero-init the last BN of each block: each block starts as identity
-            if isinstance(m, (BasicBlock, Bottleneck)):
+            if isinstance(m, (BasicBlock, Bottleneck)) and m.body[-1].weight is not None:
                 nn.init.zeros_(m.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,25 +95,26 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-def _cbr(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
+def _cbr(cin: int, cout: int, norm: Norm, pool: bool = False) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    layers += [norm(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class ResNet9(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 0.125):
+    def __init__(self, num_classes: int = 10, width: int = 64, norm: Norm = nn.BatchNorm2d,
+                 logit_scale: float = 0.125):
         super().__init__()
-        w = width
+        w, n = width, norm
         self.features = nn.Sequential(
-            _cbr(3, w),
-            _cbr(w, 2 * w, pool=True),
-            Residual(_cbr(2 * w, 2 * w), _cbr(2 * w, 2 * w)),
-            _cbr(2 * w, 4 * w, pool=True),
-            _cbr(4 * w, 8 * w, pool=True),
-            Residual(_cbr(8 * w, 8 * w), _cbr(8 * w, 8 * w)),
+            _cbr(3, w, n),
+            _cbr(w, 2 * w, n, pool=True),
+            Residual(_cbr(2 * w, 2 * w, n), _cbr(2 * w, 2 * w, n)),
+            _cbr(2 * w, 4 * w, n, pool=True),
+            _cbr(4 * w, 8 * w, n, pool=True),
+            Residual(_cbr(8 * w, 8 * w, n), _cbr(8 * w, 8 * w, n)),
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
@@ -110,15 +125,18 @@ class ResNet9(nn.Module):
         return self.fc(self.features(x)) * self.logit_scale
 
 
-MODELS: dict[str, Callable[[int, int], nn.Module]] = {
-    "resnet9": lambda num_classes, width: ResNet9(num_classes, width),
-    "resnet18": lambda num_classes, width: CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes, width),
-    "resnet34": lambda num_classes, width: CifarResNet(BasicBlock, [3, 4, 6, 3], num_classes, width),
-    "resnet50": lambda num_classes, width: CifarResNet(Bottleneck, [3, 4, 6, 3], num_classes, width),
+MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
+    "resnet9": lambda classes, width, norm: ResNet9(classes, width, norm),
+    "resnet18": lambda classes, width, norm: CifarResNet(BasicBlock, [2, 2, 2, 2], classes, width, norm),
+    "resnet34": lambda classes, width, norm: CifarResNet(BasicBlock, [3, 4, 6, 3], classes, width, norm),
+    "resnet50": lambda classes, width, norm: CifarResNet(Bottleneck, [3, 4, 6, 3], classes, width, norm),
 }
 
 
-def build_model(name: str, num_classes: int = 10, width: int = 64) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "batch") -> nn.Module:
+    """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch)."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'. Valid: {', '.join(MODELS)}")
-    return MODELS[name](num_classes, width)
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}'. Valid: {', '.join(NORMS)}")
+    return MODELS[name](num_classes, width, NORMS[norm])

@@ -30,3 +30,35 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoc
     total = steps_per_epoch * epochs
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
+
+
+class EMA:
+    """Exponential moving average of a model's weights and BatchNorm buffers.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) over optimizer steps t, so
+    short runs are not dominated by the random initial weights. Updates are one
+    fused lerp over all floating-point tensors, with no host sync.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values())]
+        self._float = [p for p in pairs if p[0].is_floating_point()]
+        self._other = [p for p in pairs if not p[0].is_floating_point()]  # e.g. num_batches_tracked: copied
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        if self._float:
+            torch._foreach_lerp_([e for e, _ in self._float], [m for _, m in self._float], 1.0 - d)
+        for e, m in self._other:
+            e.copy_(m)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

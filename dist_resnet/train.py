@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import load, save_atomic, unwrap
 from .config import Config, ConfigError, Precision, parse_args, to_dict, to_yaml
+from .data.augment import derive_seed
 from .data.loader import DataError, TestData, TrainData, read_manifest
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, StopRequest, all_reduce_sum
 from .models import build_model
-from .optim import build_optimizer, build_scheduler
+from .optim import EMA, build_optimizer, build_scheduler
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
@@ -40,11 +42,14 @@ class Trainer:
         if precision == Precision.bf16 and cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision=bf16 but this GPU has no bf16; use train.precision=fp16")
         self.precision, self.amp_dtype = precision, DTYPES[precision]
-        if t.batch_size % env.world_size:
+        if t.batch_size % (env.world_size * t.accum_steps):
             raise ConfigError(
-                f"train.batch_size={t.batch_size} (global) does not divide by the world size {env.world_size}; "
-                f"use a multiple of {env.world_size}"
+                f"train.batch_size={t.batch_size} (global) does not divide by the world size {env.world_size} x "
+                f"train.accum_steps {t.accum_steps}; use a multiple of {env.world_size * t.accum_steps}"
             )
+        if cfg.model.sync_bn and env.distributed and not cuda:
+            raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); "
+                              "on CPU use model.norm=group for batch-independent normalisation")
         self.batch_per_rank = t.batch_size // env.world_size
         self.ckpt_path = self.run_dir / "last.pt"
         if self.ckpt_path.exists() and not t.resume:
@@ -59,21 +64,26 @@ class Trainer:
         # ---- beton -> loader
         self.manifest = read_manifest(cfg.data.dir)
         cl = cfg.model.channels_last
-        self.train_data = TrainData(cfg.data, self.batch_per_rank, t.seed, self.device, self.amp_dtype, cl,
-                                    env.rank, env.world_size)
+        self.train_data = TrainData(cfg.data, t.batch_size, t.seed, self.device, self.amp_dtype, cl,
+                                    env.rank, env.world_size, t.accum_steps)
         self.test_data = TestData(cfg.data, self.batch_per_rank, self.device, self.amp_dtype, cl,
                                   env.rank, env.world_size)
         if not cuda:  # FFCV sets torch's thread count to its worker count; give compute the cores back
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
 
-        # ---- model: channels_last -> compile -> DDP
-        model = build_model(cfg.model.name, len(self.manifest["classes"]), cfg.model.width).to(self.device)
+        # ---- model: (SyncBN) -> channels_last -> compile -> DDP
+        model = build_model(cfg.model.name, len(self.manifest["classes"]), cfg.model.width, cfg.model.norm.value)
+        if cfg.model.sync_bn and env.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the unwrapped module: checkpoints hold its state_dict
         self.forward = torch.compile(model) if cfg.model.compile else model
         self.ddp = (nn.parallel.DistributedDataParallel(self.forward, device_ids=[self.device] if cuda else None)
                     if env.distributed else self.forward)
+        self.ema = EMA(model, t.ema_decay) if t.ema else None  # weights and BN buffers, every optimizer step
+        torch.manual_seed(derive_seed(t.seed, env.rank))  # per-rank stream for anything random after init
 
         # ---- optimisation
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -82,6 +92,8 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.epoch, self.step, self.best_acc, self.history = 0, 0, -1.0, []
+        self.position: dict | None = None  # where a stopped epoch left off (mid-epoch resume)
+        self.stop = StopRequest(self.run_dir / "STOP")
         if t.resume and self.ckpt_path.exists():
             self.load_checkpoint(self.ckpt_path)
         elif t.resume:
@@ -111,7 +123,9 @@ class Trainer:
             f"global batch {cfg.batch_size}, {len(self.train_data)} steps/epoch, epochs {self.epoch + 1}..{cfg.epochs}"
         )
         while self.epoch < cfg.epochs:
-            record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
+            record = self.train_epoch(self.epoch)
+            if record is None:  # stop requested: the checkpoint holds the position inside the epoch
+                return self.finish(stopped=True)
             self.epoch += 1
             if self.epoch == cfg.epochs or self.epoch % cfg.eval_every == 0:
                 record.update(self.evaluate())
@@ -122,19 +136,21 @@ class Trainer:
             self.save_checkpoint(best)
         return self.finish()
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> dict | None:
+        """One epoch from `self.position` (if resuming inside it); None if a stop was agreed."""
         self.forward.train()
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        pos, self.position = self.position or {"step": 0, "stats": [0.0, 0.0, 0.0], "elapsed": 0.0}, None
+        # loss sum, correct, count; a resumed epoch's partial sums (over all ranks) restart on rank 0
+        stats = torch.tensor(pos["stats"] if self.env.is_main else [0.0] * 3, dtype=torch.float64, device=self.device)
         window = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count since last log
-        bar = tqdm(total=len(self.train_data), desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
-                   disable=not (self.env.is_main and self.cfg.run.progress), leave=False, file=sys.stdout)
+        bar = tqdm(total=len(self.train_data), initial=pos["step"], desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                   unit="step", disable=not (self.env.is_main and self.cfg.run.progress), leave=False, file=sys.stdout)
         self.sync()
         start = last_log = time.perf_counter()
-        for x, y in self.train_data.epoch(epoch):
-            loss, correct = self.train_step(x, y)
-            n = y.numel()
-            stats += torch.stack([loss * n, correct, torch.tensor(n, device=self.device)]).double()
-            window += torch.stack([loss * n, torch.tensor(n, device=self.device)]).double()
+        for step, micro_batches in self.train_data.epoch(epoch, pos["step"]):
+            step_stats = self.train_step(micro_batches)
+            stats += step_stats
+            window += step_stats[[0, 2]]
             self.step += 1
             bar.update(1)
             if self.step % self.cfg.train.log_every == 0:  # the only host sync inside the epoch
@@ -145,37 +161,50 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}")
                 window.zero_()
                 last_log = now
+            if (step + 1) % self.cfg.train.stop_check_every == 0 and step + 1 < len(self.train_data) \
+                    and self.stop.agreed(self.env.control_group):
+                self.sync()
+                bar.close()
+                self.position = {"step": step + 1, "stats": all_reduce_sum(stats.clone()).tolist(),
+                                 "elapsed": pos["elapsed"] + time.perf_counter() - start}
+                self.save_checkpoint(best=False)
+                self.print(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {step + 1}/{len(self.train_data)}; "
+                           f"resume with train.resume=true")
+                return None
         self.sync()
-        elapsed = time.perf_counter() - start
+        elapsed = pos["elapsed"] + time.perf_counter() - start
         bar.close()
         loss_sum, correct, count = all_reduce_sum(stats).tolist()
-        return {"train_loss": loss_sum / count, "train_acc": correct / count, "epoch_time_s": elapsed,
-                "img_per_s": count / elapsed, "lr": self.scheduler.get_last_lr()[0]}
+        return {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
+                "epoch_time_s": elapsed, "img_per_s": count / elapsed, "lr": self.scheduler.get_last_lr()[0]}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != Precision.fp32):
-            logits = self.ddp(x)
-            loss = self.criterion(logits, y)
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns [loss sum, correct, count] on the device."""
+        out = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with self.ddp.no_sync() if self.env.distributed and not last else nullcontext():  # all-reduce once
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != Precision.fp32):
+                    logits = self.ddp(x)
+                    loss = self.criterion(logits, y)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            n = torch.tensor(y.numel(), device=self.device)
+            out += torch.stack([loss.detach() * n, (logits.detach().argmax(1) == y).sum(), n]).double()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        if self.ema is not None:
+            self.ema.update(self.step)
+        return out
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        self.forward.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != Precision.fp32):
-            for x, y in self.test_data:
-                logits = self.forward(x).float()
-                totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
-                                       torch.tensor(y.numel(), device=self.device)]).double()
-        loss_sum, correct, count = all_reduce_sum(totals).tolist()
-        if int(count) != self.test_data.count:  # each test image exactly once across ranks
-            raise RuntimeError(f"evaluated {int(count)} images, expected {self.test_data.count}")
-        return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count)}
+        amp = (self.amp_dtype, self.precision != Precision.fp32)
+        result = evaluate(self.forward, self.test_data, self.device, *amp)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.test_data, self.device, *amp)
+            result.update({"ema_test_loss": ema["test_loss"], "ema_test_acc": ema["test_acc"]})
+        return result
 
     # ---------------------------------------------------------------- metrics
     def log_scalars(self, scalars: dict, step: int) -> None:
@@ -188,8 +217,11 @@ class Trainer:
                    "train/epoch_img_per_s": r["img_per_s"]}
         if "test_acc" in r:
             scalars.update({"test/loss": r["test_loss"], "test/acc": r["test_acc"]})
+        if "ema_test_acc" in r:
+            scalars.update({"test/ema_loss": r["ema_test_loss"], "test/ema_acc": r["ema_test_acc"]})
         self.log_scalars(scalars, r["epoch"])
         test = f" test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}" if "test_acc" in r else ""
+        test += f" ema acc {r['ema_test_acc']:.4f}" if "ema_test_acc" in r else ""
         self.print(f"epoch {r['epoch']:3d} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{test} "
                    f"| {r['epoch_time_s']:.1f}s {r['img_per_s']:.0f} img/s")
         if self.env.is_main:
@@ -202,6 +234,7 @@ class Trainer:
             "model": self.cfg.model.name, "world_size": self.env.world_size, "global_batch_size": self.cfg.train.batch_size,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "precision": self.precision.value, "epochs": len(self.history),
+            "completed": len(self.history) == self.cfg.train.epochs,
             "test_acc": evals[-1]["test_acc"] if evals else None,
             "test_count": evals[-1]["test_count"] if evals else None,
             "best_test_acc": max((r["test_acc"] for r in evals), default=None),
@@ -218,11 +251,12 @@ class Trainer:
         tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
         os.replace(tmp, path)
 
-    def finish(self) -> dict:
+    def finish(self, stopped: bool = False) -> dict:
         s = self.summary()
+        self.stop.restore()
         if self.tb is not None:
             self.tb.close()
-        if s["test_acc"] is not None:
+        if not stopped and s["test_acc"] is not None:
             self.print(f"done: test acc {s['test_acc']:.4f} on {s['test_count']} images, "
                        f"train time {s['train_time_s']:.1f}s -> {self.run_dir}")
         return s
@@ -234,12 +268,15 @@ class Trainer:
         state = {
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step": self.step, "best_acc": self.best_acc, "history": self.history,
+            "epoch": self.epoch, "step": self.step, "position": self.position, "best_acc": self.best_acc,
+            "history": self.history, "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": to_dict(self.cfg), "world_size": self.env.world_size,
         }
         save_atomic(state, self.ckpt_path)
         if best:
             save_atomic(state, self.run_dir / "best.pt")
+        if self.position is not None:  # a stop was handled: the next start must not stop at once
+            (self.run_dir / "STOP").unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Path) -> None:
         state = load(path, self.device)
@@ -247,9 +284,30 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step = state["epoch"], state["step"]
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step, self.position = state["epoch"], state["step"], state.get("position")
         self.best_acc, self.history = state["best_acc"], state["history"]
-        self.print(f"resumed from {path} at epoch {self.epoch} (step {self.step})")
+        inside = f", step {self.position['step']} of epoch {self.epoch + 1}" if self.position else ""
+        self.print(f"resumed from {path} at epoch {self.epoch}{inside} (global step {self.step})")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: torch.dtype, amp: bool) -> dict:
+    """Loss and accuracy over the whole test set, each image counted once across ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        for x, y in data:
+            logits = model(x).float()
+            totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
+                                   torch.tensor(y.numel(), device=device)]).double()
+    model.train(was_training)
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    if int(count) != data.count:  # each test image exactly once across ranks
+        raise RuntimeError(f"evaluated {int(count)} images, expected {data.count}")
+    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count)}
 
 
 def main(argv: list[str] | None = None) -> dict | None:

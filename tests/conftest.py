@@ -53,10 +53,11 @@ def betons(tmp_path_factory) -> Path:
     return out
 
 
-def run(args: list[str], timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 600, env: dict | None = None, check: bool = True,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run a command with this interpreter's environment; show its output when it fails."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
     return p

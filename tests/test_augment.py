@@ -61,3 +61,11 @@ def test_normalize_uses_the_dataset_statistics():
 def test_derive_seed_is_stable_and_key_sensitive():
     assert derive_seed(0, 1, 2, 3) == derive_seed(0, 1, 2, 3)
     assert len({derive_seed(0, e, s, r) for e in range(3) for s in range(3) for r in range(2)}) == 18
+
+
+def test_a_sample_gets_the_same_augmentation_on_any_rank_or_micro_batch():
+    aug = Augment(flip=True, translate=2, cutout=4, device=torch.device("cpu"))
+    x = batch(64)
+    whole = aug(x, 9)
+    parts = [aug(x[i:i + 16], 9, offset=i, total=64) for i in range(0, 64, 16)]
+    assert torch.equal(torch.cat(parts), whole)

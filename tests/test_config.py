@@ -70,3 +70,10 @@ def test_cli_exits_2_with_a_clear_message_before_anything_starts(tmp_path):
     assert p.returncode == 2
     assert "unknown config key 'train.bogus'" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_come_before_and_after_the_preset():
+    from dist_resnet.config import parse_args
+
+    cfg = parse_args(["data.dir=/d", "--config", str(ROOT / "configs" / "cpu.yaml"), "run.dir=/r", "train.seed=3"])
+    assert cfg.train.seed == 3 and cfg.model.width == 16 and cfg.data.dir == "/d"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_resnet.config import DataConfig
-from dist_resnet.data.loader import DataError, TestData, TrainData, read_manifest
+from dist_resnet.data.loader import DataError, GlobalBatchOrder, TestData, TrainData, read_manifest
 from tests.conftest import run
 from tests.shard_probe import as_uint8
 
@@ -47,7 +47,8 @@ def test_one_train_epoch_visits_every_sample_once_and_reshuffles(betons, source_
 def test_epoch_yields_normalised_augmented_batches(betons):
     data = TrainData(DataConfig(dir=str(betons), num_workers=2), 500, seed=0, device=CPU, dtype=torch.float32,
                      channels_last=True)
-    x, y = next(iter(data.epoch(0)))
+    step, [(x, y)] = next(iter(data.epoch(0)))
+    assert step == 0
     assert x.shape == (500, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert abs(x.mean().item()) < 0.3 and 0.7 < x.std().item() < 1.3
@@ -75,5 +76,20 @@ def test_missing_data_dir_says_how_to_make_it(tmp_path):
 
 
 def test_batch_larger_than_a_shard_is_an_error_not_an_empty_epoch(betons):
-    with pytest.raises(DataError, match="fewer than its batch"):
-        TrainData(DataConfig(dir=str(betons)), 4096, 0, CPU, torch.float32, False, rank=0, world=2)
+    with pytest.raises(DataError, match="larger than the 5000 train images"):
+        TrainData(DataConfig(dir=str(betons)), 8192, 0, CPU, torch.float32, False, rank=0, world=2)
+    with pytest.raises(DataError, match="does not divide by world size 2 x train.accum_steps 2"):
+        TrainData(DataConfig(dir=str(betons)), 250, 0, CPU, torch.float32, False, rank=0, world=2, accum=2)
+
+
+def test_global_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
+    one = GlobalBatchOrder(1000, 100, seed=3, rank=0, world=1)
+    two = [GlobalBatchOrder(1000, 100, seed=3, rank=r, world=2) for r in range(2)]
+    for epoch in range(2):
+        full = one.sample_order(epoch).reshape(10, 100)
+        halves = [o.sample_order(epoch).reshape(10, 50) for o in two]
+        np.testing.assert_array_equal(full, np.concatenate(halves, axis=1))
+    assert not np.array_equal(one.sample_order(0), one.sample_order(1))
+    one.skip = (1, 4)
+    np.testing.assert_array_equal(one.sample_order(1), full.reshape(-1)[400:])
+    assert len(one.sample_order(1)) == 1000  # a skip applies once

@@ -45,3 +45,21 @@ def test_unknown_model_is_rejected_with_the_choices():
 def test_unwrap_strips_compile_and_ddp_wrappers():
     model = build_model("resnet9", width=8)
     assert unwrap(torch.compile(model)) is model
+
+
+def test_ema_warms_up_then_tracks_the_weights_and_buffers():
+    from dist_resnet.optim import EMA
+
+    model = build_model("resnet9", width=8)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.features[0][1].running_mean.add_(1.0)
+    ema.update(step=0)  # warm-up decay min(0.9, 1/10) = 0.1: mostly the new weights
+    w, e = model.fc.weight, ema.module.fc.weight
+    torch.testing.assert_close(e, w - 0.1)
+    torch.testing.assert_close(ema.module.features[0][1].running_mean, torch.full((8,), 0.9))
+    ema.update(step=1000)  # full decay 0.9: 0.9 * (w - 0.1) + 0.1 * w
+    torch.testing.assert_close(ema.module.fc.weight, w - 0.09)
+    assert not any(p.requires_grad for p in ema.module.parameters())

@@ -1,5 +1,6 @@
 """End to end on CPU: the `cpu` preset trains on real data, writes its run record, resumes,
-gives the same run for the same seed, and runs under torchrun with 2 gloo ranks."""
+and refuses to overwrite. Same seed -> same run is proven in test_distributed.py, where
+interrupted, requeued and restarted runs must equal an uninterrupted one bit for bit.)"""
 import json
 import sys
 
@@ -55,15 +56,6 @@ def test_checkpoint_holds_everything_needed_to_resume(cpu_run):
     assert max(r["test_acc"] for r in best["history"]) == m["best_test_acc"]
 
 
-def test_same_seed_gives_the_same_run(betons, cpu_run, tmp_path):
-    _, m, _ = cpu_run
-    train(betons, tmp_path / "again")
-    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    for a, b in zip(m["history"], again["history"]):
-        for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
-            assert a[k] == b[k], (k, a, b)
-
-
 def test_existing_run_is_not_overwritten_without_resume(betons, cpu_run):
     run_dir, _, _ = cpu_run
     before = (run_dir / "last.pt").stat().st_mtime_ns
@@ -84,15 +76,6 @@ def test_resume_continues_from_last_checkpoint(betons, cpu_run, tmp_path):
     assert [h["epoch"] for h in r["history"]] == list(range(1, EPOCHS + 2))
     assert r["history"][:EPOCHS] == m["history"]
     assert torch.load(resumed / "last.pt", weights_only=False)["epoch"] == EPOCHS + 1
-
-
-def test_torchrun_two_gloo_ranks_count_every_test_image_once(betons, tmp_path):
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "dist_resnet.train", "--config", "configs/cpu.yaml", f"data.dir={betons}", f"run.dir={tmp_path}",
-         "train.epochs=2", "run.progress=false"], timeout=600)
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["test_count"] == 1000
-    assert m["test_acc"] > 0.2  # 2 epochs, well above chance
 
 
 def test_global_batch_must_divide_by_world_size(betons, tmp_path):

@@ -42,20 +42,29 @@ class Augment:
     def enabled(self) -> bool:
         return self.flip or self.translate > 0 or self.cutout > 0
 
-    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, seed: int, offset: int = 0, total: int | None = None) -> torch.Tensor:
+        """Augment `x`, the rows [offset, offset + len(x)) of a global batch of `total` samples.
+
+        The random draws are made for the whole global batch and sliced, so a sample gets the
+        same augmentation whichever rank or micro-batch it lands in: runs agree across world sizes.
+        """
         if not self.enabled:
             return x
         g = self.generator.manual_seed(seed)
         n, c, h, w = x.shape
+        total = n if total is None else total
+        rows_ = slice(offset, offset + n)
+
+        def draw(high: int, shape: tuple) -> torch.Tensor:
+            return torch.randint(0, high, (total, *shape), device=self.device, generator=g)[rows_]
+
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else torch.contiguous_format
         if self.flip:
-            mask = torch.rand(n, device=self.device, generator=g) < 0.5
-            x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+            x = torch.where(draw(2, (1, 1, 1)).bool(), x.flip(3), x)
         if self.translate > 0:
             p = self.translate
             padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (n, 1), device=self.device, generator=g)
-            dx = torch.randint(0, 2 * p + 1, (n, 1), device=self.device, generator=g)
+            dy, dx = draw(2 * p + 1, (1,)), draw(2 * p + 1, (1,))
             rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
             cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
             ni = torch.arange(n, device=self.device).view(n, 1, 1, 1)
@@ -63,8 +72,7 @@ class Augment:
             x = padded[ni, ci, rows, cols]
         if self.cutout > 0:
             half = self.cutout // 2
-            cy = torch.randint(0, h, (n, 1, 1, 1), device=self.device, generator=g)
-            cx = torch.randint(0, w, (n, 1, 1, 1), device=self.device, generator=g)
+            cy, cx = draw(h, (1, 1, 1)), draw(w, (1, 1, 1))
             r = torch.arange(h, device=self.device).view(1, 1, h, 1)
             s = torch.arange(w, device=self.device).view(1, 1, 1, w)
             hole = (r >= cy - half) & (r < cy + half) & (s >= cx - half) & (s < cx + half)

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Multi-node training under Slurm that survives preemption and the wall-time limit.
+#   sbatch slurm/train.sh                                      # defaults below
+#   sbatch --nodes=2 --gpus-per-node=8 slurm/train.sh train.epochs=80
+#   CONFIG=configs/resnet9.yaml DATA_DIR=/shared/cifar10 sbatch --partition=gpu --account=me slurm/train.sh
+# Partition and account are sbatch options (or SBATCH_PARTITION / SBATCH_ACCOUNT).
+#
+# Slurm sends USR1 to this shell 120 s before the time limit (--signal=B:USR1@120). The trap
+# writes RUN_DIR/STOP; every rank sees it within train.stop_check_every steps, all stop after
+# the same step, rank 0 saves last.pt, and this script requeues the job. The requeued job has
+# the same SLURM_JOB_ID, hence the same RUN_DIR, and resumes from the saved step. SIGTERM
+# (scancel, a preempting job) is handled the same way. torchrun itself is never sent USR1:
+# it would die of it.
+#SBATCH --job-name=dist_resnet
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --time=01:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+
+CONFIG=${CONFIG:-configs/resnet18.yaml}
+DATA_DIR=${DATA_DIR:-data/cifar10}
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-dist_resnet}-${SLURM_JOB_ID:?not inside a Slurm job}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
+GPUS_PER_NODE=${GPUS_PER_NODE##*:}   # "h100:8" -> "8"
+MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+NNODES=${SLURM_NNODES:-1}
+
+mkdir -p "$RUN_DIR"
+echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $GPUS_PER_NODE, run dir $RUN_DIR"
+
+stop_requested=0
+# shellcheck disable=SC2317  # called from the traps below
+on_signal() {
+  stop_requested=1
+  echo "$(date -Is) got $1: asking the ranks to checkpoint and stop"
+  touch "$RUN_DIR/STOP"
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+srun --kill-on-bad-exit=1 torchrun \
+  --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+  --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  -m dist_resnet.train --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" train.resume=true "$@" &
+pid=$!
+# a trapped signal interrupts `wait` (status > 128); keep waiting until the job step really ends
+while true; do
+  wait "$pid"
+  rc=$?
+  kill -0 "$pid" 2>/dev/null || break
+done
+
+if [ "$stop_requested" = 1 ]; then
+  echo "$(date -Is) training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+echo "$(date -Is) training exited with $rc"
+exit "$rc"

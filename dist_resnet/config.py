@@ -28,6 +28,11 @@ class Schedule(str, Enum):
     cosine = "cosine"  # linear warm-up to lr, cosine decay to 0
 
 
+class Pipeline(str, Enum):
+    ffcv = "ffcv"  # FFCV decodes and copies every batch (any data size)
+    device = "device"  # the beton is read once into device memory; batches are gathered there
+
+
 class Norm(str, Enum):
     batch = "batch"  # BatchNorm (SyncBatchNorm across ranks with model.sync_bn=true)
     group = "group"  # GroupNorm(8 groups): batch-independent, so DDP equals one big batch exactly
@@ -42,6 +47,7 @@ class Device(str, Enum):
 @dataclass
 class DataConfig:
     dir: str = MISSING  # folder with train.beton, test.beton, manifest.json
+    pipeline: Pipeline = Pipeline.ffcv
     num_workers: int = 8  # FFCV decode threads per rank
     batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
     os_cache: bool = True  # share the beton through the page cache

@@ -93,3 +93,20 @@ def test_global_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
     one.skip = (1, 4)
     np.testing.assert_array_equal(one.sample_order(1), full.reshape(-1)[400:])
     assert len(one.sample_order(1)) == 1000  # a skip applies once
+
+
+def test_device_resident_mode_gives_the_very_same_batches_as_ffcv(betons):
+    """data.pipeline=device: same samples, same order, same augmentations, same eval partition."""
+    kw = dict(seed=5, device=CPU, dtype=torch.float32, channels_last=True, rank=1, world=2)
+    cfg = DataConfig(dir=str(betons), num_workers=2, translate=2, cutout=4)
+    ffcv = TrainData(cfg, 500, **kw)
+    dev = TrainData(DataConfig(dir=str(betons), num_workers=2, translate=2, cutout=4, pipeline="device"), 500, **kw)
+    for epoch, start in [(0, 0), (1, 3)]:
+        a, b = list(ffcv.epoch(epoch, start)), list(dev.epoch(epoch, start))
+        assert len(a) == len(b) == 10 - start
+        for (sa, [(xa, ya)]), (sb, [(xb, yb)]) in zip(a, b):
+            assert sa == sb and torch.equal(ya, yb) and torch.equal(xa, xb)
+    tf = TestData(cfg, 64, CPU, torch.float32, False, rank=1, world=3)
+    td = TestData(DataConfig(dir=str(betons), pipeline="device"), 64, CPU, torch.float32, False, rank=1, world=3)
+    for (xa, ya), (xb, yb) in zip(tf, td, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -12,6 +12,7 @@ when asked); normalisation and the seeded augmentations then run on the device.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from ffcv.traversal_order.base import TraversalOrder
 
-from ..config import DataConfig
+from ..config import DataConfig, Pipeline
 from .augment import Augment, Normalize, derive_seed
 
 PREPARE_HINT = "create it with: python -m dist_resnet.data.prepare --source torchvision --out DIR"
@@ -40,15 +41,26 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-def _pipelines(device: torch.device, dtype: torch.dtype, channels_last: bool) -> dict:
+def _workers(cfg: DataConfig) -> int:
+    """FFCV's decode threads; numba refuses more threads than this machine has cores."""
+    return max(1, min(cfg.num_workers, os.cpu_count() or 1))
+
+
+def to_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _pipelines(device: torch.device, dtype: torch.dtype) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     cuda = device.type == "cuda"
+    # ToTorchImage(channels_last=True) is a free NHWC->NCHW view; its False path returns CPU tensors
+    # even after ToDevice(cuda), so the memory format is changed on the device instead (to_format)
     return {
         "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda),
-                  ToTorchImage(channels_last=channels_last), Convert(dtype)],
+                  ToTorchImage(channels_last=True), Convert(dtype)],
         "label": [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda), Squeeze(1)],
     }
 
@@ -108,12 +120,17 @@ class TrainData:
             )
         self.seed, self.rank, self.world, self.accum = seed, rank, world, accum
         self.global_batch, self.micro = global_batch, global_batch // (world * accum)
+        self.channels_last = channels_last
         self.order = GlobalBatchOrder(n, global_batch, seed, rank, world)
-        self.loader = Loader(
-            str(Path(cfg.dir) / "train.beton"), batch_size=self.micro, num_workers=cfg.num_workers,
-            os_cache=cfg.os_cache, order=self.order, seed=seed,
-            pipelines=_pipelines(device, dtype, channels_last), drop_last=True, batches_ahead=cfg.batches_ahead,
-        )
+        self.resident = None
+        if cfg.pipeline == Pipeline.device:  # the same order, gathered from device memory
+            self.resident = read_resident(cfg, "train", np.arange(n), device, dtype, channels_last)
+        else:
+            self.loader = Loader(
+                str(Path(cfg.dir) / "train.beton"), batch_size=self.micro, num_workers=_workers(cfg),
+                os_cache=cfg.os_cache, order=self.order, seed=seed,
+                pipelines=_pipelines(device, dtype), drop_last=True, batches_ahead=cfg.batches_ahead,
+            )
         self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
         self.augment = Augment(cfg.flip, cfg.translate, cfg.cutout, device)
 
@@ -123,16 +140,50 @@ class TrainData:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
         self.order.skip = (epoch, start_step) if start_step else None
-        self.loader.next_epoch = epoch
         share = self.global_batch // self.world
         step, micro = start_step, []
-        for x, y in self.loader:
+        for x, y in self.raw_batches(epoch):
             offset = self.rank * share + len(micro) * self.micro
-            x = self.augment(self.normalize(x), derive_seed(self.seed, epoch, step), offset, self.global_batch)
+            x = to_format(self.normalize(x), self.channels_last)
+            x = self.augment(x, derive_seed(self.seed, epoch, step), offset, self.global_batch)
             micro.append((x, y.clone()))  # FFCV reuses its buffers; x is already a new tensor
             if len(micro) == self.accum:
                 yield step, micro
                 step, micro = step + 1, []
+
+
+    def raw_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the epoch, before normalisation and augmentation."""
+        if self.resident is None:
+            self.loader.next_epoch = epoch  # FFCV asks self.order for the epoch's indices
+            yield from self.loader
+            return
+        images, labels = self.resident
+        order = torch.from_numpy(self.order.sample_order(epoch).astype(np.int64)).to(images.device)
+        for i in range(len(order) // self.micro):
+            idx = order[i * self.micro:(i + 1) * self.micro]
+            yield images[idx], labels[idx]
+
+
+def read_resident(cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device, dtype: torch.dtype,
+                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode `indices` of a beton once into device memory: (N, 3, 32, 32) images in `dtype`, labels."""
+    from ffcv.loader import Loader, OrderOption
+
+    need = len(indices) * (3 * 32 * 32 * torch.finfo(dtype).bits // 8 + 8)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.5 * free:
+            raise DataError(
+                f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but the GPU has "
+                f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv"
+            )
+    loader = Loader(str(Path(cfg.dir) / f"{split}.beton"), batch_size=1000, num_workers=_workers(cfg),
+                    os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, indices=indices,
+                    pipelines=_pipelines(device, dtype), drop_last=False,
+                    batches_ahead=cfg.batches_ahead)
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    return to_format(torch.cat(xs), channels_last), torch.cat(ys)
 
 
 class TestData:
@@ -147,14 +198,24 @@ class TestData:
         self.count = manifest["test"]["count"]
         if world > self.count:
             raise DataError(f"{world} ranks but only {self.count} test images; use at most {self.count} ranks")
-        self.loader = Loader(
-            str(Path(cfg.dir) / "test.beton"), batch_size=batch_size, num_workers=cfg.num_workers,
-            os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
-            indices=np.arange(rank, self.count, world), pipelines=_pipelines(device, dtype, channels_last),
-            drop_last=False, batches_ahead=cfg.batches_ahead,
-        )
+        indices = np.arange(rank, self.count, world)
+        self.batch_size, self.resident = batch_size, None
+        if cfg.pipeline == Pipeline.device:
+            self.resident = read_resident(cfg, "test", indices, device, dtype, channels_last)
+        else:
+            self.loader = Loader(
+                str(Path(cfg.dir) / "test.beton"), batch_size=batch_size, num_workers=_workers(cfg),
+                os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
+                pipelines=_pipelines(device, dtype), drop_last=False, batches_ahead=cfg.batches_ahead,
+            )
         self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
+        self.channels_last = channels_last
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield self.normalize(x), y
+        if self.resident is None:
+            for x, y in self.loader:
+                yield to_format(self.normalize(x), self.channels_last), y
+            return
+        images, labels = self.resident
+        for i in range(0, len(labels), self.batch_size):
+            yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]

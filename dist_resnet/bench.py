@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from . import distributed
-from .config import Config, ConfigError, Pipeline, Precision, load_config, to_dict
+from .config import Config, ConfigError, Precision, load_config, to_dict
 from .train import Trainer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks
@@ -233,9 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=2)
-        return result
     finally:
         distributed.cleanup()
+    if env.distributed:
+        distributed.exit_after_success()
+    return result
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .checkpoint import load
 from .config import ConfigError, Precision, load_config
 from .data.loader import DataError, TestData, read_manifest
 from .models import build_model
-from .train import DTYPES, evaluate
+from .train import DTYPES, evaluate, resolve_precision
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     env = distributed.setup(cfg.train.device.value)
     try:
-        cuda = env.device.type == "cuda"
-        precision = cfg.train.precision if cfg.train.precision != Precision.auto else (
-            Precision.bf16 if cuda else Precision.fp32)
+        precision = resolve_precision(cfg.train.precision, env.device.type == "cuda")
         manifest = read_manifest(cfg.data.dir)
         model = build_model(cfg.model.name, len(manifest["classes"]), cfg.model.width, cfg.model.norm.value)
         model.load_state_dict(state["ema"] if args.ema else state["model"])
@@ -57,12 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=2)
-        return result
     except DataError as e:
         print(f"dist_resnet.evaluate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         distributed.cleanup()
+    if env.distributed:
+        distributed.exit_after_success()
+    return result
 
 
 if __name__ == "__main__":

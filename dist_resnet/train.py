@@ -32,13 +32,18 @@ from .optim import EMA, build_optimizer, build_scheduler
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
 
+def resolve_precision(precision: Precision, cuda: bool) -> Precision:
+    """`auto` is bf16 on GPU and fp32 on CPU."""
+    return precision if precision != Precision.auto else (Precision.bf16 if cuda else Precision.fp32)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env, self.device = cfg, env, env.device
         self.run_dir = Path(cfg.run.dir)
         cuda = self.device.type == "cuda"
         t = cfg.train
-        precision = t.precision if t.precision != Precision.auto else (Precision.bf16 if cuda else Precision.fp32)
+        precision = resolve_precision(t.precision, cuda)
         if precision == Precision.bf16 and cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision=bf16 but this GPU has no bf16; use train.precision=fp16")
         self.precision, self.amp_dtype = precision, DTYPES[precision]
@@ -150,7 +155,7 @@ class Trainer:
         for step, micro_batches in self.train_data.epoch(epoch, pos["step"]):
             step_stats = self.train_step(micro_batches)
             stats += step_stats
-            window += step_stats[[0, 2]]
+            window += step_stats[0::2]  # loss sum, count (a view: no index tensor per step)
             self.step += 1
             bar.update(1)
             if self.step % self.cfg.train.log_every == 0:  # the only host sync inside the epoch
@@ -189,8 +194,10 @@ class Trainer:
                     logits = self.ddp(x)
                     loss = self.criterion(logits, y)
                 self.scaler.scale(loss / len(micro_batches)).backward()
-            n = torch.tensor(y.numel(), device=self.device)
-            out += torch.stack([loss.detach() * n, (logits.detach().argmax(1) == y).sum(), n]).double()
+            n = y.numel()  # a host int: no host-to-device copy in the hot loop
+            out[0] += loss.detach().double() * n
+            out[1] += (logits.detach().argmax(1) == y).sum()
+            out[2] += n
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -301,8 +308,9 @@ def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: 
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         for x, y in data:
             logits = model(x).float()
-            totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
-                                   torch.tensor(y.numel(), device=device)]).double()
+            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += y.numel()
     model.train(was_training)
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
     if int(count) != data.count:  # each test image exactly once across ranks
@@ -314,12 +322,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_args(argv)
     env = distributed.setup(cfg.train.device.value)
     try:
-        return Trainer(cfg, env).fit()
+        result = Trainer(cfg, env).fit()
     except (ConfigError, DataError) as e:
         print(f"dist_resnet.train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         distributed.cleanup()
+    if env.distributed:
+        distributed.exit_after_success()
+    return result
 
 
 if __name__ == "__main__":

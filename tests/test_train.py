@@ -2,12 +2,11 @@
 and refuses to overwrite. Same seed -> same run is proven in test_distributed.py, where
 interrupted, requeued and restarted runs must equal an uninterrupted one bit for bit.)"""
 import json
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import python_module, run
+from tests.conftest import python_module
 
 EPOCHS = 4
 ACC_FLOOR = 0.45  # measured 54.3% (seed 0) and 54.0% (seed 1) on 2 cores; chance is 10%
@@ -78,8 +77,19 @@ def test_resume_continues_from_last_checkpoint(betons, cpu_run, tmp_path):
     assert torch.load(resumed / "last.pt", weights_only=False)["epoch"] == EPOCHS + 1
 
 
-def test_global_batch_must_divide_by_world_size(betons, tmp_path):
-    p = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-             "dist_resnet.train", "--config", "configs/cpu.yaml", f"data.dir={betons}", f"run.dir={tmp_path}",
-             "train.batch_size=255"], timeout=300, check=False)
-    assert p.returncode != 0 and "does not divide by the world size 2" in p.stderr
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=255"], "does not divide by the world size 2 x train.accum_steps 1"),
+    (["train.accum_steps=3"], "does not divide by the world size 2 x train.accum_steps 3"),
+    (["model.sync_bn=true"], "on CPU use model.norm=group"),
+])
+def test_bad_distributed_settings_fail_before_anything_starts(betons, tmp_path, overrides, message):
+    """Checked in-process with a 2-rank environment: these errors come before any collective."""
+    from dist_resnet.config import ConfigError, load_config
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "cpu.yaml", [f"data.dir={betons}", f"run.dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg, DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu")))
+    assert not (tmp_path / "config.yaml").exists()

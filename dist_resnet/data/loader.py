@@ -151,7 +151,6 @@ class TrainData:
                 yield step, micro
                 step, micro = step + 1, []
 
-
     def raw_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the epoch, before normalisation and augmentation."""
         if self.resident is None:

@@ -24,6 +24,7 @@ import torch
 
 from . import distributed
 from .config import Config, ConfigError, Precision, load_config, to_dict
+from .data.loader import DataError
 from .train import Trainer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         print(f"dist_resnet.bench: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    env = distributed.setup(cfg.train.device.value)
-    try:
+
+    def job(env: distributed.DistEnv) -> dict:
         if args.what == "throughput":
             rows = []
             for name, extra in (ABLATIONS.items() if args.ablate else [("full", [])]):
@@ -233,11 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=2)
-    finally:
-        distributed.cleanup()
-    if env.distributed:
-        distributed.exit_after_success()
-    return result
+        return result
+
+    return distributed.run_job("dist_resnet.bench", cfg.train.device.value, job, (ConfigError, DataError))
 
 
 if __name__ == "__main__":

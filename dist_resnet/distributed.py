@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,11 +94,29 @@ def exit_after_success() -> None:
     ("terminate called without an active exception", SIGABRT; see pytorch PR #179291), and
     torchrun then reports a finished run as failed. Seen once in ~15 CPU torchrun runs here.
     """
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def run_job(prog: str, device: str, job: Callable[[DistEnv], T], user_errors: tuple = ()) -> T:
+    """Set up, run `job(env)`, clean up: the shared shape of every entry point.
+
+    An error in `user_errors` (bad config or data) is printed as `prog: error: ...` and exits
+    with 2; anything else propagates with its traceback. A finished distributed worker leaves
+    through exit_after_success.
+    """
+    env = setup(device)
+    try:
+        result = job(env)
+    except user_errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        cleanup()
+    if env.distributed:
+        exit_after_success()
+    return result
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

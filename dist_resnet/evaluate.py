@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, FileNotFoundError) as e:
         print(f"dist_resnet.evaluate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    env = distributed.setup(cfg.train.device.value)
-    try:
+
+    def job(env: distributed.DistEnv) -> dict:
         precision = resolve_precision(cfg.train.precision, env.device.type == "cuda")
         manifest = read_manifest(cfg.data.dir)
         model = build_model(cfg.model.name, len(manifest["classes"]), cfg.model.width, cfg.model.norm.value)
@@ -55,14 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=2)
-    except DataError as e:
-        print(f"dist_resnet.evaluate: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        distributed.cleanup()
-    if env.distributed:
-        distributed.exit_after_success()
-    return result
+        return result
+
+    return distributed.run_job("dist_resnet.evaluate", cfg.train.device.value, job, (ConfigError, DataError))
 
 
 if __name__ == "__main__":

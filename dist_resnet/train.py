@@ -320,17 +320,8 @@ def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: 
 
 def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_args(argv)
-    env = distributed.setup(cfg.train.device.value)
-    try:
-        result = Trainer(cfg, env).fit()
-    except (ConfigError, DataError) as e:
-        print(f"dist_resnet.train: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        distributed.cleanup()
-    if env.distributed:
-        distributed.exit_after_success()
-    return result
+    return distributed.run_job("dist_resnet.train", cfg.train.device.value, lambda env: Trainer(cfg, env).fit(),
+                               (ConfigError, DataError))
 
 
 if __name__ == "__main__":

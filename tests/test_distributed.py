@@ -122,6 +122,12 @@ def test_sharded_eval_counts_each_image_once_and_matches_one_process(equivalence
     assert p.stdout.count('"test_acc"') == 1  # only rank 0 prints
 
 
+def test_evaluating_ema_weights_of_a_run_without_ema_is_a_clear_error(equivalence_runs, betons):
+    p = python_module("dist_resnet.evaluate", str(equivalence_runs / "w1" / "last.pt"), f"data.dir={betons}", "--ema",
+                      check=False, timeout=120)
+    assert p.returncode == 2 and "holds no EMA weights" in p.stderr
+
+
 # ---------------------------------------------------------------- exact resume
 @pytest.fixture(scope="module")
 def reference_2rank(betons, tmp_path_factory):

@@ -38,6 +38,24 @@ class Norm(str, Enum):
     group = "group"  # GroupNorm(8 groups): batch-independent, so DDP equals one big batch exactly
 
 
+class Pad(str, Enum):
+    zeros = "zeros"  # translate pads with 0 after normalisation, i.e. the dataset mean
+    reflect = "reflect"  # translate pads with the mirrored border
+
+
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"  # mean logits of the image and its mirror (2 views)
+    flip_translate = "flip_translate"  # flip x {none, 1 px up-left, 1 px down-right}, weights 1/2, 1/4, 1/4
+
+
+class CompileMode(str, Enum):  # torch.compile(mode=...); the names use _ where torch's modes use -
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # CUDA graphs
+    max_autotune = "max-autotune"  # Triton/cuBLAS autotuning + CUDA graphs (long first compile)
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -53,6 +71,8 @@ class DataConfig:
     os_cache: bool = True  # share the beton through the page cache
     flip: bool = True  # random horizontal flip (train only)
     translate: int = 2  # random translation of up to N pixels (train only)
+    translate_pad: Pad = Pad.zeros
+    flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
     cutout: int = 0  # side of a square cut out at random (train only); 0 = off
 
 
@@ -64,6 +84,7 @@ class ModelConfig:
     sync_bn: bool = False  # SyncBatchNorm over all ranks (GPU only; torch has no CPU SyncBatchNorm)
     channels_last: bool = True
     compile: bool = True  # torch.compile the model (GPU only)
+    compile_mode: CompileMode = CompileMode.default
 
 
 @dataclass
@@ -75,6 +96,11 @@ class OptimConfig:
     label_smoothing: float = 0.1
     schedule: Schedule = Schedule.onecycle
     warmup_epochs: float = 1.0  # may be fractional
+    lr_start: float = 0.0  # LR factor at step 0 (warm-up goes from here to 1)
+    lr_end: float = 0.0  # LR factor at the last step
+    norm_bias_lr_scale: float = 1.0  # LR multiplier of normalisation-layer biases (no weight decay on them)
+    lookahead_every: int = 0  # lookahead: every k steps pull the weights to a slow average (0 = off)
+    lookahead_decay: float = 0.95  # per-step decay of the slow average, ramped up as (t / T)^3
 
 
 @dataclass
@@ -89,6 +115,7 @@ class TrainConfig:
     device: Device = Device.auto
     resume: bool = False  # continue from run.dir/last.pt
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    tta: TTA = TTA.none  # test-time augmentation of every evaluation
     log_every: int = 50  # steps between host syncs for logging
     stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
     deterministic: bool = False  # deterministic kernels (slower); for exact reproducibility
@@ -179,6 +206,19 @@ def _check(cfg: Config) -> None:
         raise ConfigError("bad value for 'train.ema_decay': it must be in (0, 1)")
     if cfg.data.translate < 0 or cfg.data.cutout < 0:
         raise ConfigError("'data.translate' and 'data.cutout' must be >= 0")
+    if cfg.data.translate_pad == Pad.reflect and cfg.data.translate > 31:
+        raise ConfigError("data.translate_pad=reflect needs data.translate < 32 (the image side)")
+    if cfg.data.flip_alternate and not cfg.data.flip:
+        raise ConfigError("data.flip_alternate=true needs data.flip=true")
+    for key in ("lr_start", "lr_end"):
+        if not 0 <= getattr(cfg.optim, key) <= 1:
+            raise ConfigError(f"bad value for 'optim.{key}': it must be in [0, 1] (a factor of optim.lr)")
+    if cfg.optim.norm_bias_lr_scale <= 0:
+        raise ConfigError("bad value for 'optim.norm_bias_lr_scale': it must be > 0")
+    if cfg.optim.lookahead_every < 0 or not 0 < cfg.optim.lookahead_decay < 1:
+        raise ConfigError("'optim.lookahead_every' must be >= 0 (0 = off) and 'optim.lookahead_decay' in (0, 1)")
+    if cfg.model.name == "fastnet" and cfg.model.norm != Norm.batch:
+        raise ConfigError("model.name=fastnet is built around scale-free BatchNorm; use model.norm=batch")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -125,6 +125,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts them before each training forward, but each rank then updates its own copy, and
+    lookahead/EMA average those per-rank copies. Evaluating after this makes every rank evaluate
+    rank 0's model, which is the one checkpointed, so a resumed run evaluates exactly the same."""
+    if dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

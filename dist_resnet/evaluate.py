@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on the whole test beton, on 1..N processes (exact partition).
 
-    python -m dist_resnet.evaluate runs/r18/best.pt [data.dir=DIR] [--ema] [--out results.json]
+    python -m dist_resnet.evaluate runs/r18/best.pt [data.dir=DIR] [train.tta=flip] [--ema] [--out results.json]
     torchrun --nproc_per_node=4 -m dist_resnet.evaluate runs/r18/best.pt
 
 The config comes from the checkpoint; `key=value` overrides change it (data.dir, train.device, ...).
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
             model = model.to(memory_format=torch.channels_last)
         data = TestData(cfg.data, max(1, cfg.train.batch_size // env.world_size), env.device, DTYPES[precision], cl,
                         env.rank, env.world_size)
-        result = evaluate(model, data, env.device, DTYPES[precision], precision != Precision.fp32)
-        result.update({"checkpoint": args.checkpoint, "ema": args.ema, "world_size": env.world_size})
+        result = evaluate(model, data, env.device, DTYPES[precision], precision != Precision.fp32, cfg.train.tta)
+        result.update({"checkpoint": args.checkpoint, "ema": args.ema, "tta": cfg.train.tta.value,
+                       "world_size": env.world_size})
         if env.is_main:
             print(json.dumps(result))
             if args.out:

@@ -1,4 +1,4 @@
-"""SGD with no weight decay on BatchNorm/bias, and per-step LR schedules."""
+"""SGD with no weight decay on BatchNorm/bias, per-step LR schedules, EMA and lookahead."""
 from __future__ import annotations
 
 import math
@@ -9,27 +9,40 @@ from torch import nn
 from .config import OptimConfig, Schedule
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]  # BN weights/biases, biases
+    """Weight decay on weights only (ndim > 1). With optim.norm_bias_lr_scale != 1, the trainable
+    parameters of normalisation layers get their own group at lr x scale."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scaled = set()
+    if cfg.norm_bias_lr_scale != 1.0:
+        scaled = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS)
+                  for p in m.parameters(recurse=False) if p.requires_grad}
+    decay = [p for p in trainable if p.ndim > 1 and id(p) not in scaled]
+    no_decay = [p for p in trainable if p.ndim <= 1 and id(p) not in scaled]  # BN weights/biases, biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scaled:
+        groups.append({"params": [p for p in trainable if id(p) in scaled], "weight_decay": 0.0,
+                       "lr": cfg.lr * cfg.norm_bias_lr_scale})
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: Schedule) -> float:
-    """Multiplier of the peak LR at `step` of `total`: linear warm-up, then decay to 0."""
+def lr_factor(step: int, total: int, warmup: int, schedule: Schedule, start: float = 0.0, end: float = 0.0) -> float:
+    """Multiplier of the peak LR at `step` of `total`: linear warm-up from `start` to 1, then decay to `end`."""
     if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    if schedule == Schedule.onecycle:
-        return max(0.0, 1.0 - frac)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return start + (1.0 - start) * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - frac if schedule == Schedule.onecycle else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return end + (1.0 - end) * shape
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
     total = steps_per_epoch * epochs
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.lr_start, cfg.lr_end))
 
 
 class EMA:
@@ -51,7 +64,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+        self.lerp(min(self.decay, (1 + step) / (10 + step)))
+
+    def lerp(self, d: float) -> None:
+        """average <- d * average + (1 - d) * model."""
         if self._float:
             torch._foreach_lerp_([e for e, _ in self._float], [m for _, m in self._float], 1.0 - d)
         for e, m in self._other:
@@ -62,3 +78,26 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
+
+
+class Lookahead(EMA):
+    """Lookahead (Zhang et al., 2019) on a slow moving average, as in hlb-CIFAR10/airbench.
+
+    Every `every` optimizer steps the slow copy moves toward the model with decay
+    d(t) = decay**every * (t / total)**3 (so early on it just follows the model), then the
+    model is reset to it. After the last step the model becomes the slow copy.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, every: int, total_steps: int):
+        super().__init__(model, decay)
+        self.every, self.total = every, total_steps
+
+    @torch.no_grad()
+    def step(self, t: int) -> None:
+        """Call after optimizer step `t` (1-based)."""
+        if t % self.every and t != self.total:
+            return
+        if t % self.every == 0:
+            self.lerp(self.decay ** self.every * min(1.0, t / self.total) ** 3)
+        if self._float:
+            torch._foreach_copy_([m for _, m in self._float], [e for e, _ in self._float])

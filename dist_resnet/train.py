@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import load, save_atomic, unwrap
-from .config import Config, ConfigError, Precision, parse_args, to_dict, to_yaml
+from .config import TTA, Config, ConfigError, Precision, parse_args, to_dict, to_yaml
 from .data.augment import derive_seed
 from .data.loader import DataError, TestData, TrainData, read_manifest
-from .distributed import DistEnv, StopRequest, all_reduce_sum
+from .distributed import DistEnv, StopRequest, all_reduce_sum, broadcast_buffers
 from .models import build_model
-from .optim import EMA, build_optimizer, build_scheduler
+from .optim import EMA, Lookahead, build_optimizer, build_scheduler
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
@@ -37,8 +37,12 @@ def resolve_precision(precision: Precision, cuda: bool) -> Precision:
     return precision if precision != Precision.auto else (Precision.bf16 if cuda else Precision.fp32)
 
 
+WHITENING_IMAGES = 5000  # train images that fit a model's data-dependent first layer (fastnet)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
+        self.created = time.perf_counter()
         self.cfg, self.env, self.device = cfg, env, env.device
         self.run_dir = Path(cfg.run.dir)
         cuda = self.device.type == "cuda"
@@ -57,6 +61,7 @@ class Trainer:
                               "on CPU use model.norm=group for batch-independent normalisation")
         self.batch_per_rank = t.batch_size // env.world_size
         self.ckpt_path = self.run_dir / "last.pt"
+        resuming = t.resume and self.ckpt_path.exists()
         if self.ckpt_path.exists() and not t.resume:
             raise ConfigError(
                 f"{self.ckpt_path} exists: pass train.resume=true to continue that run, or choose another run.dir"
@@ -83,8 +88,10 @@ class Trainer:
         model = model.to(self.device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
+        if hasattr(model, "init_from_data") and not resuming:  # same images on every rank: same weights
+            model.init_from_data(self.train_data.sample_images(WHITENING_IMAGES))
         self.model = model  # the unwrapped module: checkpoints hold its state_dict
-        self.forward = torch.compile(model) if cfg.model.compile else model
+        self.forward = torch.compile(model, mode=cfg.model.compile_mode.value) if cfg.model.compile else model
         self.ddp = (nn.parallel.DistributedDataParallel(self.forward, device_ids=[self.device] if cuda else None)
                     if env.distributed else self.forward)
         self.ema = EMA(model, t.ema_decay) if t.ema else None  # weights and BN buffers, every optimizer step
@@ -95,11 +102,15 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.train_data), t.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == Precision.fp16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        o = cfg.optim
+        self.lookahead = (Lookahead(model, o.lookahead_decay, o.lookahead_every, len(self.train_data) * t.epochs)
+                          if o.lookahead_every else None)
 
         self.epoch, self.step, self.best_acc, self.history = 0, 0, -1.0, []
+        self.first_step_s: float | None = None  # process setup + first step (compile, numba, cudnn autotune)
         self.position: dict | None = None  # where a stopped epoch left off (mid-epoch resume)
         self.stop = StopRequest(self.run_dir / "STOP")
-        if t.resume and self.ckpt_path.exists():
+        if resuming:
             self.load_checkpoint(self.ckpt_path)
         elif t.resume:
             self.print(f"train.resume=true but {self.ckpt_path} does not exist yet: starting from scratch")
@@ -133,7 +144,9 @@ class Trainer:
                 return self.finish(stopped=True)
             self.epoch += 1
             if self.epoch == cfg.epochs or self.epoch % cfg.eval_every == 0:
+                t0 = time.perf_counter()
                 record.update(self.evaluate())
+                record["eval_time_s"] = time.perf_counter() - t0  # evaluate() ends in a host sync
             self.history.append(record)
             best = record.get("test_acc", -1.0) > self.best_acc
             self.best_acc = max(self.best_acc, record.get("test_acc", -1.0))
@@ -157,6 +170,10 @@ class Trainer:
             stats += step_stats
             window += step_stats[0::2]  # loss sum, count (a view: no index tensor per step)
             self.step += 1
+            if self.first_step_s is None:
+                self.sync()
+                self.first_step_s = time.perf_counter() - self.created
+                self.print(f"first step after {self.first_step_s:.1f}s (setup, compile and warm-up)")
             bar.update(1)
             if self.step % self.cfg.train.log_every == 0:  # the only host sync inside the epoch
                 loss_sum, count = all_reduce_sum(window).tolist()
@@ -185,8 +202,14 @@ class Trainer:
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns [loss sum, correct, count] on the device."""
-        out = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        out = self.forward_backward(micro_batches)
+        self.optimizer_step()
+        return out
+
+    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate the gradients of the step (all-reduced on the last micro-batch); [loss sum, correct, count]."""
+        out = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self.ddp.no_sync() if self.env.distributed and not last else nullcontext():  # all-reduce once
@@ -198,15 +221,21 @@ class Trainer:
             out[0] += loss.detach().double() * n
             out[1] += (logits.detach().argmax(1) == y).sum()
             out[2] += n
+        return out
+
+    def optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.step)
-        return out
+        if self.lookahead is not None:
+            self.lookahead.step(self.step + 1)
 
     def evaluate(self) -> dict:
-        amp = (self.amp_dtype, self.precision != Precision.fp32)
+        for module in [self.model] + ([self.ema.module] if self.ema is not None else []):
+            broadcast_buffers(module)
+        amp = (self.amp_dtype, self.precision != Precision.fp32, self.cfg.train.tta)
         result = evaluate(self.forward, self.test_data, self.device, *amp)
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.test_data, self.device, *amp)
@@ -247,6 +276,8 @@ class Trainer:
             "best_test_acc": max((r["test_acc"] for r in evals), default=None),
             "train_time_s": sum(times),
             "first_epoch_s": times[0] if times else None,  # includes numba + torch.compile warm-up
+            "first_step_s": self.first_step_s,  # from Trainer creation; None when resumed past all steps
+            "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in self.history),
             "steady_img_per_s": (sum(r["img_per_s"] for r in self.history[1:]) / (len(self.history) - 1)
                                  if len(self.history) > 1 else None),
             "history": self.history,
@@ -277,6 +308,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "position": self.position, "best_acc": self.best_acc,
             "history": self.history, "ema": self.ema.state_dict() if self.ema is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "config": to_dict(self.cfg), "world_size": self.env.world_size,
         }
         save_atomic(state, self.ckpt_path)
@@ -293,21 +325,41 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None and state.get("lookahead") is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         self.epoch, self.step, self.position = state["epoch"], state["step"], state.get("position")
         self.best_acc, self.history = state["best_acc"], state["history"]
         inside = f", step {self.position['step']} of epoch {self.epoch + 1}" if self.position else ""
         self.print(f"resumed from {path} at epoch {self.epoch}{inside} (global step {self.step})")
 
 
+def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Tensor:
+    """fp32 logits of `x`, averaged over the test-time augmented views."""
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (model(v).float() + model(v.flip(3)).float())
+
+    if tta == TTA.none:
+        return model(x).float()
+    logits = mirrored(x)
+    if tta == TTA.flip_translate:  # the image shifted 1 px up-left and down-right, borders reflected
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        logits = 0.5 * logits + 0.25 * sum(mirrored(v.contiguous(memory_format=fmt)) for v in shifted)
+    return logits
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: torch.dtype, amp: bool) -> dict:
+def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: torch.dtype, amp: bool,
+             tta: TTA = TTA.none) -> dict:
     """Loss and accuracy over the whole test set, each image counted once across ranks."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         for x, y in data:
-            logits = model(x).float()
+            logits = predict(model, x, tta)
             totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += y.numel()

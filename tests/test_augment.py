@@ -69,3 +69,24 @@ def test_a_sample_gets_the_same_augmentation_on_any_rank_or_micro_batch():
     whole = aug(x, 9)
     parts = [aug(x[i:i + 16], 9, offset=i, total=64) for i in range(0, 64, 16)]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_reflect_translate_fills_with_the_mirrored_border():
+    x = batch(256)
+    y = Augment(flip=False, translate=2, cutout=0, device=torch.device("cpu"), pad="reflect")(x, 3)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(len(x)):
+        assert any(torch.equal(y[i], padded[i, :, 2 + dy:34 + dy, 2 + dx:34 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_alternate_flips_are_fair_then_alternate_per_sample():
+    from dist_resnet.data.augment import AlternateFlips
+
+    flips = AlternateFlips(seed=0, n=5000, device=torch.device("cpu"))
+    order = torch.randperm(5000)
+    e0, e1, e2 = (flips.epoch(e, order) for e in range(3))
+    assert 0.45 < e0.float().mean() < 0.55
+    assert torch.equal(e1, ~e0) and torch.equal(e2, e0)  # each image is seen both ways in any two epochs
+    assert torch.equal(flips.epoch(1, order[:10]), e1[:10])  # a property of the sample, not of its position
+    assert not torch.equal(AlternateFlips(seed=1, n=5000, device=torch.device("cpu")).base, flips.base)

@@ -77,3 +77,19 @@ def test_overrides_may_come_before_and_after_the_preset():
 
     cfg = parse_args(["data.dir=/d", "--config", str(ROOT / "configs" / "cpu.yaml"), "run.dir=/r", "train.seed=3"])
     assert cfg.train.seed == 3 and cfg.model.width == 16 and cfg.data.dir == "/d"
+
+
+def test_the_fast_preset_keys_are_checked():
+    for bad, message in [
+        ("optim.lr_end=1.5", "optim.lr_end"),
+        ("optim.lookahead_decay=1", "lookahead_decay"),
+        ("train.tta=all", "flip.*flip_translate"),
+        ("model.compile_mode=fast", "max_autotune"),
+        ("data.translate_pad=wrap", "reflect"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs" / "fast.yaml", REQUIRED + [bad])
+    with pytest.raises(ConfigError, match="needs data.flip=true"):
+        load_config(ROOT / "configs" / "fast.yaml", REQUIRED + ["data.flip=false"])
+    with pytest.raises(ConfigError, match="model.norm=batch"):
+        load_config(ROOT / "configs" / "fast.yaml", REQUIRED + ["model.norm=group"])

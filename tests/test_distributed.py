@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, python_module, run
+from tests.conftest import ROOT, run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-COMMON = ["--config", str(ROOT / "configs" / "cpu.yaml"), "run.progress=false", "train.stop_check_every=2"]
+# the cpu preset at half its width: these tests are about what the ranks do, not the accuracy
+COMMON = ["--config", str(ROOT / "configs" / "cpu.yaml"), "run.progress=false", "train.stop_check_every=2",
+          "model.width=8"]
+# the resume tests also carry the state that is easiest to lose: lookahead's slow weights (every 3 steps,
+# so a stop falls between two syncs) and the derandomised flip
+RESUME = ["train.epochs=2", "optim.lookahead_every=3", "data.flip_alternate=true", "data.translate_pad=reflect"]
 
 
 def train_args(betons, run_dir, *overrides) -> list[str]:
@@ -34,7 +39,7 @@ def metrics(run_dir: Path) -> dict:
 
 
 def without_times(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "img_per_s")} for r in history]
+    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "img_per_s", "eval_time_s")} for r in history]
 
 
 def children(pid: int) -> list[int]:
@@ -105,8 +110,9 @@ def test_two_ranks_and_accumulation_equal_one_big_batch(equivalence_runs, other)
 # ---------------------------------------------------------------- exact eval
 @pytest.fixture(scope="module")
 def single_process_eval(equivalence_runs, betons) -> dict:
-    ckpt = str(equivalence_runs / "w1" / "last.pt")
-    return json.loads(python_module("dist_resnet.evaluate", ckpt, f"data.dir={betons}").stdout.strip().splitlines()[-1])
+    from dist_resnet import evaluate
+
+    return evaluate.main([str(equivalence_runs / "w1" / "last.pt"), f"data.dir={betons}"])  # the CLI, in-process
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -122,10 +128,12 @@ def test_sharded_eval_counts_each_image_once_and_matches_one_process(equivalence
     assert p.stdout.count('"test_acc"') == 1  # only rank 0 prints
 
 
-def test_evaluating_ema_weights_of_a_run_without_ema_is_a_clear_error(equivalence_runs, betons):
-    p = python_module("dist_resnet.evaluate", str(equivalence_runs / "w1" / "last.pt"), f"data.dir={betons}", "--ema",
-                      check=False, timeout=120)
-    assert p.returncode == 2 and "holds no EMA weights" in p.stderr
+def test_evaluating_ema_weights_of_a_run_without_ema_is_a_clear_error(equivalence_runs, betons, capsys):
+    from dist_resnet import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(equivalence_runs / "w1" / "last.pt"), f"data.dir={betons}", "--ema"])
+    assert e.value.code == 2 and "holds no EMA weights" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- exact resume
@@ -133,7 +141,7 @@ def test_evaluating_ema_weights_of_a_run_without_ema_is_a_clear_error(equivalenc
 def reference_2rank(betons, tmp_path_factory):
     """An uninterrupted 2-rank, 2-epoch run: what every interrupted run must reproduce."""
     d = tmp_path_factory.mktemp("ref2")
-    run([*TORCHRUN, "--nproc_per_node=2", *train_args(betons, d, "train.epochs=2")])
+    run([*TORCHRUN, "--nproc_per_node=2", *train_args(betons, d, *RESUME)])
     return d
 
 
@@ -141,7 +149,7 @@ def test_two_gloo_ranks_train_and_count_every_test_image_once(reference_2rank):
     m = metrics(reference_2rank)
     assert m["world_size"] == 2 and m["completed"] and m["test_count"] == 1000
     assert all(r["test_count"] == 1000 for r in m["history"])
-    assert m["test_acc"] > 0.3  # 2 epochs on 5,000 images; chance is 0.1
+    assert m["test_acc"] > 0.18  # measured 0.25: 2 epochs of a width-8 net on 5,000 images; chance is 0.1
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -154,7 +162,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_signal_mid_epoch_then_resume_is_bit_exact(betons, reference_2rank, tmp_path):
-    cmd = [*TORCHRUN, "--nproc_per_node=2", *train_args(betons, tmp_path, "train.epochs=2", "train.resume=true")]
+    cmd = [*TORCHRUN, "--nproc_per_node=2", *train_args(betons, tmp_path, *RESUME, "train.resume=true")]
     p = start(cmd)
     read_until(p, "epoch   1 train loss")
     for pid in children(p.pid):  # the workers; torchrun itself must not get USR1
@@ -193,7 +201,7 @@ def test_slurm_script_checkpoints_requeues_and_resumes(betons, reference_2rank, 
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cifar", "SLURM_JOB_NODELIST": "localhost",
            "SLURM_NNODES": "1", "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
            "CONFIG": str(ROOT / "configs" / "cpu.yaml"), "DATA_DIR": str(betons)}
-    job = ["bash", str(ROOT / "slurm" / "train.sh"), "train.epochs=2", "run.progress=false", "train.stop_check_every=2"]
+    job = ["bash", str(ROOT / "slurm" / "train.sh"), *COMMON[2:], *RESUME]
     t0 = time.time()
     p = start(job, env, cwd=tmp_path)
     read_until(p, "epoch   1 train loss")
@@ -221,7 +229,7 @@ def test_shellcheck_is_clean_on_every_launch_script():
 # ---------------------------------------------------------------- elastic restart
 def test_torchrun_restarts_a_killed_worker_group_from_the_last_checkpoint(betons, reference_2rank, tmp_path):
     cmd = [*TORCHRUN, "--nproc_per_node=2", "--max-restarts=1",
-           *train_args(betons, tmp_path, "train.epochs=2", "train.resume=true")]
+           *train_args(betons, tmp_path, *RESUME, "train.resume=true")]
     p = start(cmd)
     read_until(p, "epoch   1 train loss")
     os.kill(children(p.pid)[-1], signal.SIGKILL)

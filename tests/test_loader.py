@@ -98,9 +98,10 @@ def test_global_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
 def test_device_resident_mode_gives_the_very_same_batches_as_ffcv(betons):
     """data.pipeline=device: same samples, same order, same augmentations, same eval partition."""
     kw = dict(seed=5, device=CPU, dtype=torch.float32, channels_last=True, rank=1, world=2)
-    cfg = DataConfig(dir=str(betons), num_workers=2, translate=2, cutout=4)
+    aug = dict(translate=2, cutout=4, translate_pad="reflect", flip_alternate=True)
+    cfg = DataConfig(dir=str(betons), num_workers=2, **aug)
     ffcv = TrainData(cfg, 500, **kw)
-    dev = TrainData(DataConfig(dir=str(betons), num_workers=2, translate=2, cutout=4, pipeline="device"), 500, **kw)
+    dev = TrainData(DataConfig(dir=str(betons), num_workers=2, pipeline="device", **aug), 500, **kw)
     for epoch, start in [(0, 0), (1, 3)]:
         a, b = list(ffcv.epoch(epoch, start)), list(dev.epoch(epoch, start))
         assert len(a) == len(b) == 10 - start
@@ -110,3 +111,24 @@ def test_device_resident_mode_gives_the_very_same_batches_as_ffcv(betons):
     td = TestData(DataConfig(dir=str(betons), pipeline="device"), 64, CPU, torch.float32, False, rank=1, world=3)
     for (xa, ya), (xb, yb) in zip(tf, td, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_alternate_flip_shows_each_image_the_other_way_in_the_next_epoch(betons):
+    data = TrainData(DataConfig(dir=str(betons), num_workers=2, pipeline="device", translate=0, flip_alternate=True),
+                     500, seed=2, device=CPU, dtype=torch.float32, channels_last=False)
+    images = data.normalize(data.resident[0])
+
+    def flipped(epoch: int) -> dict[int, bool]:
+        perm, out = data.order.permutation(epoch), {}
+        for step, [(x, _)] in data.epoch(epoch):
+            idx = perm[step * 500:(step + 1) * 500]
+            same = (x == images[idx]).flatten(1).all(1)
+            mirrored = (x == images[idx].flip(3)).flatten(1).all(1)
+            assert (same | mirrored).all()
+            out.update(zip(idx.tolist(), mirrored.tolist()))
+        return out
+
+    e0, e1 = flipped(0), flipped(1)
+    assert len(e0) == len(e1) == 5000
+    assert 0.45 < sum(e0.values()) / 5000 < 0.55
+    assert sum(e0[i] != e1[i] for i in e0) > 4990  # left-right symmetric images count as both

@@ -63,3 +63,34 @@ def test_ema_warms_up_then_tracks_the_weights_and_buffers():
     ema.update(step=1000)  # full decay 0.9: 0.9 * (w - 0.1) + 0.1 * w
     torch.testing.assert_close(ema.module.fc.weight, w - 0.09)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_whitening_stem_decorrelates_real_image_patches(source_images):
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(source_images["train"][0][::3]).permute(0, 3, 1, 2).float() / 255  # every class
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    model = build_model("fastnet")
+    model.init_from_data(x)
+    w = model.stem.weight
+    assert not w.requires_grad and torch.equal(w[12:], -w[:12])
+    with torch.no_grad():
+        z = F.conv2d(x.double(), w[:12].double()).permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = z.T @ z / len(z)
+    off = cov - torch.diag(torch.diag(cov))
+    print(f"whitened 2x2 patches: diagonal {torch.diag(cov).min():.3f}..{torch.diag(cov).max():.3f}, "
+          f"largest off-diagonal {off.abs().max():.1e}")
+    assert off.abs().max() < 1e-5  # decorrelated
+    patches = x.double().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    lam = torch.linalg.eigvalsh(patches.T @ patches / len(patches)).flip(0)
+    torch.testing.assert_close(torch.diag(cov), lam / (lam + 5e-4), rtol=1e-4, atol=1e-6)  # unit variance, less eps
+
+
+def test_fastnet_is_a_narrow_residual_net():
+    from dist_resnet.models import Residual
+
+    model = build_model("fastnet")
+    assert sum(isinstance(m, Residual) for m in model.modules()) == 3
+    assert 1.9e6 < sum(p.numel() for p in model.parameters()) < 2.0e6
+    with pytest.raises(ValueError, match="model.norm=batch"):
+        build_model("fastnet", norm="group")

@@ -31,10 +31,10 @@ class Normalize:
 
 
 class Augment:
-    """Random flip, translate (zero = mean padding after normalisation) and cutout."""
+    """Random flip, translate (padding with zeros = the mean after normalisation, or reflected) and cutout."""
 
-    def __init__(self, flip: bool, translate: int, cutout: int, device: torch.device):
-        self.flip, self.translate, self.cutout = flip, translate, cutout
+    def __init__(self, flip: bool, translate: int, cutout: int, device: torch.device, pad: str = "zeros"):
+        self.flip, self.translate, self.cutout, self.pad = flip, translate, cutout, pad
         self.generator = torch.Generator(device=device)
         self.device = device
 
@@ -42,11 +42,13 @@ class Augment:
     def enabled(self) -> bool:
         return self.flip or self.translate > 0 or self.cutout > 0
 
-    def __call__(self, x: torch.Tensor, seed: int, offset: int = 0, total: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, seed: int, offset: int = 0, total: int | None = None,
+                 flips: torch.Tensor | None = None) -> torch.Tensor:
         """Augment `x`, the rows [offset, offset + len(x)) of a global batch of `total` samples.
 
         The random draws are made for the whole global batch and sliced, so a sample gets the
         same augmentation whichever rank or micro-batch it lands in: runs agree across world sizes.
+        `flips` (bool, one per row) replaces the random flip draw (see AlternateFlips).
         """
         if not self.enabled:
             return x
@@ -60,10 +62,11 @@ class Augment:
 
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else torch.contiguous_format
         if self.flip:
-            x = torch.where(draw(2, (1, 1, 1)).bool(), x.flip(3), x)
+            flip = draw(2, (1, 1, 1)).bool() if flips is None else flips.view(n, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
         if self.translate > 0:
             p = self.translate
-            padded = F.pad(x, (p, p, p, p))
+            padded = F.pad(x, (p, p, p, p), mode="reflect" if self.pad == "reflect" else "constant")
             dy, dx = draw(2 * p + 1, (1,)), draw(2 * p + 1, (1,))
             rows = (dy + torch.arange(h, device=self.device)).view(n, 1, h, 1)
             cols = (dx + torch.arange(w, device=self.device)).view(n, 1, 1, w)
@@ -78,3 +81,16 @@ class Augment:
             hole = (r >= cy - half) & (r < cy + half) & (s >= cx - half) & (s < cx + half)
             x = x.masked_fill(hole, 0)
         return x.contiguous(memory_format=fmt)
+
+
+class AlternateFlips:
+    """Derandomised flip (airbench): sample i is flipped in epoch e iff base_i XOR (e mod 2),
+    with base_i a fair coin from the seed. Every image is seen both ways in any two epochs."""
+
+    def __init__(self, seed: int, n: int, device: torch.device):
+        g = torch.Generator().manual_seed(derive_seed(seed, 0xF11B))
+        self.base = torch.randint(0, 2, (n,), generator=g, dtype=torch.bool).to(device)
+
+    def epoch(self, epoch: int, order: torch.Tensor) -> torch.Tensor:
+        """Flip bits of the samples in `order` (a device tensor of sample indices) for `epoch`."""
+        return self.base[order] ^ bool(epoch % 2)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from ffcv.traversal_order.base import TraversalOrder
 
-from ..config import DataConfig, Pipeline
-from .augment import Augment, Normalize, derive_seed
+from ..config import DataConfig, Pad, Pipeline
+from .augment import AlternateFlips, Augment, Normalize, derive_seed
 
 PREPARE_HINT = "create it with: python -m dist_resnet.data.prepare --source torchvision --out DIR"
 
@@ -85,13 +85,17 @@ class GlobalBatchOrder(TraversalOrder):
         self.loader = loader
         return self
 
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's global order: step s takes samples [s * global_batch, (s + 1) * global_batch)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)[: self.steps * self.global_batch]
+
     def sample_order(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        perm = self.permutation(epoch)
         start = 0
         if self.skip is not None and self.skip[0] == epoch:
             start, self.skip = self.skip[1], None
         share = self.global_batch // self.world
-        batches = perm[: self.steps * self.global_batch].reshape(self.steps, self.global_batch)
+        batches = perm.reshape(self.steps, self.global_batch)
         return np.ascontiguousarray(batches[start:, self.rank * share:(self.rank + 1) * share]).reshape(-1)
 
 
@@ -120,7 +124,7 @@ class TrainData:
             )
         self.seed, self.rank, self.world, self.accum = seed, rank, world, accum
         self.global_batch, self.micro = global_batch, global_batch // (world * accum)
-        self.channels_last = channels_last
+        self.channels_last, self.cfg, self.device = channels_last, cfg, device
         self.order = GlobalBatchOrder(n, global_batch, seed, rank, world)
         self.resident = None
         if cfg.pipeline == Pipeline.device:  # the same order, gathered from device memory
@@ -132,7 +136,8 @@ class TrainData:
                 pipelines=_pipelines(device, dtype), drop_last=True, batches_ahead=cfg.batches_ahead,
             )
         self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
-        self.augment = Augment(cfg.flip, cfg.translate, cfg.cutout, device)
+        self.augment = Augment(cfg.flip, cfg.translate, cfg.cutout, device, Pad(cfg.translate_pad).value)
+        self.flips = AlternateFlips(seed, n, device) if cfg.flip_alternate else None
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
@@ -142,14 +147,30 @@ class TrainData:
         self.order.skip = (epoch, start_step) if start_step else None
         share = self.global_batch // self.world
         step, micro = start_step, []
+        flips = None
+        if self.flips is not None:  # one host-to-device copy per epoch
+            flips = self.flips.epoch(epoch, torch.from_numpy(self.order.permutation(epoch)).to(self.device))
         for x, y in self.raw_batches(epoch):
             offset = self.rank * share + len(micro) * self.micro
             x = to_format(self.normalize(x), self.channels_last)
-            x = self.augment(x, derive_seed(self.seed, epoch, step), offset, self.global_batch)
+            first = step * self.global_batch + offset
+            x = self.augment(x, derive_seed(self.seed, epoch, step), offset, self.global_batch,
+                             None if flips is None else flips[first:first + len(x)])
             micro.append((x, y.clone()))  # FFCV reuses its buffers; x is already a new tensor
             if len(micro) == self.accum:
                 yield step, micro
                 step, micro = step + 1, []
+
+    def sample_images(self, n: int) -> torch.Tensor:
+        """`n` train images drawn from the seed (the same on every rank), normalised, in fp32, for
+        data-dependent initialisation. Betons are written class by class, so this is not a prefix."""
+        rng = np.random.default_rng([self.seed, 0x5A3])
+        idx = np.sort(rng.choice(self.order.n, min(n, self.order.n), replace=False))
+        if self.resident is not None:
+            images = self.resident[0][torch.from_numpy(idx).to(self.device)]
+        else:
+            images = read_resident(self.cfg, "train", idx, self.device, torch.float32, self.channels_last)[0]
+        return self.normalize(images.float()).float()
 
     def raw_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the epoch, before normalisation and augmentation."""

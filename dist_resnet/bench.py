@@ -1,6 +1,6 @@
 """Speed benchmarks that measure exactly what a training run does.
 
-    python -m dist_resnet.bench throughput --config configs/resnet18.yaml data.dir=DIR [--ablate]
+    python -m dist_resnet.bench throughput --config configs/resnet18.yaml data.dir=DIR [--ablate] [--breakdown]
     python -m dist_resnet.bench loader     --config configs/resnet18.yaml data.dir=DIR
     python -m dist_resnet.bench tta        --config configs/resnet9.yaml  data.dir=DIR --target 0.9 --seeds 5
 
@@ -83,34 +83,41 @@ def close(trainer: Trainer) -> None:
         trainer.tb.close()
 
 
+def batches(trainer: Trainer):
+    """The trainer's micro-batch lists, epoch after epoch, without end."""
+    epoch = 0
+    while True:
+        for _, micro in trainer.train_data.epoch(epoch):
+            yield micro
+        epoch += 1
+
+
+def timed_step(trainer: Trainer, micro_batches) -> None:
+    """One training step as train_epoch takes it (the step count drives EMA warm-up and lookahead)."""
+    trainer.train_step(micro_batches)
+    trainer.step += 1
+
+
 def throughput(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, repeats: int,
                synthetic: bool = False) -> dict:
     """Steady-state training images/s of `cfg` (synthetic=True: one fixed device batch, no data pipeline)."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, env, run_dir)
         timer = Timer(trainer.device)
-
-        def batches():
-            epoch = 0
-            while True:
-                for _, micro in trainer.train_data.epoch(epoch):
-                    yield micro
-                epoch += 1
-
-        source = batches()
+        source = batches(trainer)
         if synthetic:
             fixed = next(source)
             source = iter(lambda: fixed, None)
         t0 = time.perf_counter()
         for _ in range(warmup):
-            trainer.train_step(next(source))
+            timed_step(trainer, next(source))
         trainer.sync()
         warmup_s = time.perf_counter() - t0
         rates = []
         for _ in range(repeats):
             timer.start()
             for _ in range(steps):
-                trainer.train_step(next(source))
+                timed_step(trainer, next(source))
             rates.append(steps * cfg.train.batch_size / timer.stop())
         flops = train_flops_per_image(trainer)
         close(trainer)
@@ -122,6 +129,54 @@ def throughput(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, r
             "train_gflop_per_img": flops / 1e9 if flops else None, "tflops": tflops,
             "mfu": tflops / peak if tflops and peak and trainer.precision != Precision.fp32 else None,
             "device": name, "world_size": env.world_size}
+
+
+def breakdown(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, repeats: int) -> list[dict]:
+    """Where a training step's time goes, by subtraction of nested loops timed on one trainer:
+    forward + backward on a fixed batch; + the optimizer step (SGD, LR schedule, EMA/lookahead);
+    + fetching real batches (what the pipeline does not hide); and the evaluation per epoch."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(cfg, env, run_dir)
+        timer, source = Timer(trainer.device), batches(trainer)
+        fixed = next(source)
+
+        def forward_backward():
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.forward_backward(fixed)
+
+        loops = {"fwd_bwd": forward_backward, "fixed": lambda: timed_step(trainer, fixed),
+                 "full": lambda: timed_step(trainer, next(source))}
+        for fn in loops.values():
+            for _ in range(warmup):
+                fn()
+        ms = {k: [] for k in loops}
+        for _ in range(repeats):
+            for k, fn in loops.items():
+                timer.start()
+                for _ in range(steps):
+                    fn()
+                ms[k].append(1000 * timer.stop() / steps)
+        trainer.evaluate()  # warm-up (eval-mode compile)
+        evals = []
+        for _ in range(repeats):
+            trainer.sync()
+            t0 = time.perf_counter()
+            trainer.evaluate()  # ends in a host sync (all-reduce + .tolist())
+            evals.append(1000 * (time.perf_counter() - t0))
+        steps_per_epoch = len(trainer.train_data)
+        close(trainer)
+    m = {k: mean_std(v) for k, v in ms.items()}
+    full, epoch_ms = m["full"][0], m["full"][0] * steps_per_epoch
+    rows = [("forward + backward (+ metrics, gradient all-reduce)", m["fwd_bwd"][0], m["fwd_bwd"][1]),
+            ("optimizer step (SGD, LR schedule, EMA/lookahead)", m["fixed"][0] - m["fwd_bwd"][0], None),
+            ("data not hidden by the pipeline", full - m["fixed"][0], None),
+            ("whole train step", full, m["full"][1])]
+    out = [{"component": c, "ms_per_step": v, "ms_std": sd, "share_of_step": v / full} for c, v, sd in rows]
+    e, e_sd = mean_std(evals)
+    out.append({"component": f"evaluation, once per epoch ({steps_per_epoch} steps)",
+                "ms_per_step": e / steps_per_epoch, "ms_std": e_sd / steps_per_epoch,
+                "share_of_epoch": e / (e + epoch_ms)})
+    return out
 
 
 ABLATIONS = {
@@ -194,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=30, help="throughput: untimed warm-up steps")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ablate", action="store_true", help="throughput: switch AMP, channels_last, compile, data off")
+    p.add_argument("--breakdown", action="store_true",
+                   help="throughput: split the step into forward+backward, optimizer, data wait, and eval")
     p.add_argument("--epochs", type=int, default=3, help="loader: timed epochs after the first")
     p.add_argument("--target", type=float, default=0.9, help="tta: target test accuracy (fraction)")
     p.add_argument("--seeds", type=int, default=5, help="tta: seeds 0..N-1")
@@ -221,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
             text = table(rows, ["variant", "img_per_s", "img_per_s_std", "warmup_s", "tflops", "mfu",
                                 "train_gflop_per_img", "error"])
             result = {"rows": rows}
+            if args.breakdown:
+                parts = breakdown(cfg, env, args.steps, args.warmup, args.repeats)
+                text += "\n\n" + table(parts, ["component", "ms_per_step", "ms_std", "share_of_step", "share_of_epoch"])
+                result["breakdown"] = parts
         elif args.what == "loader":
             result = loader(cfg, env, args.epochs)
             text = table([result], ["pipeline", "img_per_s", "img_per_s_std", "first_epoch_s", "epochs"])

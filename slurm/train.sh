@@ -29,6 +29,9 @@ RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-dist_resnet}-${SLURM_JOB_ID:?not insid
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}   # "h100:8" -> "8"
 MASTER_PORT=${MASTER_PORT:-29500}
+# torch.compile's caches (FX graphs, Triton kernels, autotuning results) on the shared filesystem, so a
+# requeued or later job skips most of the compile on any node (torch's default /tmp is node-local)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchinductor}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 NNODES=${SLURM_NNODES:-1}
 

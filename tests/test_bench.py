@@ -1,19 +1,25 @@
 """dist_resnet.bench on CPU at small sizes: it measures, prints a table and writes JSON."""
 import json
 
+import pytest
+
 from tests.conftest import python_module
 
 
 def test_throughput_ablation_and_loader_report(betons, tmp_path):
     common = ["--config", "configs/cpu.yaml", f"data.dir={betons}"]
-    p = python_module("dist_resnet.bench", "throughput", *common, "--ablate", "--steps", "1", "--warmup", "1",
-                      "--repeats", "2", "--out", str(tmp_path / "t.json"), timeout=600)
-    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    p = python_module("dist_resnet.bench", "throughput", *common, "--ablate", "--breakdown", "--steps", "1",
+                      "--warmup", "1", "--repeats", "2", "--out", str(tmp_path / "t.json"), timeout=600)
+    result = json.loads((tmp_path / "t.json").read_text())
+    rows, parts = result["rows"], result["breakdown"]
     assert [r["variant"] for r in rows] == ["full", "no AMP (fp32)", "no channels_last", "no torch.compile",
                                             "device-resident data", "no data (one fixed batch)"]
     assert all(r["img_per_s"] > 0 and r["repeats"] == 2 for r in rows)
     assert 0.13 < rows[0]["train_gflop_per_img"] < 0.16  # resnet9 width 16: 0.143 GFLOP fwd+bwd per image
-    assert "| variant | img_per_s |" in p.stdout
+    assert "| variant | img_per_s |" in p.stdout and "| component | ms_per_step |" in p.stdout
+    fwd_bwd, optim, data, step, evaluation = parts
+    assert step["ms_per_step"] > 0 and fwd_bwd["ms_per_step"] > 0 and 0 < evaluation["share_of_epoch"] < 1
+    assert fwd_bwd["ms_per_step"] + optim["ms_per_step"] + data["ms_per_step"] == pytest.approx(step["ms_per_step"])
     p = python_module("dist_resnet.bench", "loader", *common, "data.pipeline=device", "--epochs", "1",
                       "--out", str(tmp_path / "l.json"), timeout=300)
     r = json.loads((tmp_path / "l.json").read_text())

@@ -77,7 +77,9 @@ def build_trainer(cfg: Config, env: distributed.DistEnv, run_dir: str) -> Traine
                            train=replace(cfg.train, resume=False)), env)
 
 
-def close(trainer: Trainer) -> None:
+def close(trainer: Trainer, source=None) -> None:
+    if source is not None:
+        source.close()  # ends the epoch left open, and with it FFCV's decode thread
     trainer.stop.restore()
     if trainer.tb is not None:
         trainer.tb.close()
@@ -104,9 +106,10 @@ def throughput(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, r
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, env, run_dir)
         timer = Timer(trainer.device)
-        source = batches(trainer)
+        source = epochs = batches(trainer)
         if synthetic:
-            fixed = next(source)
+            fixed = next(epochs)
+            epochs.close()  # no decode thread running beside the timed steps
             source = iter(lambda: fixed, None)
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -120,7 +123,7 @@ def throughput(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, r
                 timed_step(trainer, next(source))
             rates.append(steps * cfg.train.batch_size / timer.stop())
         flops = train_flops_per_image(trainer)
-        close(trainer)
+        close(trainer, epochs)
     m, s = mean_std(rates)
     name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -164,7 +167,7 @@ def breakdown(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, re
             trainer.evaluate()  # ends in a host sync (all-reduce + .tolist())
             evals.append(1000 * (time.perf_counter() - t0))
         steps_per_epoch = len(trainer.train_data)
-        close(trainer)
+        close(trainer, source)
     m = {k: mean_std(v) for k, v in ms.items()}
     full, epoch_ms = m["full"][0], m["full"][0] * steps_per_epoch
     rows = [("forward + backward (+ metrics, gradient all-reduce)", m["fwd_bwd"][0], m["fwd_bwd"][1]),

@@ -1,5 +1,6 @@
 """The FFCV loaders on real betons: lossless, full coverage, disjoint shards, exact eval partition."""
 import sys
+import threading
 from collections import Counter
 
 import numpy as np
@@ -132,3 +133,28 @@ def test_alternate_flip_shows_each_image_the_other_way_in_the_next_epoch(betons)
     assert len(e0) == len(e1) == 5000
     assert 0.45 < sum(e0.values()) / 5000 < 0.55
     assert sum(e0[i] != e1[i] for i in e0) > 4990  # left-right symmetric images count as both
+
+
+def test_leaving_an_epoch_early_stops_ffcv_decode_thread(betons):
+    """A benchmark's few steps or a preempted run leave epochs early. FFCV's decode thread must be gone
+    by then: one still decoding at interpreter exit aborted the process (CI saw exit -6)."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def decoding() -> list:
+        return [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+
+    cfg = DataConfig(dir=str(betons), num_workers=2, batches_ahead=2)
+    data = TrainData(cfg, 250, seed=0, device=CPU, dtype=torch.float32, channels_last=False)
+    # late: the queue holds the last two batches, and the thread waits in its final put, which has no timeout
+    for taken in (1, len(data) - cfg.batches_ahead):
+        epoch = data.epoch(0)
+        for _ in range(taken):
+            next(epoch)
+        assert decoding()
+        epoch.close()
+        assert not decoding()
+    assert sum(1 for _ in data.epoch(1)) == len(data)  # the loader still runs whole epochs
+    test = iter(TestData(cfg, 100, CPU, torch.float32, False))
+    next(test)
+    test.close()
+    assert not decoding()

@@ -11,8 +11,10 @@ when asked); normalisation and the seeded augmentations then run on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 from pathlib import Path
 from typing import Iterator
 
@@ -176,13 +178,33 @@ class TrainData:
         """This rank's micro-batches of the epoch, before normalisation and augmentation."""
         if self.resident is None:
             self.loader.next_epoch = epoch  # FFCV asks self.order for the epoch's indices
-            yield from self.loader
+            batches = iter(self.loader)
+            try:
+                for batch in batches:  # not `yield from`: on close it would end FFCV's memory context
+                    yield batch        # under the still running thread, whose page reads could then hang
+            finally:
+                stop_epoch(batches)
             return
         images, labels = self.resident
         order = torch.from_numpy(self.order.sample_order(epoch).astype(np.int64)).to(images.device)
         for i in range(len(order) // self.micro):
             idx = order[i * self.micro:(i + 1) * self.micro]
             yield images[idx], labels[idx]
+
+
+def stop_epoch(batches) -> None:
+    """End an FFCV epoch iterator left before its last batch (a benchmark's few steps, a preempted run).
+    FFCV never joins its decode thread. One still running at interpreter exit can abort the process:
+    CI saw "terminate called without an active exception" (exit -6) after a benchmark left an epoch
+    open. The thread sees the event within one batch plus 0.5 s."""
+    if not batches.is_alive():
+        return  # ran to its end; FFCV closes it
+    batches.terminate_event.set()
+    while batches.is_alive():
+        batches.join(timeout=1.0)
+        with contextlib.suppress(queue.Empty):  # frees the thread's last put, which has no timeout
+            batches.output_queue.get_nowait()
+    batches.close()
 
 
 def read_resident(cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device, dtype: torch.dtype,
@@ -233,8 +255,12 @@ class TestData:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.resident is None:
-            for x, y in self.loader:
-                yield to_format(self.normalize(x), self.channels_last), y
+            batches = iter(self.loader)
+            try:
+                for x, y in batches:
+                    yield to_format(self.normalize(x), self.channels_last), y
+            finally:
+                stop_epoch(batches)
             return
         images, labels = self.resident
         for i in range(0, len(labels), self.batch_size):

@@ -180,10 +180,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
 
 
 def _check(cfg: Config) -> None:
-    from .models import MODELS
+    from .models import check_model
 
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"bad value for 'model.name': '{cfg.model.name}'. Valid: {', '.join(MODELS)}")
+    try:
+        check_model(cfg.model.name, cfg.model.norm.value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
@@ -217,8 +219,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError("bad value for 'optim.norm_bias_lr_scale': it must be > 0")
     if cfg.optim.lookahead_every < 0 or not 0 < cfg.optim.lookahead_decay < 1:
         raise ConfigError("'optim.lookahead_every' must be >= 0 (0 = off) and 'optim.lookahead_decay' in (0, 1)")
-    if cfg.model.name == "fastnet" and cfg.model.norm != Norm.batch:
-        raise ConfigError("model.name=fastnet is built around scale-free BatchNorm; use model.norm=batch")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -206,12 +206,20 @@ MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
 }
 
 
+BATCH_NORM_ONLY = {"fastnet"}  # built around scale-free BatchNorm
+
+
+def check_model(name: str, norm: str) -> None:
+    """ValueError unless `name` and `norm` make a model (the config checks with this too)."""
+    if name not in MODELS:
+        raise ValueError(f"bad value for 'model.name': '{name}'. Valid: {', '.join(MODELS)}")
+    if norm not in NORMS:
+        raise ValueError(f"bad value for 'model.norm': '{norm}'. Valid: {', '.join(NORMS)}")
+    if name in BATCH_NORM_ONLY and norm != "batch":
+        raise ValueError(f"model.name={name} is built around scale-free BatchNorm; use model.norm=batch")
+
+
 def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "batch") -> nn.Module:
     """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'. Valid: {', '.join(MODELS)}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm '{norm}'. Valid: {', '.join(NORMS)}")
-    if name == "fastnet" and norm != "batch":
-        raise ValueError("fastnet is designed around scale-free BatchNorm; use model.norm=batch")
+    check_model(name, norm)
     return MODELS[name](num_classes, width, NORMS[norm])

@@ -12,7 +12,6 @@ it never fails on a time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from . import distributed
 from .config import Config, ConfigError, Precision, load_config, to_dict
 from .data.loader import DataError
+from .fileio import write_json
 from .train import Trainer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks
@@ -296,11 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
         if env.is_main:
             print(text, flush=True)
             if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=2)
+                write_json(args.out, result)
         return result
 
-    return distributed.run_job("dist_resnet.bench", cfg.train.device.value, job, (ConfigError, DataError))
+    return distributed.run_job("dist_resnet.bench", cfg.train.device.value, job, (ConfigError, DataError),
+                               cfg.train.timeout_s)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
@@ -56,6 +57,11 @@ class CompileMode(str, Enum):  # torch.compile(mode=...); the names use _ where 
     max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
 
 
+class NonFinite(str, Enum):
+    stop = "stop"  # end the run (exit code 3), keeping the last good checkpoint
+    rollback = "rollback"  # reload the last good checkpoint, halve the LR, go on (at most train.max_rollbacks times)
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -73,7 +79,8 @@ class DataConfig:
     translate: int = 2  # random translation of up to N pixels (train only)
     translate_pad: Pad = Pad.zeros
     flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
-    cutout: int = 0  # side of a square cut out at random (train only); 0 = off
+    cutout: int = 0  # side of a square (cutout x cutout, clipped at the border) zeroed at a random centre; 0 = off
+    verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
 
 
 @dataclass
@@ -83,7 +90,7 @@ class ModelConfig:
     norm: Norm = Norm.batch
     sync_bn: bool = False  # SyncBatchNorm over all ranks (GPU only; torch has no CPU SyncBatchNorm)
     channels_last: bool = True
-    compile: bool = True  # torch.compile the model (GPU only)
+    compile: bool = True  # torch.compile the model (GPU or CPU; on CPU it is often slower and slow to build)
     compile_mode: CompileMode = CompileMode.default
 
 
@@ -96,8 +103,8 @@ class OptimConfig:
     label_smoothing: float = 0.1
     schedule: Schedule = Schedule.onecycle
     warmup_epochs: float = 1.0  # may be fractional
-    lr_start: float = 0.0  # LR factor at step 0 (warm-up goes from here to 1)
-    lr_end: float = 0.0  # LR factor at the last step
+    lr_start: float = 0.0  # warm-up starts from this LR factor: step s < W gets start + (1 - start)(s + 1)/W
+    lr_end: float = 0.0  # the decay ends at this factor: the last step gets end + (1 - end)/(T - W)
     norm_bias_lr_scale: float = 1.0  # LR multiplier of normalisation-layer biases (no weight decay on them)
     lookahead_every: int = 0  # lookahead: every k steps pull the weights to a slow average (0 = off)
     lookahead_decay: float = 0.95  # per-step decay of the slow average, ramped up as (t / T)^3
@@ -108,17 +115,21 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 512  # GLOBAL batch size, split evenly across ranks
     accum_steps: int = 1  # micro-batches per optimizer step on each rank (all-reduce on the last only)
-    seed: int = 0
+    seed: int = 0  # >= 0: initial weights, sample order and augmentation all derive from it
     ema: bool = False  # keep an EMA of the weights (and BN buffers), evaluated beside the raw model
     ema_decay: float = 0.999  # per optimizer step
     precision: Precision = Precision.auto
     device: Device = Device.auto
-    resume: bool = False  # continue from run.dir/last.pt
+    resume: bool = False  # continue from run.dir's newest checkpoint that loads (config changes are checked)
+    keep_last: int = 2  # checkpoints kept (ckpt-<step>.pt); last.pt and best.pt link to the newest and the best
+    timeout_s: float = 600.0  # a collective waits this long for a rank that died or hangs, then the run ends
+    nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf loss does (checked at log_every and epoch end)
+    max_rollbacks: int = 3  # train.nonfinite=rollback: how many times before giving up
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
     tta: TTA = TTA.none  # test-time augmentation of every evaluation
     log_every: int = 50  # steps between host syncs for logging
     stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
-    deterministic: bool = False  # deterministic kernels (slower); for exact reproducibility
+    deterministic: bool = False  # deterministic kernels where torch has them (slower); sets CUBLAS_WORKSPACE_CONFIG
 
 
 @dataclass
@@ -162,7 +173,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
             if not p.is_file():
                 presets = sorted(x.name for x in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
                 raise ConfigError(f"config file {p} not found. Presets: {', '.join(presets)}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            try:
+                preset = OmegaConf.load(p)  # PyYAML's safe loader underneath: tags never construct objects
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {p} is not plain YAML: {str(e).splitlines()[0]}") from None
+            cfg = OmegaConf.merge(cfg, preset)
         for o in overrides:
             if "=" not in o:
                 raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.epochs=10)")
@@ -200,6 +215,17 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"bad value for '{key}': {value}; it must be >= 1")
+    if cfg.train.seed < 0:
+        raise ConfigError(f"bad value for 'train.seed': {cfg.train.seed}; it must be >= 0")
+    if cfg.train.keep_last < 1:
+        raise ConfigError(f"bad value for 'train.keep_last': {cfg.train.keep_last}; it must be >= 1")
+    if cfg.train.timeout_s <= 0 or cfg.train.max_rollbacks < 0:
+        raise ConfigError("'train.timeout_s' must be > 0 and 'train.max_rollbacks' >= 0")
+    if cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0:
+        raise ConfigError("'optim.momentum' and 'optim.weight_decay' must be >= 0")
+    if cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (it is {cfg.optim.momentum}); "
+                          "set optim.nesterov=false for plain SGD")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"bad value for 'optim.lr': {cfg.optim.lr}; it must be > 0")
     if not 0 <= cfg.optim.label_smoothing < 1:
@@ -219,6 +245,39 @@ def _check(cfg: Config) -> None:
         raise ConfigError("bad value for 'optim.norm_bias_lr_scale': it must be > 0")
     if cfg.optim.lookahead_every < 0 or not 0 < cfg.optim.lookahead_decay < 1:
         raise ConfigError("'optim.lookahead_every' must be >= 0 (0 = off) and 'optim.lookahead_decay' in (0, 1)")
+
+
+# What a resume may change. Every other key shapes the run's trajectory and must match the checkpoint's.
+RESUME_HARMLESS = (
+    "run.dir", "run.progress", "train.resume", "train.log_every", "train.stop_check_every", "train.eval_every",
+    "train.tta", "train.keep_last", "train.timeout_s", "train.nonfinite", "train.max_rollbacks",
+    "train.ema", "train.ema_decay",  # the EMA only watches the weights; a new one starts from the restored ones
+    "data.dir",  # compared by the betons' sha256 instead: a moved folder resumes, different data does not
+    "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",
+    "data.pipeline",  # ffcv and device give the very same batches (tests/test_loader.py)
+)
+# Allowed too, but the resumed run is then no longer bit-identical to an uninterrupted one.
+RESUME_NUMERICS = ("train.device", "model.compile", "model.compile_mode", "model.channels_last", "train.deterministic")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(old: Config, new: Config) -> tuple[dict, dict]:
+    """(refused, numerics): the changed keys that alter the run's trajectory, and those that only
+    alter its floating point; each maps key -> (old value, new value)."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    numerics = {k: v for k, v in changed.items() if k in RESUME_NUMERICS}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_HARMLESS and k not in RESUME_NUMERICS}
+    return refused, numerics
 
 
 def to_yaml(cfg: Config) -> str:

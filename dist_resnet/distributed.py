@@ -6,6 +6,7 @@ LOCAL_RANK and LOCAL_WORLD_SIZE; a plain `python -m dist_resnet.train` is rank 0
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -38,18 +39,25 @@ class DistEnv:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Init the process group when WORLD_SIZE > 1: NCCL on GPU, gloo on CPU."""
+class SetupError(RuntimeError):
+    """The machine cannot run what was asked (no CUDA, too few GPUs); the message says what to do."""
+
+
+def setup(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Init the process group when WORLD_SIZE > 1: NCCL on GPU, gloo on CPU.
+
+    Every collective (and the rendezvous) gives up after `timeout_s`: a rank that died or hangs
+    then ends the others with an error instead of a wait without end."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+        raise SetupError("train.device=cuda but CUDA is not available here; use train.device=cpu or auto")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise SetupError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
                 "launch at most one process per GPU (--nproc_per_node)"
             )
@@ -58,27 +66,29 @@ def setup(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     control = None
+    timeout = timedelta(seconds=timeout_s)
     if world > 1:
         if not dist.is_initialized():
-            _init_process_group("nccl" if use_cuda else "gloo", rank, world, dev if use_cuda else None)
+            _init_process_group("nccl" if use_cuda else "gloo", rank, world, dev if use_cuda else None, timeout)
         # stop requests are agreed on the host: a gloo group never waits on the GPU
-        control = dist.new_group(backend="gloo") if use_cuda else None
+        control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
     return DistEnv(rank, world, local_rank, local_world, dev, control)
 
 
-def _init_process_group(backend: str, rank: int, world: int, device_id: torch.device | None) -> None:
+def _init_process_group(backend: str, rank: int, world: int, device_id: torch.device | None,
+                        timeout: timedelta) -> None:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or "MASTER_ADDR" not in os.environ:
-        dist.init_process_group(backend, device_id=device_id)
+        dist.init_process_group(backend, device_id=device_id, timeout=timeout)
         return
     # Under torchrun the agent's store outlives a worker-group restart (--max-restarts), and
     # its keys are not namespaced per attempt: a restarted group can read the dead group's
     # addresses and fail to connect (gloo: "connectFullMesh failed ... Connection refused").
     # A prefix per attempt keeps the rounds apart.
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=10))
+                          timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"dist_resnet/attempt_{attempt}", store), rank=rank,
-                            world_size=world, device_id=device_id)
+                            world_size=world, device_id=device_id, timeout=timeout)
 
 
 def cleanup() -> None:
@@ -86,36 +96,118 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def exit_after_success() -> None:
-    """Leave a finished distributed worker without interpreter finalisation.
-
-    Everything is written by now (atomic files, TensorBoard closed, group destroyed), but a
-    gloo or numba worker thread torn down during finalisation can still abort the process
-    ("terminate called without an active exception", SIGABRT; see pytorch PR #179291), and
-    torchrun then reports a finished run as failed. Seen once in ~15 CPU torchrun runs here.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+# Exit codes of every entry point (documented in README.md and docs/RELIABILITY.md)
+EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected error (with its traceback), or another rank failed or hung
+EXIT_BAD_INPUT = 2  # a bad config, data or checkpoint file, or a setting the machine cannot run
+EXIT_DIVERGED = 3  # training produced a non-finite loss and was stopped (train.nonfinite)
+EXIT_STOPPED = 75  # stopped on request with a checkpoint: resume with train.resume=true (EX_TEMPFAIL)
 
 
-def run_job(prog: str, device: str, job: Callable[[DistEnv], T], user_errors: tuple = ()) -> T:
+class JobExit(Exception):
+    """Raised by a job to end with `code` after a one-line `message` (and cleanup on every rank).
+    `agreed`: every rank raises it from the same all-reduced facts, so only rank 0 prints it."""
+
+    def __init__(self, code: int, message: str = "", agreed: bool = False):
+        super().__init__(message)
+        self.code, self.agreed = code, agreed
+
+
+ERROR_KEY = "dist_resnet/error"
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no group, or torch moved the helper: no cross-rank report then
+        return None
+
+
+def publish_error(rank: int, message: str) -> None:
+    """Leave this rank's error in the rendezvous store, so the ranks it leaves behind can name it."""
+    store = _store() if dist.is_initialized() else None
+    if store is not None:
+        try:
+            store.set(ERROR_KEY, f"rank {rank}: {message}")
+        except Exception:  # noqa: BLE001 - the store may be gone with its host rank
+            pass
+
+
+def peer_error() -> str | None:
+    store = _store() if dist.is_initialized() else None
+    try:
+        if store is not None and store.check([ERROR_KEY]):
+            return store.get(ERROR_KEY).decode()
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died, hangs or lost its connection."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and dist.is_initialized() and (
+        "gloo" in text or "Connection closed by peer" in text or "Timed out waiting" in text)
+
+
+def _leave(env: DistEnv | None, code: int) -> None:
+    """End the process with `code`. A distributed worker leaves without interpreter finalisation:
+    everything is written by now (atomic files, TensorBoard closed, group destroyed), but a gloo or
+    numba worker thread torn down during finalisation can still abort the process ("terminate called
+    without an active exception", SIGABRT; pytorch PR #179291), and torchrun would then report a
+    finished run as failed. Seen once in ~15 CPU torchrun runs here."""
+    if env is not None and env.distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+def run_job(prog: str, device: str, job: Callable[[DistEnv], T], user_errors: tuple = (),
+            timeout_s: float = 600.0) -> T:
     """Set up, run `job(env)`, clean up: the shared shape of every entry point.
 
-    An error in `user_errors` (bad config or data) is printed as `prog: error: ...` and exits
-    with 2; anything else propagates with its traceback. A finished distributed worker leaves
-    through exit_after_success.
-    """
-    env = setup(device)
+    - an error in `user_errors` (bad config, data or checkpoint) or a SetupError:
+      `prog: error: ...` on one line, exit 2;
+    - JobExit: its message, its code (a stopped or diverged run);
+    - a collective that failed because another rank died or hangs: one line naming that rank's
+      error where it left one, exit 1;
+    - anything else propagates with its traceback.
+    Every rank that fails leaves its message for the others (publish_error)."""
+    try:
+        env = setup(device, timeout_s)
+    except SetupError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    code, message = EXIT_OK, None
     try:
         result = job(env)
-    except user_errors as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except JobExit as e:
+        code, message = e.code, (str(e) or None) if env.is_main or not e.agreed else None
+    except user_errors + (SetupError,) as e:
+        code, message = EXIT_BAD_INPUT, f"error: {e}"
+    except Exception as e:
+        if not is_collective_failure(e):
+            publish_error(env.rank, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [type(e).__name__])[0])  # drop gloo's source path
+        cause = peer_error()
+        code = EXIT_ERROR
+        message = (f"error: rank {env.rank}: a collective failed ({first[:160]}). "
+                   + (f"The cause: {cause}" if cause else
+                      "Another rank died or hangs (train.timeout_s bounds the wait); see its log. "
+                      "Resume with train.resume=true"))
     finally:
+        if code in (EXIT_BAD_INPUT, EXIT_DIVERGED) and message:
+            publish_error(env.rank, message.removeprefix("error: "))
         cleanup()
-    if env.distributed:
-        exit_after_success()
+    if message:
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    if code or env.distributed:
+        _leave(env, code)
     return result
 
 
@@ -123,6 +215,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def spread(values: list[float], group=None) -> tuple[list[float], list[float]]:
+    """The min and the max of each value over all ranks (host tensors: pass the gloo control group)."""
+    lo = torch.tensor(values, dtype=torch.float64)
+    hi = lo.clone()
+    if dist.is_initialized():
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    return lo.tolist(), hi.tolist()
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

@@ -223,3 +223,26 @@ def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "
     """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch)."""
     check_model(name, norm)
     return MODELS[name](num_classes, width, NORMS[norm])
+
+
+def load_weights(model: nn.Module, state: dict, source: str) -> None:
+    """Load `state` into `model` exactly; a CheckpointError naming `source` and the first mismatches
+    (another model, width or class count) instead of torch's page-long RuntimeError."""
+    from .checkpoint import CheckpointError
+
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and getattr(state[k], "shape", None) != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shapes differ ({', '.join(shapes[:2])}{', ...' if len(shapes) > 2 else ''})")
+    if missing:
+        problems.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if problems:
+        raise CheckpointError(f"{source} holds weights for another model than the one configured: "
+                              f"{'; '.join(problems)}")
+    model.load_state_dict(state)

@@ -70,8 +70,13 @@ class EMA:
         """average <- d * average + (1 - d) * model."""
         if self._float:
             torch._foreach_lerp_([e for e, _ in self._float], [m for _, m in self._float], 1.0 - d)
-        for e, m in self._other:
-            e.copy_(m)
+        if self._other:
+            torch._foreach_copy_([e for e, _ in self._other], [m for _, m in self._other])
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average from the model's current weights (an EMA switched on at a resume)."""
+        self.lerp(0.0)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
@@ -85,7 +90,7 @@ class Lookahead(EMA):
 
     Every `every` optimizer steps the slow copy moves toward the model with decay
     d(t) = decay**every * (t / total)**3 (so early on it just follows the model), then the
-    model is reset to it. After the last step the model becomes the slow copy.
+    model is reset to it. After the last step (`final`) the model becomes the slow copy.
     """
 
     def __init__(self, model: nn.Module, decay: float, every: int, total_steps: int):
@@ -93,9 +98,9 @@ class Lookahead(EMA):
         self.every, self.total = every, total_steps
 
     @torch.no_grad()
-    def step(self, t: int) -> None:
-        """Call after optimizer step `t` (1-based)."""
-        if t % self.every and t != self.total:
+    def step(self, t: int, final: bool = False) -> None:
+        """Call after optimizer step `t` (1-based); `final` after the run's last step."""
+        if t % self.every and not final:
             return
         if t % self.every == 0:
             self.lerp(self.decay ** self.every * min(1.0, t / self.total) ** 3)

@@ -8,11 +8,12 @@ Reads top to bottom: beton -> loader -> model -> step -> metrics -> checkpoint.
 """
 from __future__ import annotations
 
-import json
+import io
+import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -20,13 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
-from .checkpoint import load, save_atomic, unwrap
-from .config import TTA, Config, ConfigError, Precision, parse_args, to_dict, to_yaml
+from . import checkpoint, distributed
+from .checkpoint import CheckpointError, load_latest, unwrap
+from .config import (TTA, Config, ConfigError, NonFinite, Precision, load_config, parse_args, resume_changes, to_dict,
+                     to_yaml)
 from .data.augment import derive_seed
-from .data.loader import DataError, TestData, TrainData, read_manifest
-from .distributed import DistEnv, StopRequest, all_reduce_sum, broadcast_buffers
-from .models import build_model
+from .data.loader import DataError, TestData, TrainData, check_betons, read_manifest
+from .distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, DistEnv, JobExit, StopRequest, all_reduce_sum,
+                          broadcast_buffers, spread)
+from .faults import fault_point
+from .fileio import clean_stale_tmp, write_json, write_text
+from .models import build_model, load_weights
 from .optim import EMA, Lookahead, build_optimizer, build_scheduler
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
@@ -40,7 +45,25 @@ def resolve_precision(precision: Precision, cuda: bool) -> Precision:
 WHITENING_IMAGES = 5000  # train images that fit a model's data-dependent first layer (fastnet)
 
 
+class Diverged(JobExit):
+    """A non-finite training loss, seen at a log or epoch-end sync; `steps` brackets where it appeared."""
+
+    def __init__(self, message: str, steps: tuple[int, int]):
+        super().__init__(EXIT_DIVERGED, message, agreed=True)  # from all-reduced loss sums
+        self.steps = steps
+
+
+def fp16_step_skipped(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the dynamic loss scale skips this step (inf/NaN gradients). Reads the flags that
+    `unscale_` left; this host read is the one sync per step that fp16 costs (bf16 has none)."""
+    found = scaler._found_inf_per_device(optimizer)  # torch's own record, as GradScaler.step reads it
+    return bool(sum(v.item() for v in found.values()))
+
+
 class Trainer:
+    """Construction order: validate, agree on the resume point, data, model, optimisation, and only
+    then restore the checkpoint into the objects that now all exist."""
+
     def __init__(self, cfg: Config, env: DistEnv):
         self.created = time.perf_counter()
         self.cfg, self.env, self.device = cfg, env, env.device
@@ -60,26 +83,25 @@ class Trainer:
             raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); "
                               "on CPU use model.norm=group for batch-independent normalisation")
         self.batch_per_rank = t.batch_size // env.world_size
-        self.ckpt_path = self.run_dir / "last.pt"
-        resuming = t.resume and self.ckpt_path.exists()
-        if self.ckpt_path.exists() and not t.resume:
-            raise ConfigError(
-                f"{self.ckpt_path} exists: pass train.resume=true to continue that run, or choose another run.dir"
-            )
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        torch.backends.cudnn.benchmark = not t.deterministic
-        if t.deterministic:
+        if t.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = not t.deterministic
+        self.manifest = read_manifest(cfg.data.dir)
+        check_betons(cfg.data.dir, self.manifest, hashes=cfg.data.verify)
+
+        # ---- the resume point, the same on every rank (or a clear error), checked against this config
+        resume = self.find_resume_point()
 
         # ---- beton -> loader
-        self.manifest = read_manifest(cfg.data.dir)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
         cl = cfg.model.channels_last
+        threads = max(1, (os.cpu_count() or 1) // env.local_world_size)  # FFCV would set its worker count
         self.train_data = TrainData(cfg.data, t.batch_size, t.seed, self.device, self.amp_dtype, cl,
-                                    env.rank, env.world_size, t.accum_steps)
+                                    env.rank, env.world_size, t.accum_steps, threads)
         self.test_data = TestData(cfg.data, self.batch_per_rank, self.device, self.amp_dtype, cl,
-                                  env.rank, env.world_size)
-        if not cuda:  # FFCV sets torch's thread count to its worker count; give compute the cores back
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+                                  env.rank, env.world_size, threads)
+        self.total_steps = len(self.train_data) * t.epochs
 
         # ---- model: (SyncBN) -> channels_last -> compile -> DDP
         model = build_model(cfg.model.name, len(self.manifest["classes"]), cfg.model.width, cfg.model.norm.value)
@@ -88,39 +110,50 @@ class Trainer:
         model = model.to(self.device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
-        if hasattr(model, "init_from_data") and not resuming:  # same images on every rank: same weights
+        if hasattr(model, "init_from_data") and resume is None:  # same images on every rank: same weights
             model.init_from_data(self.train_data.sample_images(WHITENING_IMAGES))
         self.model = model  # the unwrapped module: checkpoints hold its state_dict
         self.forward = torch.compile(model, mode=cfg.model.compile_mode.value) if cfg.model.compile else model
         self.ddp = (nn.parallel.DistributedDataParallel(self.forward, device_ids=[self.device] if cuda else None)
                     if env.distributed else self.forward)
-        self.ema = EMA(model, t.ema_decay) if t.ema else None  # weights and BN buffers, every optimizer step
         torch.manual_seed(derive_seed(t.seed, env.rank))  # per-rank stream for anything random after init
 
         # ---- optimisation
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.train_data), t.epochs)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == Precision.fp16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         o = cfg.optim
-        self.lookahead = (Lookahead(model, o.lookahead_decay, o.lookahead_every, len(self.train_data) * t.epochs)
-                          if o.lookahead_every else None)
+        self.optimizer = build_optimizer(model, o)
+        self.scheduler = build_scheduler(self.optimizer, o, len(self.train_data), t.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == Precision.fp16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+        self.ema = EMA(model, t.ema_decay) if t.ema else None  # weights and BN buffers, every optimizer step
+        self.lookahead = Lookahead(model, o.lookahead_decay, o.lookahead_every, self.total_steps) \
+            if o.lookahead_every else None
 
+        # ---- run state, then the checkpoint into the objects that now all exist
         self.epoch, self.step, self.best_acc, self.history = 0, 0, -1.0, []
-        self.first_step_s: float | None = None  # process setup + first step (compile, numba, cudnn autotune)
         self.position: dict | None = None  # where a stopped epoch left off (mid-epoch resume)
+        self.rollbacks: list[dict] = []  # train.nonfinite=rollback: what was rolled back, and to where
+        self.checked_step = 0  # the last step known to have a finite loss
+        self.first_step_s: float | None = None  # process setup + first step (compile, numba, cudnn autotune)
+        self.failure: dict | None = None
         self.stop = StopRequest(self.run_dir / "STOP")
-        if resuming:
-            self.load_checkpoint(self.ckpt_path)
-        elif t.resume:
-            self.print(f"train.resume=true but {self.ckpt_path} does not exist yet: starting from scratch")
+        self.initial_state: bytes | None = None  # train.nonfinite=rollback before the first checkpoint
+        if resume is not None:
+            self.restore(*resume)
+        elif t.nonfinite == NonFinite.rollback:
+            buf = io.BytesIO()
+            torch.save(self.state_dict(), buf)
+            self.initial_state = buf.getvalue()
+        if t.resume and resume is None:
+            self.print(f"train.resume=true but {self.run_dir} holds no checkpoint yet: starting from scratch")
 
         self.tb = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            for p in clean_stale_tmp(self.run_dir):
+                self.print(f"removed {p.name}, left by a writer that was killed")
+            write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             self.tb = SummaryWriter(str(self.run_dir))
 
     def print(self, *args) -> None:
@@ -131,27 +164,93 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # ---------------------------------------------------------------- resume point
+    def agreed_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint in run.dir that loads, found by every rank alike (ranks that see
+        different files, e.g. a run.dir that is not shared between nodes, are a clear error)."""
+        found = load_latest(self.run_dir) if self.run_dir.is_dir() else None
+        if found is not None:
+            for note in found[2]:
+                self.print(f"warning: {note}; falling back to an older checkpoint")
+        mark = [-1.0, -1.0] if found is None else [float(found[1]["epoch"]), float(found[1]["step"])]
+        lo, hi = spread(mark, self.env.control_group)
+        if lo != hi:
+            raise ConfigError(
+                f"the ranks see different checkpoints in run.dir={self.run_dir} (epoch, step from {lo} to {hi}; "
+                "-1 = none): run.dir must be one folder that every node shares")
+        return None if found is None else found[:2]
+
+    def find_resume_point(self) -> tuple[Path, dict] | None:
+        found = self.agreed_checkpoint()
+        if found is None:
+            return None
+        path, state = found
+        if not self.cfg.train.resume:
+            raise ConfigError(f"{path} exists: pass train.resume=true to continue that run, or choose another run.dir")
+        try:
+            old = load_config(None, [], base=state["config"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}'s config does not fit this version of dist_resnet: {e}") from None
+        refused, numerics = resume_changes(old, self.cfg)
+        data = state.get("data") or {}
+        if any(data.get(s) not in (None, self.manifest[s]["sha256"]) for s in ("train", "test")):
+            refused["data.dir (beton sha256)"] = (old.data.dir, self.cfg.data.dir)
+        if refused:
+            why = "; ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in refused.items()))
+            epochs = (" (train.epochs: the LR schedule is planned over the epochs a run starts with, so another "
+                      "count would make the LR jump; to train longer, start a new run from these weights)"
+                      if "train.epochs" in refused else "")
+            raise ConfigError(
+                f"cannot resume from {path}: these settings differ from the checkpoint's and would change the "
+                f"run: {why}{epochs}. Use the checkpoint's values ({self.run_dir / 'config.yaml'}) or a new run.dir")
+        if numerics:
+            self.print("note: resuming with " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in numerics.items())
+                       + ": the run continues, but no longer bit-identical to an uninterrupted one")
+        if state.get("world_size", self.env.world_size) != self.env.world_size:
+            self.print(f"note: resuming a run of {state['world_size']} ranks on {self.env.world_size}: the global "
+                       "batch, sample order and augmentations are the same")
+        return path, state
+
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
         cfg = self.cfg.train
+        if self.epoch >= cfg.epochs:
+            self.print(f"{self.run_dir} already finished its {cfg.epochs} epochs: nothing to train")
+            return self.finish()
         self.print(
             f"{self.cfg.model.name} on {self.device} x{self.env.world_size} ({self.precision.value}), "
             f"global batch {cfg.batch_size}, {len(self.train_data)} steps/epoch, epochs {self.epoch + 1}..{cfg.epochs}"
         )
-        while self.epoch < cfg.epochs:
-            record = self.train_epoch(self.epoch)
-            if record is None:  # stop requested: the checkpoint holds the position inside the epoch
-                return self.finish(stopped=True)
-            self.epoch += 1
-            if self.epoch == cfg.epochs or self.epoch % cfg.eval_every == 0:
-                t0 = time.perf_counter()
-                record.update(self.evaluate())
-                record["eval_time_s"] = time.perf_counter() - t0  # evaluate() ends in a host sync
-            self.history.append(record)
-            best = record.get("test_acc", -1.0) > self.best_acc
-            self.best_acc = max(self.best_acc, record.get("test_acc", -1.0))
-            self.log_epoch(record)
-            self.save_checkpoint(best)
+        try:
+            while self.epoch < cfg.epochs:
+                try:
+                    record = self.train_epoch(self.epoch)
+                except Diverged as d:
+                    if cfg.nonfinite == NonFinite.rollback and len(self.rollbacks) < cfg.max_rollbacks:
+                        self.rollback(d)
+                        continue
+                    self.fail(d)
+                if record is None:  # stop requested: the checkpoint holds the position inside the epoch
+                    return self.finish(stopped=True)
+                self.epoch += 1
+                if self.epoch == cfg.epochs or self.epoch % cfg.eval_every == 0:
+                    t0 = time.perf_counter()
+                    record.update(self.evaluate())
+                    record["eval_time_s"] = time.perf_counter() - t0  # evaluate() ends in a host sync
+                self.history.append(record)
+                best = record.get("test_acc", -1.0) > self.best_acc
+                self.best_acc = max(self.best_acc, record.get("test_acc", -1.0))
+                self.log_epoch(record)
+                self.save_checkpoint(best)
+                if self.epoch < cfg.epochs and self.stop.agreed(self.env.control_group):
+                    self.print(f"stopped ({self.stop.reason}) after epoch {self.epoch}; resume with train.resume=true")
+                    return self.finish(stopped=True)
+        except torch.cuda.OutOfMemoryError:
+            raise JobExit(EXIT_BAD_INPUT, (
+                f"error: CUDA out of memory with {self.batch_per_rank // cfg.accum_steps} images per rank and "
+                f"micro-batch (train.batch_size={cfg.batch_size} over {self.env.world_size} ranks, "
+                f"train.accum_steps={cfg.accum_steps}). Raise train.accum_steps to split each step into smaller "
+                "micro-batches with the same result, or lower train.batch_size")) from None
         return self.finish()
 
     def train_epoch(self, epoch: int) -> dict | None:
@@ -165,40 +264,57 @@ class Trainer:
                    unit="step", disable=not (self.env.is_main and self.cfg.run.progress), leave=False, file=sys.stdout)
         self.sync()
         start = last_log = time.perf_counter()
-        for step, micro_batches in self.train_data.epoch(epoch, pos["step"]):
-            step_stats = self.train_step(micro_batches)
-            stats += step_stats
-            window += step_stats[0::2]  # loss sum, count (a view: no index tensor per step)
-            self.step += 1
-            if self.first_step_s is None:
-                self.sync()
-                self.first_step_s = time.perf_counter() - self.created
-                self.print(f"first step after {self.first_step_s:.1f}s (setup, compile and warm-up)")
-            bar.update(1)
-            if self.step % self.cfg.train.log_every == 0:  # the only host sync inside the epoch
-                loss_sum, count = all_reduce_sum(window).tolist()
-                now = time.perf_counter()
-                self.log_scalars({"train/loss": loss_sum / count, "train/img_per_s": count / (now - last_log),
-                                  "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
-                bar.set_postfix(loss=f"{loss_sum / count:.3f}")
-                window.zero_()
-                last_log = now
-            if (step + 1) % self.cfg.train.stop_check_every == 0 and step + 1 < len(self.train_data) \
-                    and self.stop.agreed(self.env.control_group):
-                self.sync()
-                bar.close()
-                self.position = {"step": step + 1, "stats": all_reduce_sum(stats.clone()).tolist(),
-                                 "elapsed": pos["elapsed"] + time.perf_counter() - start}
-                self.save_checkpoint(best=False)
-                self.print(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {step + 1}/{len(self.train_data)}; "
-                           f"resume with train.resume=true")
-                return None
+        with closing(self.train_data.epoch(epoch, pos["step"])) as steps:
+            for step, micro_batches in steps:
+                step_stats = self.train_step(micro_batches)
+                stats += step_stats  # a NaN/inf loss stays in these sums until the next sync reads them
+                window += step_stats[0::2]  # loss sum, count (a view: no index tensor per step)
+                self.step += 1
+                fault_point("step")
+                if self.first_step_s is None:
+                    self.sync()
+                    self.first_step_s = time.perf_counter() - self.created
+                    self.print(f"first step after {self.first_step_s:.1f}s (setup, compile and warm-up)")
+                bar.update(1)
+                if self.step % self.cfg.train.log_every == 0:  # the only host sync inside the epoch
+                    loss_sum, count = all_reduce_sum(window).tolist()
+                    self.check_finite(loss_sum)
+                    now = time.perf_counter()
+                    self.log_scalars({"train/loss": loss_sum / count, "train/img_per_s": count / (now - last_log),
+                                      "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
+                    bar.set_postfix(loss=f"{loss_sum / count:.3f}")
+                    window.zero_()
+                    last_log = now
+                if (step + 1) % self.cfg.train.stop_check_every == 0 and step + 1 < len(self.train_data) \
+                        and self.stop.agreed(self.env.control_group):
+                    self.sync()
+                    bar.close()
+                    totals = all_reduce_sum(stats.clone()).tolist()
+                    self.check_finite(totals[0])  # never checkpoint a diverged state
+                    self.position = {"step": step + 1, "stats": totals,
+                                     "elapsed": pos["elapsed"] + time.perf_counter() - start}
+                    self.save_checkpoint(best=False)
+                    self.print(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {step + 1}/"
+                               f"{len(self.train_data)}; resume with train.resume=true")
+                    return None
         self.sync()
         elapsed = pos["elapsed"] + time.perf_counter() - start
         bar.close()
         loss_sum, correct, count = all_reduce_sum(stats).tolist()
+        self.check_finite(loss_sum)
         return {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
                 "epoch_time_s": elapsed, "img_per_s": count / elapsed, "lr": self.scheduler.get_last_lr()[0]}
+
+    def check_finite(self, loss_sum: float) -> None:
+        """Called with an all-reduced loss sum, so every rank decides alike, at a sync that happens anyway."""
+        if math.isfinite(loss_sum):
+            self.checked_step = self.step
+            return
+        steps = (self.checked_step + 1, self.step)
+        raise Diverged(
+            f"error: training diverged: the loss became NaN or inf between steps {steps[0]} and {steps[1]} "
+            f"(epoch {self.epoch + 1}) at optim.lr={self.scheduler.base_lrs[0]:g}. Nothing diverged was saved; "
+            f"lower optim.lr and start again, or set train.nonfinite=rollback", steps)
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns [loss sum, correct, count] on the device."""
@@ -224,13 +340,23 @@ class Trainer:
         return out
 
     def optimizer_step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        """SGD, then the schedule, EMA and lookahead, which count applied steps only: an fp16 step that the
+        loss scale skips (inf/NaN gradients) advances none of them."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+            skipped = fp16_step_skipped(self.scaler, self.optimizer)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if skipped:
+                return
+        else:
+            self.optimizer.step()
         self.scheduler.step()
+        applied = self.scheduler.last_epoch  # optimizer steps applied so far
         if self.ema is not None:
-            self.ema.update(self.step)
+            self.ema.update(applied - 1)
         if self.lookahead is not None:
-            self.lookahead.step(self.step + 1)
+            self.lookahead.step(applied, final=self.step + 1 == self.total_steps)
 
     def evaluate(self) -> dict:
         for module in [self.model] + ([self.ema.module] if self.ema is not None else []):
@@ -241,6 +367,36 @@ class Trainer:
             ema = evaluate(self.ema.module, self.test_data, self.device, *amp)
             result.update({"ema_test_loss": ema["test_loss"], "ema_test_acc": ema["test_acc"]})
         return result
+
+    # ---------------------------------------------------------------- divergence
+    def rollback(self, d: Diverged) -> None:
+        """All ranks, in lockstep (they saw the same all-reduced loss): back to the newest good
+        checkpoint (or the initial state), with half the learning rate."""
+        done = self.rollbacks + [{"diverged_steps": list(d.steps)}]
+        found = self.agreed_checkpoint()
+        if found is not None:
+            path, state = found
+        else:
+            path, state = Path("the initial state"), torch.load(io.BytesIO(self.initial_state), weights_only=True)
+        self.restore(path, state, quiet=True)
+        factor = 0.5 ** (len(done) - len(state.get("rollbacks", [])))
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        done[-1].update({"to_step": self.step, "lr": self.scheduler.base_lrs[0]})
+        self.rollbacks, self.checked_step = done, self.step
+        self.print(f"warning: the loss became NaN or inf between steps {d.steps[0]} and {d.steps[1]}: rolled back "
+                   f"to {path} (step {self.step}) with optim.lr={self.scheduler.base_lrs[0]:g} "
+                   f"(rollback {len(done)} of train.max_rollbacks={self.cfg.train.max_rollbacks})")
+
+    def fail(self, d: Diverged) -> None:
+        self.failure = {"kind": "nonfinite_loss", "steps": list(d.steps), "epoch": self.epoch + 1,
+                        "rollbacks": len(self.rollbacks)}
+        if self.env.is_main:
+            self.write_metrics()
+        self.finish(stopped=True)
+        raise d
 
     # ---------------------------------------------------------------- metrics
     def log_scalars(self, scalars: dict, step: int) -> None:
@@ -271,6 +427,7 @@ class Trainer:
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "precision": self.precision.value, "epochs": len(self.history),
             "completed": len(self.history) == self.cfg.train.epochs,
+            "stopped": False, "failure": self.failure, "rollbacks": self.rollbacks,
             "test_acc": evals[-1]["test_acc"] if evals else None,
             "test_count": evals[-1]["test_count"] if evals else None,
             "best_test_acc": max((r["test_acc"] for r in evals), default=None),
@@ -283,54 +440,63 @@ class Trainer:
             "history": self.history,
         }
 
-    def write_metrics(self) -> None:
-        path = self.run_dir / "metrics.json"
-        tmp = path.with_name(".metrics.json.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        os.replace(tmp, path)
+    def write_metrics(self, **extra) -> None:
+        write_json(self.run_dir / "metrics.json", {**self.summary(), **extra})
 
     def finish(self, stopped: bool = False) -> dict:
-        s = self.summary()
+        """End the run on every rank: the stop request is handled (its file removed), files closed."""
+        s = {**self.summary(), "stopped": stopped and self.failure is None}
         self.stop.restore()
+        if self.env.is_main:
+            (self.run_dir / "STOP").unlink(missing_ok=True)  # handled: the next start must not stop at once
+            if s["stopped"]:
+                self.write_metrics(stopped=True)
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         if not stopped and s["test_acc"] is not None:
             self.print(f"done: test acc {s['test_acc']:.4f} on {s['test_count']} images, "
                        f"train time {s['train_time_s']:.1f}s -> {self.run_dir}")
         return s
 
     # ---------------------------------------------------------------- checkpoint
-    def save_checkpoint(self, best: bool) -> None:
-        if not self.env.is_main:
-            return
-        state = {
+    def state_dict(self) -> dict:
+        """Everything a resume needs, in types a weights-only load accepts (tensors, containers,
+        numbers, strings)."""
+        return {
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "position": self.position, "best_acc": self.best_acc,
             "history": self.history, "ema": self.ema.state_dict() if self.ema is not None else None,
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
-            "config": to_dict(self.cfg), "world_size": self.env.world_size,
+            "rollbacks": self.rollbacks, "config": to_dict(self.cfg), "world_size": self.env.world_size,
+            "data": {s: self.manifest[s]["sha256"] for s in ("train", "test")},
+            "classes": self.manifest["classes"],
         }
-        save_atomic(state, self.ckpt_path)
-        if best:
-            save_atomic(state, self.run_dir / "best.pt")
-        if self.position is not None:  # a stop was handled: the next start must not stop at once
-            (self.run_dir / "STOP").unlink(missing_ok=True)
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = load(path, self.device)
-        self.model.load_state_dict(state["model"])
+    def save_checkpoint(self, best: bool) -> None:
+        if self.env.is_main:
+            checkpoint.save(self.state_dict(), self.run_dir, self.cfg.train.keep_last, best)
+
+    def restore(self, path: Path, state: dict, quiet: bool = False) -> None:
+        load_weights(self.model, state["model"], str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.lookahead is not None and state.get("lookahead") is not None:
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:  # switched on at this resume: average from the trained weights, not the random initial ones
+                self.ema.reset()
+                self.print("train.ema switched on at this resume: the average starts from the restored weights")
+        if self.lookahead is not None:  # a change of lookahead is refused at resume, so its state is there
             self.lookahead.load_state_dict(state["lookahead"])
         self.epoch, self.step, self.position = state["epoch"], state["step"], state.get("position")
         self.best_acc, self.history = state["best_acc"], state["history"]
-        inside = f", step {self.position['step']} of epoch {self.epoch + 1}" if self.position else ""
-        self.print(f"resumed from {path} at epoch {self.epoch}{inside} (global step {self.step})")
+        self.rollbacks, self.checked_step = state.get("rollbacks", []), state["step"]
+        if not quiet:
+            inside = f", step {self.position['step']} of epoch {self.epoch + 1}" if self.position else ""
+            self.print(f"resumed from {path} at epoch {self.epoch}{inside} (global step {self.step})")
 
 
 def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Tensor:
@@ -359,6 +525,7 @@ def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: 
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         for x, y in data:
+            fault_point("eval")
             logits = predict(model, x, tta)
             totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
             totals[1] += (logits.argmax(1) == y).sum()
@@ -372,8 +539,15 @@ def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: 
 
 def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_args(argv)
-    return distributed.run_job("dist_resnet.train", cfg.train.device.value, lambda env: Trainer(cfg, env).fit(),
-                               (ConfigError, DataError))
+
+    def job(env: DistEnv) -> dict:
+        summary = Trainer(cfg, env).fit()
+        if summary["stopped"]:
+            raise JobExit(EXIT_STOPPED)  # stopped with a checkpoint: "resume later", not "finished"
+        return summary
+
+    return distributed.run_job("dist_resnet.train", cfg.train.device.value, job,
+                               (ConfigError, DataError, CheckpointError), cfg.train.timeout_s)
 
 
 if __name__ == "__main__":

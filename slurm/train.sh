@@ -5,12 +5,15 @@
 #   CONFIG=configs/resnet9.yaml DATA_DIR=/shared/cifar10 sbatch --partition=gpu --account=me slurm/train.sh
 # Partition and account are sbatch options (or SBATCH_PARTITION / SBATCH_ACCOUNT).
 #
-# Slurm sends USR1 to this shell 120 s before the time limit (--signal=B:USR1@120). The trap
-# writes RUN_DIR/STOP; every rank sees it within train.stop_check_every steps, all stop after
-# the same step, rank 0 saves last.pt, and this script requeues the job. The requeued job has
-# the same SLURM_JOB_ID, hence the same RUN_DIR, and resumes from the saved step. SIGTERM
-# (scancel, a preempting job) is handled the same way. torchrun itself is never sent USR1:
-# it would die of it.
+# Two signals, two meanings:
+# - USR1: the time-limit warning (--signal=B:USR1@120, to this shell only). The trap writes
+#   RUN_DIR/STOP; every rank sees it within train.stop_check_every steps (or at the epoch's end),
+#   all stop after the same step, rank 0 saves a checkpoint, and this script requeues the job. The
+#   requeued job has the same SLURM_JOB_ID, hence the same RUN_DIR, and resumes from the saved step.
+# - TERM: `scancel`, or a preemption. The ranks checkpoint and stop the same way, but the job is NOT
+#   requeued: scancel must cancel. Where a site preempts with PreemptMode=REQUEUE, Slurm requeues
+#   the job itself, and it resumes from that checkpoint.
+# torchrun itself is never sent USR1: it would die of it.
 #SBATCH --job-name=dist_resnet
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -38,10 +41,10 @@ NNODES=${SLURM_NNODES:-1}
 mkdir -p "$RUN_DIR"
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $GPUS_PER_NODE, run dir $RUN_DIR"
 
-stop_requested=0
+stop_signal=""
 # shellcheck disable=SC2317  # called from the traps below
 on_signal() {
-  stop_requested=1
+  stop_signal=$1
   echo "$(date -Is) got $1: asking the ranks to checkpoint and stop"
   touch "$RUN_DIR/STOP"
 }
@@ -60,10 +63,15 @@ while true; do
   kill -0 "$pid" 2>/dev/null || break
 done
 
-if [ "$stop_requested" = 1 ]; then
-  echo "$(date -Is) training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
-fi
+case "$stop_signal" in
+  USR1)
+    echo "$(date -Is) time limit near: training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0 ;;
+  TERM)
+    echo "$(date -Is) cancelled or preempted: training stopped with a checkpoint; not requeueing"
+    echo "  (resume by hand: RUN_DIR=$RUN_DIR sbatch slurm/train.sh, with the same CONFIG and arguments)"
+    exit 143 ;;
+esac
 echo "$(date -Is) training exited with $rc"
 exit "$rc"

@@ -53,6 +53,35 @@ def betons(tmp_path_factory) -> Path:
     return out
 
 
+def image_folder(root: Path, subset_dir: Path, per_class: dict[str, int], classes=CLASSES) -> Path:
+    """A real ImageFolder of the first files of each class of the subset."""
+    import shutil
+
+    for split, n in per_class.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for f in sorted((subset_dir / split / c).iterdir())[:n]:
+                shutil.copy(f, root / split / c / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_betons(tmp_path_factory, subset_dir) -> Path:
+    """1,000 train and 200 test images (100 and 20 per class): for the tests that start many runs
+    (kills, resumes, refusals), where what is checked is exactness, not accuracy."""
+    from dist_resnet.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    src = image_folder(root / "src", subset_dir, {"train": 100, "test": 20})
+    prepare(str(src), root / "betons", workers=2)
+    return root / "betons"
+
+
+# the tiny runs: resnet9 at width 8, 10 steps of 100 per epoch
+TINY = ["--config", str(ROOT / "configs" / "cpu.yaml"), "model.width=8", "train.batch_size=100", "run.progress=false",
+        "data.num_workers=1", "train.log_every=5"]
+
+
 def run(args: list[str], timeout: float = 600, env: dict | None = None, check: bool = True,
         cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run a command with this interpreter's environment; show its output when it fails."""

@@ -1,4 +1,4 @@
-"""Run under torchrun: every rank writes the images it sees in one train epoch and
+"""Run as ranks (tests/launch.py, or torchrun): every rank writes the images it sees in one train epoch and
 in its test partition, as uint8 arrays, to OUT/rank{R}.npz."""
 import sys
 
@@ -14,7 +14,8 @@ def as_uint8(x: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def main(data_dir: str, out: str, batch: int) -> None:
+def main(argv: list[str]) -> None:
+    data_dir, out, batch = argv[0], argv[1], int(argv[2])
     env = distributed.setup("cpu")
     cfg = DataConfig(dir=data_dir, num_workers=1)
     cpu = torch.device("cpu")
@@ -33,4 +34,4 @@ def main(data_dir: str, out: str, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1:])

@@ -90,3 +90,13 @@ def test_alternate_flips_are_fair_then_alternate_per_sample():
     assert torch.equal(e1, ~e0) and torch.equal(e2, e0)  # each image is seen both ways in any two epochs
     assert torch.equal(flips.epoch(1, order[:10]), e1[:10])  # a property of the sample, not of its position
     assert not torch.equal(AlternateFlips(seed=1, n=5000, device=torch.device("cpu")).base, flips.base)
+
+
+def test_cutout_of_any_side_cuts_exactly_that_square_where_it_fits():
+    """An odd side makes a square of that side too (it used to be side - 1), clipped at the border."""
+    for side in (5, 8):
+        x = batch(256) + 1.0
+        holes = (Augment(flip=False, translate=0, cutout=side, device=torch.device("cpu"))(x, 7) == 0).all(1)
+        rows, cols = holes.any(2).sum(1), holes.any(1).sum(1)
+        assert rows.max() == cols.max() == side and (rows <= side).all() and (cols <= side).all()
+        assert ((rows == side) & (cols == side)).float().mean() > 0.4  # unclipped holes are whole squares

@@ -93,3 +93,38 @@ def test_the_fast_preset_keys_are_checked():
         load_config(ROOT / "configs" / "fast.yaml", REQUIRED + ["data.flip=false"])
     with pytest.raises(ConfigError, match="model.norm=batch"):
         load_config(ROOT / "configs" / "fast.yaml", REQUIRED + ["model.norm=group"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("train.seed=-1", "'train.seed': -1; it must be >= 0"),
+    ("optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
+    ("train.keep_last=0", "'train.keep_last'"),
+    ("train.timeout_s=0", "'train.timeout_s' must be > 0"),
+    ("train.nonfinite=ignore", "stop.*rollback"),
+])
+def test_reliability_keys_are_checked(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + [bad])
+    assert load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + ["optim.momentum=0", "optim.nesterov=false"])
+
+
+def test_a_yaml_file_cannot_run_code(tmp_path):
+    """Presets are read with a safe YAML loader: a python tag is an error, never a call."""
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"train:\n  epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError):
+        load_config(evil, REQUIRED)
+    assert not marker.exists()
+
+
+def test_resume_changes_sort_keys_into_refused_and_harmless():
+    from dist_resnet.config import resume_changes
+
+    old = load_config(ROOT / "configs" / "cpu.yaml", REQUIRED)
+    new = load_config(ROOT / "configs" / "cpu.yaml", ["data.dir=/moved", "run.dir=/r2", "train.log_every=7",
+                                                      "data.num_workers=1", "train.ema=true", "model.compile=true",
+                                                      "optim.lr=0.1", "data.cutout=4", "train.epochs=9"])
+    refused, numerics = resume_changes(old, new)
+    assert refused == {"data.cutout": (0, 4), "optim.lr": (0.4, 0.1), "train.epochs": (6, 9)}
+    assert numerics == {"model.compile": (False, True)}

@@ -1,5 +1,4 @@
 """The FFCV loaders on real betons: lossless, full coverage, disjoint shards, exact eval partition."""
-import sys
 import threading
 from collections import Counter
 
@@ -9,7 +8,7 @@ import torch
 
 from dist_resnet.config import DataConfig
 from dist_resnet.data.loader import DataError, GlobalBatchOrder, TestData, TrainData, read_manifest
-from tests.conftest import run
+from tests.launch import launch
 from tests.shard_probe import as_uint8
 
 CPU = torch.device("cpu")
@@ -56,8 +55,8 @@ def test_epoch_yields_normalised_augmented_batches(betons):
 
 
 def test_two_ranks_get_disjoint_shards_and_an_exact_test_partition(betons, source_images, tmp_path):
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "tests/shard_probe.py", str(betons), str(tmp_path), "250"], timeout=300)
+    codes = launch("tests.shard_probe", [str(betons), str(tmp_path), "250"], tmp_path / "log", nproc=2)
+    assert codes == [0, 0], (tmp_path / "log").read_text()
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
     train, _ = source_images["train"]
     for epoch in ("epoch0", "epoch1"):
@@ -158,3 +157,107 @@ def test_leaving_an_epoch_early_stops_ffcv_decode_thread(betons):
     next(test)
     test.close()
     assert not decoding()
+
+
+def test_ffcv_does_not_undo_the_thread_count(betons):
+    """FFCV sets torch's thread count to its worker count at every epoch (and in its decode thread):
+    on a 16-core machine 4 ranks would each run 8 threads, 32 in all. The loaders put it back."""
+    cfg = DataConfig(dir=str(betons), num_workers=2)
+    data = TrainData(cfg, 500, 0, CPU, torch.float32, False, threads=1)
+    assert torch.get_num_threads() == 1
+    seen = [torch.get_num_threads() for _ in data.epoch(0)]
+    assert set(seen[1:]) == {1} and torch.get_num_threads() == 1
+    test = TestData(cfg, 500, CPU, torch.float32, False, threads=1)
+    assert [torch.get_num_threads() for _ in test][1:] == [1] and torch.get_num_threads() == 1
+
+
+def corrupt_sample_pointer(beton, sample: int) -> None:
+    """Point one image's data at a place past the end of the file (size unchanged): the kind of damage
+    that only a hash finds, and that FFCV reads mid-epoch."""
+    from ffcv.reader import Reader
+
+    raw = bytearray(beton.read_bytes())
+    meta = Reader(str(beton)).metadata
+    offset = raw.find(meta.tobytes()[:64])
+    bad = meta.copy()
+    bad[sample]["f0"]["data_ptr"] = len(raw) + 10**6
+    raw[offset:offset + meta.nbytes] = bad.tobytes()
+    beton.write_bytes(bytes(raw))
+
+
+def test_a_decode_error_mid_epoch_ends_the_epoch_with_that_error(betons, tmp_path):
+    """FFCV's decode thread dies on an exception and its consumer then waits forever on the queue.
+    Numba's bounds check (off by default) turns this damage into such an exception."""
+    import shutil
+
+    import numba
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(betons, damaged)
+    corrupt_sample_pointer(damaged / "train.beton", 2500)
+    old, numba.config.BOUNDSCHECK = numba.config.BOUNDSCHECK, 1
+    try:
+        data = TrainData(DataConfig(dir=str(damaged), num_workers=2), 250, 0, CPU, torch.float32, False)
+        done = []
+
+        def consume():
+            try:
+                for step, _ in data.epoch(0):
+                    done.append(step)
+            except DataError as e:
+                done.append(e)
+
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        t.join(120)
+        assert not t.is_alive(), "the epoch hangs after the decode thread failed"
+    finally:
+        numba.config.BOUNDSCHECK = old
+    assert isinstance(done[-1], DataError) and 0 < len(done) - 1 < len(data), done[-3:]
+    assert "train.beton failed in FFCV's decode thread" in str(done[-1]) and "--verify" in str(done[-1])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("not json", "is not valid JSON"),  # truncated, or edited by hand
+    ('{"classes": []}', "'classes' must be a non-empty list"),
+    ("drop test", "'test' is missing"),
+    ("std zero", "'std' must be > 0"),
+])
+def test_a_damaged_manifest_is_a_clear_error(betons, tmp_path, damage, message):
+    import json
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(betons, d)
+    m = json.loads((d / "manifest.json").read_text())
+    if damage == "drop test":
+        del m["test"]
+    elif damage == "std zero":
+        m["std"] = [0.0, 0.2, 0.2]
+    text = damage if damage in ("not json", '{"classes": []}') else json.dumps(m)
+    (d / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=f"manifest.json .*{message}.*re-run prepare"):
+        read_manifest(d)
+
+
+def test_betons_are_checked_against_the_manifest(betons, tmp_path):
+    import shutil
+
+    from dist_resnet.data.loader import check_betons
+
+    d = tmp_path / "d"
+    shutil.copytree(betons, d)
+    manifest = read_manifest(d)
+    check_betons(d, manifest, hashes=True)
+    with open(d / "test.beton", "r+b") as f:  # one flipped byte: same size, other hash
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 1]))
+    check_betons(d, manifest)  # sizes only: it passes
+    with pytest.raises(DataError, match="test.beton does not match the sha256.*re-run prepare"):
+        check_betons(d, manifest, hashes=True)
+    with open(d / "train.beton", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(DataError, match=r"train.beton has \d+ bytes but the manifest says \d+: it is truncated"):
+        check_betons(d, manifest)

@@ -43,8 +43,17 @@ def test_unknown_model_is_rejected_with_the_choices():
 
 
 def test_unwrap_strips_compile_and_ddp_wrappers():
+    import torch.distributed as dist
+
     model = build_model("resnet9", width=8)
-    assert unwrap(torch.compile(model)) is model
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a real DDP needs a group
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(torch.compile(model))  # the trainer's wrap order
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        assert unwrap(wrapped) is model and unwrap(torch.compile(model)) is model
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in unwrap(wrapped).state_dict())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ema_warms_up_then_tracks_the_weights_and_buffers():

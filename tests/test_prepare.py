@@ -18,6 +18,7 @@ def test_manifest_describes_the_betons(betons):
     assert m["train"]["class_counts"] == [500] * 10 and m["test"]["class_counts"] == [100] * 10
     for split in ("train", "test"):
         assert m[split]["sha256"] == sha256(betons / f"{split}.beton")
+        assert m[split]["bytes"] == (betons / f"{split}.beton").stat().st_size
     assert m["source"].endswith("cifar10-subset.tar.gz")
     assert m["mean"] == pytest.approx([0.49, 0.48, 0.45], abs=0.03)  # CIFAR-10's channel means
 
@@ -113,3 +114,19 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path):
 def test_source_images_are_the_committed_subset(source_images):
     assert source_images["train"][0].shape == (5000, 32, 32, 3)
     assert source_images["test"][0].dtype == np.uint8
+
+
+def test_verify_checks_a_prepared_folder(betons, tmp_path, capsys):
+    from dist_resnet.data.prepare import main
+
+    main(["--verify", str(betons)])  # the CLI, in-process
+    assert "all match" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(betons, bad)
+    with open(bad / "train.beton", "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"0123456789")
+    with pytest.raises(SystemExit) as e:
+        main(["--verify", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "train.beton does not match the sha256" in err and len(err.strip().splitlines()) == 1

@@ -2,7 +2,8 @@
 
 FFCV's own flip/translate/cutout draw from numba's unseeded per-thread RNGs, so
 two runs with the same seed would differ. Here every random choice comes from a
-generator seeded by (seed, epoch, step, rank): the same seed gives the same run,
+generator seeded by (seed, epoch, step); the draws are made per global batch and each rank
+takes its rows, so the same seed gives the same run on any world size,
 and a resume at any step sees the same augmentations as an uninterrupted run.
 The same code serves the FFCV pipeline and the device-resident one.
 """
@@ -78,7 +79,8 @@ class Augment:
             cy, cx = draw(h, (1, 1, 1)), draw(w, (1, 1, 1))
             r = torch.arange(h, device=self.device).view(1, 1, h, 1)
             s = torch.arange(w, device=self.device).view(1, 1, 1, w)
-            hole = (r >= cy - half) & (r < cy + half) & (s >= cx - half) & (s < cx + half)
+            top, left = cy - half, cx - half  # a cutout x cutout square around (cy, cx), clipped at the border
+            hole = (r >= top) & (r < top + self.cutout) & (s >= left) & (s < left + self.cutout)
             x = x.masked_fill(hole, 0)
         return x.contiguous(memory_format=fmt)
 

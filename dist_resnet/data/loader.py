@@ -20,27 +20,81 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from ffcv.loader import Loader as FFCVLoader
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
 
 from ..config import DataConfig, Pad, Pipeline
 from .augment import AlternateFlips, Augment, Normalize, derive_seed
 
 PREPARE_HINT = "create it with: python -m dist_resnet.data.prepare --source torchvision --out DIR"
+SPLITS = ("train", "test")
 
 
 class DataError(RuntimeError):
     pass
 
 
+def _manifest_problem(m: object) -> str | None:
+    """What is wrong with a parsed manifest, or None."""
+    if not isinstance(m, dict):
+        return "it is not a JSON object"
+    classes = m.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "'classes' must be a non-empty list of names"
+    for key in ("mean", "std"):
+        v = m.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            return f"'{key}' must be 3 numbers (one per RGB channel)"
+    if not all(x > 0 for x in m["std"]):
+        return "'std' must be > 0"
+    for split in SPLITS:
+        entry = m.get(split)
+        if not isinstance(entry, dict):
+            return f"'{split}' is missing"
+        if not isinstance(entry.get("count"), int) or entry["count"] < 1:
+            return f"'{split}.count' must be a positive integer"
+        if not isinstance(entry.get("sha256"), str):
+            return f"'{split}.sha256' is missing"
+        if "bytes" in entry and not isinstance(entry["bytes"], int):
+            return f"'{split}.bytes' must be an integer"
+    return None
+
+
 def read_manifest(data_dir: str | Path) -> dict:
+    """The folder's manifest.json, checked for the fields every reader needs; DataError otherwise."""
     d = Path(data_dir)
-    if not (d / "manifest.json").is_file():
+    path = d / "manifest.json"
+    if not path.is_file():
         raise DataError(f"data.dir={d} has no manifest.json; {PREPARE_HINT}")
-    manifest = json.loads((d / "manifest.json").read_text())
-    for split in ("train", "test"):
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run prepare: {PREPARE_HINT} --force") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is incomplete or damaged: {problem}; re-run prepare: {PREPARE_HINT} --force")
+    for split in SPLITS:
         if not (d / f"{split}.beton").is_file():
             raise DataError(f"{d / split}.beton is missing; {PREPARE_HINT} --force")
     return manifest
+
+
+def check_betons(data_dir: str | Path, manifest: dict, hashes: bool = False) -> None:
+    """Every beton's size (cheap, always) and, with `hashes`, its sha256 against the manifest."""
+    from .prepare import sha256
+
+    d = Path(data_dir)
+    for split in SPLITS:
+        path, entry = d / f"{split}.beton", manifest[split]
+        size = path.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise DataError(f"{path} has {size} bytes but the manifest says {entry['bytes']}: it is truncated or "
+                            f"damaged; re-run prepare: {PREPARE_HINT} --force")
+        if hashes and sha256(path) != entry["sha256"]:
+            raise DataError(f"{path} does not match the sha256 in the manifest: it is damaged; "
+                            f"re-run prepare: {PREPARE_HINT} --force")
 
 
 def _workers(cfg: DataConfig) -> int:
@@ -65,6 +119,63 @@ def _pipelines(device: torch.device, dtype: torch.dtype) -> dict:
                   ToTorchImage(channels_last=True), Convert(dtype)],
         "label": [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda), Squeeze(1)],
     }
+
+
+class _EpochIterator(EpochIterator):
+    """FFCV's decode thread, made to hand its error to the consumer. FFCV's own thread dies on an
+    exception and leaves the consumer waiting forever on its queue (a hung rank, then a hung job)."""
+
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self.error = e
+            while not self.terminate_event.is_set():  # wake the consumer
+                try:
+                    self.output_queue.put(None, timeout=0.5)
+                    return
+                except queue.Full:
+                    pass
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                e = self.error
+                raise DataError(f"reading {self.loader.fname} failed in FFCV's decode thread ({type(e).__name__}: "
+                                f"{e}); the beton may be damaged: python -m dist_resnet.data.prepare --verify "
+                                f"{Path(self.loader.fname).parent}") from e
+            raise
+
+
+class Loader(FFCVLoader):
+    """FFCV's Loader with an epoch iterator that reports its decode thread's errors."""
+
+    def __iter__(self) -> _EpochIterator:  # FFCV 1.0.2's __iter__, with _EpochIterator
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected_order = order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _EpochIterator(self, selected_order)
+
+
+def _iterate(loader: Loader, threads: int | None) -> Iterator:
+    """One epoch of `loader`, ended cleanly however it is left. FFCV sets torch's thread count to its
+    worker count (in `iter` and again in its decode thread); `threads` is set back after the first batch,
+    which the decode thread can only deliver after it has made its own call."""
+    batches = iter(loader)
+    try:
+        for i, batch in enumerate(batches):  # not `yield from`: on close it would end FFCV's memory
+            if i == 0 and threads:            # context under the still running thread, whose page reads
+                torch.set_num_threads(threads)  # could then hang
+            yield batch
+    finally:
+        stop_epoch(batches)
 
 
 class GlobalBatchOrder(TraversalOrder):
@@ -109,9 +220,7 @@ class TrainData:
     """
 
     def __init__(self, cfg: DataConfig, global_batch: int, seed: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, rank: int = 0, world: int = 1, accum: int = 1):
-        from ffcv.loader import Loader
-
+                 channels_last: bool, rank: int = 0, world: int = 1, accum: int = 1, threads: int | None = None):
         manifest = read_manifest(cfg.dir)
         n = manifest["train"]["count"]
         if global_batch % (world * accum):
@@ -126,7 +235,7 @@ class TrainData:
             )
         self.seed, self.rank, self.world, self.accum = seed, rank, world, accum
         self.global_batch, self.micro = global_batch, global_batch // (world * accum)
-        self.channels_last, self.cfg, self.device = channels_last, cfg, device
+        self.channels_last, self.cfg, self.device, self.threads = channels_last, cfg, device, threads
         self.order = GlobalBatchOrder(n, global_batch, seed, rank, world)
         self.resident = None
         if cfg.pipeline == Pipeline.device:  # the same order, gathered from device memory
@@ -140,6 +249,8 @@ class TrainData:
         self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
         self.augment = Augment(cfg.flip, cfg.translate, cfg.cutout, device, Pad(cfg.translate_pad).value)
         self.flips = AlternateFlips(seed, n, device) if cfg.flip_alternate else None
+        if threads:
+            torch.set_num_threads(threads)  # FFCV's Loader set it to its worker count
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
@@ -178,12 +289,7 @@ class TrainData:
         """This rank's micro-batches of the epoch, before normalisation and augmentation."""
         if self.resident is None:
             self.loader.next_epoch = epoch  # FFCV asks self.order for the epoch's indices
-            batches = iter(self.loader)
-            try:
-                for batch in batches:  # not `yield from`: on close it would end FFCV's memory context
-                    yield batch        # under the still running thread, whose page reads could then hang
-            finally:
-                stop_epoch(batches)
+            yield from _iterate(self.loader, self.threads)
             return
         images, labels = self.resident
         order = torch.from_numpy(self.order.sample_order(epoch).astype(np.int64)).to(images.device)
@@ -210,7 +316,7 @@ def stop_epoch(batches) -> None:
 def read_resident(cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device, dtype: torch.dtype,
                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode `indices` of a beton once into device memory: (N, 3, 32, 32) images in `dtype`, labels."""
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
 
     need = len(indices) * (3 * 32 * 32 * torch.finfo(dtype).bits // 8 + 8)
     if device.type == "cuda":
@@ -220,11 +326,13 @@ def read_resident(cfg: DataConfig, split: str, indices: np.ndarray, device: torc
                 f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but the GPU has "
                 f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv"
             )
+    threads = torch.get_num_threads()  # FFCV's Loader changes it
     loader = Loader(str(Path(cfg.dir) / f"{split}.beton"), batch_size=1000, num_workers=_workers(cfg),
                     os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, indices=indices,
                     pipelines=_pipelines(device, dtype), drop_last=False,
                     batches_ahead=cfg.batches_ahead)
-    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in _iterate(loader, threads)])
+    torch.set_num_threads(threads)
     return to_format(torch.cat(xs), channels_last), torch.cat(ys)
 
 
@@ -233,8 +341,8 @@ class TestData:
     """Exact partition of the test set: rank r evaluates images r, r+world, r+2*world, ..."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, rank: int = 0, world: int = 1):
-        from ffcv.loader import Loader, OrderOption
+                 channels_last: bool, rank: int = 0, world: int = 1, threads: int | None = None):
+        from ffcv.loader import OrderOption
 
         manifest = read_manifest(cfg.dir)
         self.count = manifest["test"]["count"]
@@ -251,16 +359,14 @@ class TestData:
                 pipelines=_pipelines(device, dtype), drop_last=False, batches_ahead=cfg.batches_ahead,
             )
         self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
-        self.channels_last = channels_last
+        self.channels_last, self.threads = channels_last, threads
+        if threads:
+            torch.set_num_threads(threads)  # FFCV's Loader set it to its worker count
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.resident is None:
-            batches = iter(self.loader)
-            try:
-                for x, y in batches:
-                    yield to_format(self.normalize(x), self.channels_last), y
-            finally:
-                stop_epoch(batches)
+            for x, y in _iterate(self.loader, self.threads):
+                yield to_format(self.normalize(x), self.channels_last), y
             return
         images, labels = self.resident
         for i in range(0, len(labels), self.batch_size):

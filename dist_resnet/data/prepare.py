@@ -1,6 +1,7 @@
 """Write CIFAR-10 (or any 32x32 ImageFolder) as FFCV betons.
 
     python -m dist_resnet.data.prepare --source SRC --out DIR [--force] [--resize 32]
+    python -m dist_resnet.data.prepare --verify DIR      # check the betons against the manifest
 
 SRC is `torchvision` (download CIFAR-10), an ImageFolder directory with
 `train/<class>/*` and `test/<class>/*`, or a .tar/.tar.gz/.tgz of one.
@@ -207,6 +208,7 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | None = No
             manifest[split] = {
                 "file": path.name,
                 "count": int(len(labels)),
+                "bytes": path.stat().st_size,
                 "sha256": sha256(path),
                 "class_counts": np.bincount(labels, minlength=len(classes)).tolist(),
             }
@@ -218,15 +220,38 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | None = No
     return manifest
 
 
+def verify(data_dir: Path) -> dict:
+    """Check a prepared folder: the manifest, every beton's size and sha256. DataError on the first fault."""
+    from .loader import check_betons, read_manifest
+
+    manifest = read_manifest(data_dir)
+    check_betons(data_dir, manifest, hashes=True)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dist_resnet.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="'torchvision', an ImageFolder directory, or a .tar/.tar.gz of one")
-    p.add_argument("--out", required=True, type=Path, help="output folder for train.beton, test.beton, manifest.json")
+    p.add_argument("--source", help="'torchvision', an ImageFolder directory, or a .tar/.tar.gz of one")
+    p.add_argument("--out", type=Path, help="output folder for train.beton, test.beton, manifest.json")
+    p.add_argument("--verify", type=Path, metavar="DIR", help="check DIR's betons against its manifest, then exit")
     p.add_argument("--force", action="store_true", help="overwrite existing betons in --out")
     p.add_argument("--resize", type=int, default=None, help="resize images that are not 32x32 to this size (only 32)")
     p.add_argument("--download-root", type=Path, default=None, help="torchvision download cache (default ~/.cache/dist_resnet)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
     args = p.parse_args(argv)
+    if args.verify is not None:
+        from .loader import DataError
+
+        try:
+            m = verify(args.verify)
+        except DataError as e:
+            print(f"prepare: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"{args.verify}: manifest, sizes and sha256 of train.beton ({m['train']['count']} images) and "
+              f"test.beton ({m['test']['count']} images) all match")
+        return
+    if not args.source or not args.out:
+        p.error("--source and --out are required (or --verify DIR)")
     try:
         m = prepare(args.source, args.out, args.force, args.resize, args.download_root, args.workers)
     except PrepareError as e:

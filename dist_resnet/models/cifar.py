@@ -1,0 +1,102 @@
+"""CIFAR ResNets (32x32 inputs).
+
+- resnet18/34/50: He et al. with a 3x3 stride-1 stem and no max-pool, BasicBlock (expansion 1) or
+  Bottleneck (expansion 4) with projection shortcuts.
+- resnet9: the DAWNBench layout (Page, 2018): prep conv, three stages with max-pool, residual pairs
+  after stages 1 and 3, max-pool head, scaled logits. `width` sets the base width (64 is the classic
+  net; 16 is the CPU preset).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import Norm, Residual, conv_bn
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(*conv_bn(cin, planes, norm, stride), nn.ReLU(inplace=True),
+                                  *conv_bn(planes, cout, norm))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
+                         else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(
+            *conv_bn(cin, planes, norm, 1, 1), nn.ReLU(inplace=True),
+            *conv_bn(planes, planes, norm, stride), nn.ReLU(inplace=True),
+            *conv_bn(planes, cout, norm, 1, 1),
+        )
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
+                         else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int,
+                 width: int = 64, norm: Norm = nn.BatchNorm2d):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, width, norm), nn.ReLU(inplace=True))
+        stages, cin = [], width
+        for i, n in enumerate(layers):
+            planes = width * 2**i
+            for j in range(n):
+                stages.append(block(cin, planes, norm, stride=2 if (i > 0 and j == 0) else 1))
+                cin = planes * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each block: each block starts as identity
+            if isinstance(m, (BasicBlock, Bottleneck)) and m.body[-1].weight is not None:
+                nn.init.zeros_(m.body[-1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+def _cbr(cin: int, cout: int, norm: Norm, pool: bool = False) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [norm(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ResNet9(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 64, norm: Norm = nn.BatchNorm2d,
+                 logit_scale: float = 0.125):
+        super().__init__()
+        w, n = width, norm
+        self.features = nn.Sequential(
+            _cbr(3, w, n),
+            _cbr(w, 2 * w, n, pool=True),
+            Residual(_cbr(2 * w, 2 * w, n), _cbr(2 * w, 2 * w, n)),
+            _cbr(2 * w, 4 * w, n, pool=True),
+            _cbr(4 * w, 8 * w, n, pool=True),
+            Residual(_cbr(8 * w, 8 * w, n), _cbr(8 * w, 8 * w, n)),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(8 * w, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x)) * self.logit_scale

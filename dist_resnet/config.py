@@ -34,6 +34,12 @@ class Pipeline(str, Enum):
     device = "device"  # the beton is read once into device memory; batches are gathered there
 
 
+class Normalization(str, Enum):
+    auto = "auto"  # imagenet for torchvision's pretrained weights (tv_* models), else dataset
+    dataset = "dataset"  # the train split's per-channel mean/std, from the manifest
+    imagenet = "imagenet"  # (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
+
+
 class Norm(str, Enum):
     batch = "batch"  # BatchNorm (SyncBatchNorm across ranks with model.sync_bn=true)
     group = "group"  # GroupNorm(8 groups): batch-independent, so DDP equals one big batch exactly
@@ -81,6 +87,8 @@ class DataConfig:
     flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
     cutout: int = 0  # side of a square (cutout x cutout, clipped at the border) zeroed at a random centre; 0 = off
     verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
+    resize: int = 0  # upsample every batch to resize x resize on the device before the model; 0 = off
+    normalize: Normalization = Normalization.auto  # whose mean/std the inputs are normalised with
 
 
 @dataclass
@@ -92,6 +100,8 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = True  # torch.compile the model (GPU or CPU; on CPU it is often slower and slow to build)
     compile_mode: CompileMode = CompileMode.default
+    pretrained: str = ""  # start from: our .pt checkpoint, a torchvision .pth, a .safetensors, or "torchvision"
+    freeze: str = "none"  # none | backbone (a linear probe) | a stage name: it and every stage before it
 
 
 @dataclass
@@ -106,6 +116,8 @@ class OptimConfig:
     lr_start: float = 0.0  # warm-up starts from this LR factor: step s < W gets start + (1 - start)(s + 1)/W
     lr_end: float = 0.0  # the decay ends at this factor: the last step gets end + (1 - end)/(T - W)
     norm_bias_lr_scale: float = 1.0  # LR multiplier of normalisation-layer biases (no weight decay on them)
+    head_lr_scale: float = 1.0  # LR multiplier of the classification head (fine-tuning: often 10)
+    layer_decay: float = 1.0  # layer-wise LR decay: stage d of S gets lr x layer_decay^(S - d); 1 = off
     lookahead_every: int = 0  # lookahead: every k steps pull the weights to a slow average (0 = off)
     lookahead_decay: float = 0.95  # per-step decay of the slow average, ramped up as (t / T)^3
 
@@ -198,9 +210,15 @@ def _check(cfg: Config) -> None:
     from .models import check_model
 
     try:
-        check_model(cfg.model.name, cfg.model.norm.value)
+        check_model(cfg.model.name, cfg.model.norm.value, cfg.model.width, cfg.model.freeze)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.model.pretrained == "torchvision" and not cfg.model.name.startswith("tv_"):
+        raise ConfigError(f"model.pretrained=torchvision needs a torchvision model (tv_resnet18, tv_resnet34, "
+                          f"tv_resnet50), not model.name={cfg.model.name}; pass a weights file instead")
+    if cfg.data.resize < 0 or cfg.optim.head_lr_scale <= 0 or not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError("'data.resize' must be >= 0 (0 = off), 'optim.head_lr_scale' > 0 and "
+                          "'optim.layer_decay' in (0, 1] (1 = off)")
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
@@ -234,8 +252,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError("bad value for 'train.ema_decay': it must be in (0, 1)")
     if cfg.data.translate < 0 or cfg.data.cutout < 0:
         raise ConfigError("'data.translate' and 'data.cutout' must be >= 0")
-    if cfg.data.translate_pad == Pad.reflect and cfg.data.translate > 31:
-        raise ConfigError("data.translate_pad=reflect needs data.translate < 32 (the image side)")
     if cfg.data.flip_alternate and not cfg.data.flip:
         raise ConfigError("data.flip_alternate=true needs data.flip=true")
     for key in ("lr_start", "lr_end"):
@@ -254,6 +270,7 @@ RESUME_HARMLESS = (
     "train.ema", "train.ema_decay",  # the EMA only watches the weights; a new one starts from the restored ones
     "data.dir",  # compared by the betons' sha256 instead: a moved folder resumes, different data does not
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",
+    "model.pretrained",  # only the first start reads it: a resume takes the weights from the checkpoint
     "data.pipeline",  # ffcv and device give the very same batches (tests/test_loader.py)
 )
 # Allowed too, but the resumed run is then no longer bit-identical to an uninterrupted one.

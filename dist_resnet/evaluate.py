@@ -1,9 +1,12 @@
-"""Evaluate a checkpoint on the whole test beton, on 1..N processes (exact partition).
+"""Evaluate a checkpoint on the whole test beton, on 1..N processes (exact partition): loss, accuracy,
+per-class accuracy and the confusion matrix.
 
-    python -m dist_resnet.evaluate runs/r18/best.pt [data.dir=DIR] [train.tta=flip] [--ema] [--out results.json]
+    python -m dist_resnet.evaluate runs/r18/best.pt [data.dir=DIR] [train.tta=flip] [--ema] [--out r.json]
+                                   [--confusion confusion.png]
     torchrun --nproc_per_node=4 -m dist_resnet.evaluate runs/r18/best.pt
 
-The config comes from the checkpoint; `key=value` overrides change it (data.dir, train.device, ...).
+The config comes from the checkpoint (or from one of our .safetensors files); `key=value` overrides
+change it (data.dir, train.device, ...).
 """
 from __future__ import annotations
 
@@ -14,29 +17,36 @@ import sys
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, load
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, Precision, load_config
 from .data.loader import DataError, TestData, check_betons, read_manifest
 from .fileio import write_json
-from .models import build_model, load_weights
-from .train import DTYPES, evaluate, resolve_precision
+from .models import Resized, build_model, files, load_weights
+from .train import DTYPES, evaluate, per_class, resolve_precision
 
 
 def describe(cfg: Config, classes: int) -> str:
     return f"{cfg.model.name} (width {cfg.model.width}, {cfg.model.norm.value} norm) for {classes} classes"
 
 
-def check_fits(path: str, state: dict, trained: Config, cfg: Config, classes: int) -> None:
-    """The model the config builds for this data must be the one the checkpoint holds."""
-    was = len(state.get("classes") or []) or state["model"][_head_key(state["model"])].shape[0]
-    if describe(trained, was) != describe(cfg, classes):
-        raise CheckpointError(
-            f"{path} holds a {describe(trained, was)}, but this config and data.dir={cfg.data.dir} make a "
-            f"{describe(cfg, classes)}: evaluate it on data with its classes, without model.* overrides")
+def open_trained(path: str, overrides: list[str], ema: bool = False) -> tuple[files.ModelFile, Config, Config]:
+    """A file of ours (checkpoint or safetensors) with its training config, and that config overridden."""
+    mf = files.read(path, ema=ema)
+    if not mf.ours:
+        raise CheckpointError(f"{path} holds weights without a dist_resnet training config: evaluate and predict "
+                              "take our checkpoints (.pt) and exported .safetensors; use it as model.pretrained")
+    return mf, load_config(None, [], base=mf.config), load_config(None, overrides, base=mf.config)
 
 
-def _head_key(weights: dict) -> str:
-    return [k for k, v in weights.items() if getattr(v, "ndim", 0) == 2][-1]  # the last linear layer's weight
+def build_trained(mf: files.ModelFile, trained: Config, cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The trained net with its weights, for `cfg` (which may override only what does not change the net)."""
+    was = len(mf.classes or []) or mf.weights["fc.weight"].shape[0]
+    if describe(trained, was) != describe(cfg, num_classes):
+        raise CheckpointError(f"{mf.path} holds a {describe(trained, was)}, but this config and data make a "
+                              f"{describe(cfg, num_classes)}: use data with its classes, without model.* overrides")
+    model = build_model(cfg.model.name, num_classes, cfg.model.width, cfg.model.norm.value)
+    load_weights(model, mf.weights, mf.path)
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,13 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights (train.ema=true runs)")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--confusion", metavar="PNG", help="draw the confusion matrix into this PNG")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
-        state = load(args.checkpoint)
-        trained = load_config(None, [], base=state["config"])
-        cfg = load_config(None, args.overrides, base=state["config"])
-        if args.ema and state.get("ema") is None:
-            raise ConfigError(f"{args.checkpoint} holds no EMA weights (it was trained with train.ema=false)")
+        mf, trained, cfg = open_trained(args.checkpoint, args.overrides, args.ema)
     except (ConfigError, CheckpointError) as e:
         print(f"dist_resnet.evaluate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -60,22 +67,27 @@ def main(argv: list[str] | None = None) -> dict:
         precision = resolve_precision(cfg.train.precision, env.device.type == "cuda")
         manifest = read_manifest(cfg.data.dir)
         check_betons(cfg.data.dir, manifest, hashes=cfg.data.verify)
-        check_fits(args.checkpoint, state, trained, cfg, len(manifest["classes"]))
-        model = build_model(cfg.model.name, len(manifest["classes"]), cfg.model.width, cfg.model.norm.value)
-        load_weights(model, state["ema"] if args.ema else state["model"], args.checkpoint)
-        model = model.to(env.device)
+        classes = manifest["classes"]
+        model = build_trained(mf, trained, cfg, len(classes)).to(env.device)
         cl = cfg.model.channels_last
         if cl:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.data.resize:
+            model = Resized(model, cfg.data.resize)
         data = TestData(cfg.data, max(1, cfg.train.batch_size // env.world_size), env.device, DTYPES[precision], cl,
-                        env.rank, env.world_size)
+                        env.rank, env.world_size, mean=mf.mean, std=mf.std)  # the checkpoint's normalisation
         result = evaluate(model, data, env.device, DTYPES[precision], precision != Precision.fp32, cfg.train.tta)
-        result.update({"checkpoint": args.checkpoint, "ema": args.ema, "tta": cfg.train.tta.value,
-                       "world_size": env.world_size})
+        result = {**result, "classes": classes, "per_class_acc": per_class(result["confusion"], classes),
+                  "checkpoint": args.checkpoint, "ema": args.ema, "tta": cfg.train.tta.value,
+                  "world_size": env.world_size}
         if env.is_main:
-            print(json.dumps(result))
+            print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "classes")}))
             if args.out:
                 write_json(args.out, result)
+            if args.confusion:
+                from . import plot
+
+                plot.confusion(args.confusion, result["confusion"], classes, args.checkpoint)
         return result
 
     return distributed.run_job("dist_resnet.evaluate", cfg.train.device.value, job,

@@ -1,4 +1,4 @@
-"""SGD with no weight decay on BatchNorm/bias, per-step LR schedules, EMA and lookahead."""
+"""SGD with no weight decay on BatchNorm/bias and per-layer LRs, per-step LR schedules, EMA and lookahead."""
 from __future__ import annotations
 
 import math
@@ -7,26 +7,37 @@ import torch
 from torch import nn
 
 from .config import OptimConfig, Schedule
+from .models import parameter_depths
 
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """Weight decay on weights only (ndim > 1). With optim.norm_bias_lr_scale != 1, the trainable
-    parameters of normalisation layers get their own group at lr x scale."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    scaled = set()
-    if cfg.norm_bias_lr_scale != 1.0:
-        scaled = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS)
-                  for p in m.parameters(recurse=False) if p.requires_grad}
-    decay = [p for p in trainable if p.ndim > 1 and id(p) not in scaled]
-    no_decay = [p for p in trainable if p.ndim <= 1 and id(p) not in scaled]  # BN weights/biases, biases
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if scaled:
-        groups.append({"params": [p for p in trainable if id(p) in scaled], "weight_decay": 0.0,
-                       "lr": cfg.lr * cfg.norm_bias_lr_scale})
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    """SGD over the trainable parameters, in groups of one LR multiplier and one weight decay:
+
+    - weight decay on weights only (ndim > 1), never on normalisation layers or biases;
+    - `norm_bias_lr_scale` for the trainable parameters of normalisation layers;
+    - `head_lr_scale` for the head; `layer_decay`: stage d of the model's S stages (input first) gets
+      layer_decay ** (S - d), the head 1 (models.parameter_depths)."""
+    depth, n_stages = parameter_depths(model)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[int, float], dict] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        d = depth.get(id(p), n_stages)  # the head, and anything outside the stages, counts as the top
+        scaled = cfg.norm_bias_lr_scale != 1.0 and id(p) in norm_params
+        kind = 2 if scaled else (0 if p.ndim > 1 else 1)  # decayed weights, other parameters, scaled norms
+        mult = cfg.layer_decay ** (n_stages - d) * (cfg.head_lr_scale if d == n_stages else 1.0)
+        mult *= cfg.norm_bias_lr_scale if scaled else 1.0
+        group = groups.setdefault((kind, mult), {"params": [], "lr": cfg.lr * mult,
+                                                 "weight_decay": cfg.weight_decay if kind == 0 else 0.0})
+        group["params"].append(p)
+    if not groups:
+        raise ValueError("no parameter trains: model.freeze leaves nothing to train")
+    return torch.optim.SGD([groups[k] for k in sorted(groups)], lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: Schedule, start: float = 0.0, end: float = 0.0) -> float:

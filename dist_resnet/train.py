@@ -23,15 +23,15 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .checkpoint import CheckpointError, load_latest, unwrap
-from .config import (TTA, Config, ConfigError, NonFinite, Precision, load_config, parse_args, resume_changes, to_dict,
-                     to_yaml)
+from .config import (TTA, Config, ConfigError, NonFinite, Normalization, Precision, load_config, parse_args,
+                     resume_changes, to_dict, to_yaml)
 from .data.augment import derive_seed
-from .data.loader import DataError, TestData, TrainData, check_betons, read_manifest
+from .data.loader import DataError, TestData, TrainData, check_betons, image_shape, read_manifest
 from .distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, DistEnv, JobExit, StopRequest, all_reduce_sum,
                           broadcast_buffers, spread)
 from .faults import fault_point
 from .fileio import clean_stale_tmp, write_json, write_text
-from .models import build_model, load_weights
+from .models import Resized, build_model, check_input, files, freeze, load_weights
 from .optim import EMA, Lookahead, build_optimizer, build_scheduler
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
@@ -93,27 +93,50 @@ class Trainer:
         # ---- the resume point, the same on every rank (or a clear error), checked against this config
         resume = self.find_resume_point()
 
+        # ---- what the model sees: the image size, the normalisation, pretrained weights (a fresh run)
+        self.image_shape = image_shape(self.manifest)
+        size = (cfg.data.resize,) * 2 if cfg.data.resize else self.image_shape
+        try:
+            check_input(cfg.model.name, *size, f"data.dir={cfg.data.dir}" +
+                        (f" with data.resize={cfg.data.resize}" if cfg.data.resize else ""))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.pretrained = None if resume is not None or not cfg.model.pretrained else (
+            files.torchvision_weights(cfg.model.name) if cfg.model.pretrained == "torchvision"
+            else files.read(cfg.model.pretrained))
+        self.mean, self.std = self.normalization(resume)
+
         # ---- beton -> loader
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         cl = cfg.model.channels_last
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)  # FFCV would set its worker count
         self.train_data = TrainData(cfg.data, t.batch_size, t.seed, self.device, self.amp_dtype, cl,
-                                    env.rank, env.world_size, t.accum_steps, threads)
+                                    env.rank, env.world_size, t.accum_steps, threads, self.mean, self.std)
         self.test_data = TestData(cfg.data, self.batch_per_rank, self.device, self.amp_dtype, cl,
-                                  env.rank, env.world_size, threads)
+                                  env.rank, env.world_size, threads, self.mean, self.std)
         self.total_steps = len(self.train_data) * t.epochs
 
-        # ---- model: (SyncBN) -> channels_last -> compile -> DDP
+        # ---- model: pretrained -> (SyncBN) -> freeze -> channels_last -> (resize) -> compile -> DDP
         model = build_model(cfg.model.name, len(self.manifest["classes"]), cfg.model.width, cfg.model.norm.value)
+        self.pretrained_report = None
+        if self.pretrained is not None:
+            self.pretrained_report = files.load_pretrained(model, self.pretrained, self.manifest["classes"])
+            r = self.pretrained_report
+            self.print(f"pretrained: {r['loaded']} tensors from {r['source']} ({r['kind']}); head {r['head']}; "
+                       f"{len(r['missing'])} missing, {len(r['unexpected'])} unexpected (run.dir/pretrained.json)")
         if cfg.model.sync_bn and env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        frozen = freeze(model, cfg.model.freeze)
+        if frozen:
+            self.print(f"frozen (no training, BatchNorm statistics kept): {', '.join(frozen)}")
         model = model.to(self.device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         if hasattr(model, "init_from_data") and resume is None:  # same images on every rank: same weights
             model.init_from_data(self.train_data.sample_images(WHITENING_IMAGES))
         self.model = model  # the unwrapped module: checkpoints hold its state_dict
-        self.forward = torch.compile(model, mode=cfg.model.compile_mode.value) if cfg.model.compile else model
+        self.net = self.with_input(model)  # what a batch goes through
+        self.forward = torch.compile(self.net, mode=cfg.model.compile_mode.value) if cfg.model.compile else self.net
         self.ddp = (nn.parallel.DistributedDataParallel(self.forward, device_ids=[self.device] if cuda else None)
                     if env.distributed else self.forward)
         torch.manual_seed(derive_seed(t.seed, env.rank))  # per-rank stream for anything random after init
@@ -135,6 +158,7 @@ class Trainer:
         self.checked_step = 0  # the last step known to have a finite loss
         self.first_step_s: float | None = None  # process setup + first step (compile, numba, cudnn autotune)
         self.failure: dict | None = None
+        self.confusion: list[list[int]] | None = None  # of the last evaluation
         self.stop = StopRequest(self.run_dir / "STOP")
         self.initial_state: bytes | None = None  # train.nonfinite=rollback before the first checkpoint
         if resume is not None:
@@ -154,6 +178,8 @@ class Trainer:
             for p in clean_stale_tmp(self.run_dir):
                 self.print(f"removed {p.name}, left by a writer that was killed")
             write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            if self.pretrained_report is not None:
+                write_json(self.run_dir / "pretrained.json", self.pretrained_report)
             self.tb = SummaryWriter(str(self.run_dir))
 
     def print(self, *args) -> None:
@@ -163,6 +189,24 @@ class Trainer:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def with_input(self, net: nn.Module) -> nn.Module:
+        """`net` behind the input adapter (`data.resize`), for the model and its EMA alike."""
+        return Resized(net, self.cfg.data.resize) if self.cfg.data.resize else net
+
+    def normalization(self, resume: tuple[Path, dict] | None) -> tuple[list[float], list[float]]:
+        """The inputs' mean/std (in [0, 1]): a resumed run keeps its own; `auto` follows the weights:
+        ImageNet's for torchvision's pretrained weights on a tv_* model, the dataset's otherwise."""
+        if resume is not None and resume[1].get("normalize"):
+            n = resume[1]["normalize"]
+            return n["mean"], n["std"]
+        how = self.cfg.data.normalize
+        if how == Normalization.auto:
+            foreign = self.pretrained is not None and not self.pretrained.ours
+            how = Normalization.imagenet if foreign and self.cfg.model.name.startswith("tv_") else Normalization.dataset
+        if how == Normalization.imagenet:
+            return files.IMAGENET_MEAN, files.IMAGENET_STD
+        return self.manifest["mean"], self.manifest["std"]
 
     # ---------------------------------------------------------------- resume point
     def agreed_checkpoint(self) -> tuple[Path, dict] | None:
@@ -363,8 +407,9 @@ class Trainer:
             broadcast_buffers(module)
         amp = (self.amp_dtype, self.precision != Precision.fp32, self.cfg.train.tta)
         result = evaluate(self.forward, self.test_data, self.device, *amp)
+        self.confusion = result.pop("confusion")  # kept for the end of the run, not in every epoch's record
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.test_data, self.device, *amp)
+            ema = evaluate(self.with_input(self.ema.module), self.test_data, self.device, *amp)
             result.update({"ema_test_loss": ema["test_loss"], "ema_test_acc": ema["test_acc"]})
         return result
 
@@ -454,10 +499,22 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.env.is_main and s["completed"] and self.confusion is not None:
+            self.write_per_class()
         if not stopped and s["test_acc"] is not None:
             self.print(f"done: test acc {s['test_acc']:.4f} on {s['test_count']} images, "
                        f"train time {s['train_time_s']:.1f}s -> {self.run_dir}")
         return s
+
+    def write_per_class(self) -> None:
+        """The final evaluation's per-class accuracy and confusion matrix: per_class.json, confusion.png."""
+        from . import plot
+
+        classes = self.manifest["classes"]
+        write_json(self.run_dir / "per_class.json", {"classes": classes, "accuracy": per_class(self.confusion, classes),
+                                                     "confusion": self.confusion})
+        plot.confusion(self.run_dir / "confusion.png", self.confusion, classes,
+                       f"{self.cfg.model.name}, epoch {self.epoch}")
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -471,7 +528,8 @@ class Trainer:
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rollbacks": self.rollbacks, "config": to_dict(self.cfg), "world_size": self.env.world_size,
             "data": {s: self.manifest[s]["sha256"] for s in ("train", "test")},
-            "classes": self.manifest["classes"],
+            "classes": self.manifest["classes"], "normalize": {"mean": self.mean, "std": self.std},
+            "image_shape": list(self.image_shape),
         }
 
     def save_checkpoint(self, best: bool) -> None:
@@ -519,22 +577,33 @@ def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Ten
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: torch.dtype, amp: bool,
              tta: TTA = TTA.none) -> dict:
-    """Loss and accuracy over the whole test set, each image counted once across ranks."""
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over the whole
+    test set, each image counted once across ranks. Everything stays on the device until the end."""
     was_training = model.training
     model.eval()
+    c = data.num_classes
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    confusion = torch.zeros(c * c, dtype=torch.float64, device=device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         for x, y in data:
             fault_point("eval")
             logits = predict(model, x, tta)
+            pred = logits.argmax(1)
             totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            totals[1] += (logits.argmax(1) == y).sum()
+            totals[1] += (pred == y).sum()
             totals[2] += y.numel()
+            confusion.scatter_add_(0, y * c + pred, torch.ones_like(y, dtype=torch.float64))  # no sync
     model.train(was_training)
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
     if int(count) != data.count:  # each test image exactly once across ranks
         raise RuntimeError(f"evaluated {int(count)} images, expected {data.count}")
-    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count)}
+    matrix = all_reduce_sum(confusion).view(c, c).long().tolist()
+    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count), "confusion": matrix}
+
+
+def per_class(confusion: list[list[int]], classes: list[str]) -> dict:
+    """Per-class accuracy (recall) from a confusion matrix."""
+    return {name: (row[i] / sum(row) if sum(row) else None) for i, (name, row) in enumerate(zip(classes, confusion))}
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -44,13 +44,51 @@ def source_images(subset_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once per test session and shared by the xdist workers: the first worker that asks
+    builds it (`build(path)`), under a file lock; the others wait for it and reuse it. Treat it as
+    read-only."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, not the worker's
+    path, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / "shared" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def betons(tmp_path_factory) -> Path:
     from dist_resnet.data.prepare import prepare
 
-    out = tmp_path_factory.mktemp("betons") / "cifar10"
-    prepare(str(SUBSET), out, workers=2)
-    return out
+    return shared(tmp_path_factory, "cifar10", lambda out: prepare(str(SUBSET), out, workers=2))
+
+
+TRAINED_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def trained_run(betons, tmp_path_factory) -> Path:
+    """The one trained checkpoint of the suite: the `cpu` preset for 4 epochs on the subset, through the
+    CLI's main() (~54 % test accuracy). Read-only: copy it before changing anything."""
+    import contextlib
+    import io
+
+    from dist_resnet import train
+
+    def build(run_dir: Path) -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            train.main(["--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={betons}", f"run.dir={run_dir}",
+                        f"train.epochs={TRAINED_EPOCHS}", "run.progress=false"])
+        (run_dir / "stdout.txt").write_text(out.getvalue())
+
+    return shared(tmp_path_factory, "trained_run", build)
 
 
 def image_folder(root: Path, subset_dir: Path, per_class: dict[str, int], classes=CLASSES) -> Path:

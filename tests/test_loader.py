@@ -261,3 +261,12 @@ def test_betons_are_checked_against_the_manifest(betons, tmp_path):
         f.write(b"x")
     with pytest.raises(DataError, match=r"train.beton has \d+ bytes but the manifest says \d+: it is truncated"):
         check_betons(d, manifest)
+
+
+def test_resident_data_that_does_not_fit_is_a_clear_error(betons, monkeypatch):
+    from dist_resnet.data import loader
+
+    monkeypatch.setattr(loader, "available_memory", lambda device: 20 * 2**20)  # a machine with 20 MiB free
+    with pytest.raises(DataError, match=r"data.pipeline=device needs 0.1 GiB for the train split but this machine "
+                                        r"has 0.0 GiB free .* use data.pipeline=ffcv"):
+        TrainData(DataConfig(dir=str(betons), pipeline="device"), 500, 0, CPU, torch.float32, False)

@@ -87,12 +87,45 @@ def test_file_that_is_not_an_image(tmp_path, subset_dir):
     assert_fails_cleanly(src, tmp_path / "out", "notes.txt is not a readable image")
 
 
-def test_image_that_is_not_32x32_unless_resize(tmp_path, subset_dir):
+def test_images_of_mixed_sizes_need_resize(tmp_path, subset_dir):
     src = small_folder(tmp_path / "src", subset_dir)
     Image.new("RGB", (64, 48), (255, 0, 0)).save(src / "test" / "bird" / "big.png")
-    assert_fails_cleanly(src, tmp_path / "out", "64x48, not 32x32.*--resize 32")
+    assert_fails_cleanly(src, tmp_path / "out", r"the test images have 2 different sizes \(32x32 \(6\), 64x48 \(1\)\)"
+                                                r".*--resize N")
     m = prepare(str(src), tmp_path / "out", resize=32)
-    assert m["test"]["count"] == 7
+    assert m["test"]["count"] == 7 and m["image_shape"] == [32, 32, 3] and m["resized_to"] == [32, 32]
+    m = prepare(str(src), tmp_path / "out", resize=(24, 40), force=True)
+    assert m["image_shape"] == [24, 40, 3]
+
+
+def test_any_single_size_is_kept_and_modes_are_converted_and_recorded(tmp_path, subset_dir):
+    """Three classes at 48x40 (from the subset's real images), some grayscale, RGBA or palette."""
+    src = small_folder(tmp_path / "src", subset_dir)
+    for i, f in enumerate(sorted(src.rglob("*.jpg"))):
+        with Image.open(f) as im:
+            im = im.resize((48, 40))
+            mode = ["RGB", "L", "RGBA", "P"][i % 4]
+            im.convert(mode).save(f.with_suffix(".png"))
+        f.unlink()
+    m = prepare(str(src), tmp_path / "out")
+    assert m["image_shape"] == [40, 48, 3] and m["resized_to"] is None
+    assert m["converted_modes"] == {"L": 3, "P": 3, "RGBA": 3}
+    import torch
+
+    from dist_resnet.config import DataConfig
+    from dist_resnet.data.loader import TestData
+
+    x, y = next(iter(TestData(DataConfig(dir=str(tmp_path / "out"), num_workers=1), 12, torch.device("cpu"),
+                              torch.float32, False)))
+    assert x.shape == (6, 3, 40, 48)
+
+
+def test_classes_picks_a_subset_of_classes(tmp_path, subset_dir):
+    src = small_folder(tmp_path / "src", subset_dir)
+    m = prepare(str(src), tmp_path / "out", classes=["bird", "airplane"])
+    assert m["classes"] == ["airplane", "bird"] and m["train"]["count"] == 4
+    assert_fails_cleanly(src, tmp_path / "out2", "--classes names dog, not in .*its classes: airplane, automobile, "
+                                                 "bird", classes=["dog"])
 
 
 def test_tarball_with_a_top_folder_and_grayscale_images(tmp_path, subset_dir):

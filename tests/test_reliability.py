@@ -317,7 +317,7 @@ def test_a_decode_error_on_one_rank_ends_every_rank_with_that_error(tiny_betons,
     data = tmp_path / "damaged"
     shutil.copytree(tiny_betons, data)
     corrupt_sample_pointer(data / "train.beton", 500)
-    codes, out = train(data, tmp_path / "run", "train.epochs=1", nproc=2, probe="boundscheck")
+    codes, out = train(data, tmp_path / "run", "train.epochs=1", "data.pipeline=ffcv", nproc=2, probe="boundscheck")
     assert sorted(codes) == [1, 2], out  # the failing rank: its own error; the other: a failed collective
     assert out.count("failed in FFCV's decode thread") == 2, out  # ... which names the first rank's error
 
@@ -339,6 +339,16 @@ def test_a_crafted_checkpoint_never_runs_through_any_entry_point(tiny_betons, st
         shutil.copy(evil, p)
     code, err = resume_in_process(tiny_betons, run_dir, capsys=capsys)
     assert code == 2 and "no checkpoint in" in err and "could run code" in err
+    from dist_resnet import export, predict
+    from dist_resnet import train as train_module
+
+    for main, args in ((train_module.main, argv(tiny_betons, tmp_path / "ft", f"model.pretrained={evil}")),
+                       (predict.main, [str(evil), str(tmp_path)]),
+                       (export.main, [str(evil), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "could run code" in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
 
 

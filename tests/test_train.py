@@ -1,28 +1,20 @@
 """End to end on CPU: the `cpu` preset trains on real data, writes its run record and refuses to
 overwrite. Same seed -> same run is proven in test_reliability.py and test_distributed.py, where
 stopped, killed, requeued and restarted runs must equal an uninterrupted one bit for bit."""
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 
 from dist_resnet import train as train_module
+from tests.conftest import TRAINED_EPOCHS as EPOCHS
 
-EPOCHS = 4
 ACC_FLOOR = 0.45  # measured 54.3% (seed 0) and 54.0% (seed 1) on 2 cores; chance is 10%
 
 
 @pytest.fixture(scope="module")
-def cpu_run(betons, tmp_path_factory):
-    """The cpu preset for 4 epochs, through the CLI's main() in this process."""
-    run_dir = tmp_path_factory.mktemp("cpu_run")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        train_module.main(["--config", "configs/cpu.yaml", f"data.dir={betons}", f"run.dir={run_dir}",
-                           f"train.epochs={EPOCHS}", "run.progress=false"])
-    return run_dir, json.loads((run_dir / "metrics.json").read_text()), out.getvalue()
+def cpu_run(trained_run):
+    return trained_run, json.loads((trained_run / "metrics.json").read_text()), (trained_run / "stdout.txt").read_text()
 
 
 def test_cpu_preset_learns_and_writes_its_run_record(cpu_run):
@@ -33,6 +25,10 @@ def test_cpu_preset_learns_and_writes_its_run_record(cpu_run):
     assert (run_dir / "config.yaml").is_file() and "resnet9" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "last.pt").is_file() and (run_dir / "best.pt").is_file()
     assert "done: test acc" in stdout
+    per_class = json.loads((run_dir / "per_class.json").read_text())  # the final evaluation, per class
+    assert sum(map(sum, per_class["confusion"])) == 1000 and len(per_class["accuracy"]) == 10
+    assert sum(per_class["accuracy"].values()) / 10 == pytest.approx(m["test_acc"])  # 100 test images per class
+    assert (run_dir / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tensorboard_events_hold_the_promised_tags(cpu_run):

@@ -81,6 +81,12 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def image_shape(manifest: dict) -> tuple[int, int]:
+    """(height, width) of the betons' images (manifests before `image_shape` held CIFAR's 32x32)."""
+    h, w = (manifest.get("image_shape") or [32, 32])[:2]
+    return int(h), int(w)
+
+
 def check_betons(data_dir: str | Path, manifest: dict, hashes: bool = False) -> None:
     """Every beton's size (cheap, always) and, with `hashes`, its sha256 against the manifest."""
     from .prepare import sha256
@@ -220,7 +226,10 @@ class TrainData:
     """
 
     def __init__(self, cfg: DataConfig, global_batch: int, seed: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, rank: int = 0, world: int = 1, accum: int = 1, threads: int | None = None):
+                 channels_last: bool, rank: int = 0, world: int = 1, accum: int = 1, threads: int | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None):
+        """`mean`/`std` (in [0, 1]) default to the manifest's. Translation and cutout are given in pixels
+        of a 32-pixel image and scale with the images' shorter side."""
         manifest = read_manifest(cfg.dir)
         n = manifest["train"]["count"]
         if global_batch % (world * accum):
@@ -246,8 +255,13 @@ class TrainData:
                 os_cache=cfg.os_cache, order=self.order, seed=seed,
                 pipelines=_pipelines(device, dtype), drop_last=True, batches_ahead=cfg.batches_ahead,
             )
-        self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
-        self.augment = Augment(cfg.flip, cfg.translate, cfg.cutout, device, Pad(cfg.translate_pad).value)
+        self.normalize = Normalize(mean or manifest["mean"], std or manifest["std"], device, dtype)
+        side = min(image_shape(manifest))
+        translate, cutout = round(cfg.translate * side / 32), round(cfg.cutout * side / 32)
+        if cfg.translate_pad == Pad.reflect and translate >= side:
+            raise DataError(f"data.translate_pad=reflect needs a translation below the image side ({side} px); "
+                            f"data.translate={cfg.translate} gives {translate} px")
+        self.augment = Augment(cfg.flip, translate, cutout, device, Pad(cfg.translate_pad).value)
         self.flips = AlternateFlips(seed, n, device) if cfg.flip_alternate else None
         if threads:
             torch.set_num_threads(threads)  # FFCV's Loader set it to its worker count
@@ -313,19 +327,29 @@ def stop_epoch(batches) -> None:
     batches.close()
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for data on `device`: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: what the OS calls free
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def read_resident(cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device, dtype: torch.dtype,
                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode `indices` of a beton once into device memory: (N, 3, 32, 32) images in `dtype`, labels."""
+    """Decode `indices` of a beton once into device memory: (N, 3, H, W) images in `dtype`, labels."""
     from ffcv.loader import OrderOption
 
-    need = len(indices) * (3 * 32 * 32 * torch.finfo(dtype).bits // 8 + 8)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need > 0.5 * free:
-            raise DataError(
-                f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but the GPU has "
-                f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv"
-            )
+    h, w = image_shape(read_manifest(cfg.dir))
+    need = len(indices) * (3 * h * w * torch.finfo(dtype).bits // 8 + 8)
+    free = available_memory(device)
+    if need > 0.5 * free:
+        where = "the GPU has" if device.type == "cuda" else "this machine has"
+        raise DataError(f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but {where} "
+                        f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv")
     threads = torch.get_num_threads()  # FFCV's Loader changes it
     loader = Loader(str(Path(cfg.dir) / f"{split}.beton"), batch_size=1000, num_workers=_workers(cfg),
                     os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, indices=indices,
@@ -341,11 +365,12 @@ class TestData:
     """Exact partition of the test set: rank r evaluates images r, r+world, r+2*world, ..."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, rank: int = 0, world: int = 1, threads: int | None = None):
+                 channels_last: bool, rank: int = 0, world: int = 1, threads: int | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None):
         from ffcv.loader import OrderOption
 
         manifest = read_manifest(cfg.dir)
-        self.count = manifest["test"]["count"]
+        self.count, self.num_classes = manifest["test"]["count"], len(manifest["classes"])
         if world > self.count:
             raise DataError(f"{world} ranks but only {self.count} test images; use at most {self.count} ranks")
         indices = np.arange(rank, self.count, world)
@@ -358,7 +383,7 @@ class TestData:
                 os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
                 pipelines=_pipelines(device, dtype), drop_last=False, batches_ahead=cfg.batches_ahead,
             )
-        self.normalize = Normalize(manifest["mean"], manifest["std"], device, dtype)
+        self.normalize = Normalize(mean or manifest["mean"], std or manifest["std"], device, dtype)
         self.channels_last, self.threads = channels_last, threads
         if threads:
             torch.set_num_threads(threads)  # FFCV's Loader set it to its worker count

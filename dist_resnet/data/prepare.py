@@ -1,6 +1,6 @@
-"""Write CIFAR-10 (or any 32x32 ImageFolder) as FFCV betons.
+"""Write CIFAR-10 (or any ImageFolder, any image size) as FFCV betons.
 
-    python -m dist_resnet.data.prepare --source SRC --out DIR [--force] [--resize 32]
+    python -m dist_resnet.data.prepare --source SRC --out DIR [--force] [--resize N | --resize H W]
     python -m dist_resnet.data.prepare --verify DIR      # check the betons against the manifest
 
 SRC is `torchvision` (download CIFAR-10), an ImageFolder directory with
@@ -19,6 +19,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -49,7 +50,17 @@ def _find_root(folder: Path) -> Path:
     )
 
 
-def _list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def select_classes(names: list[str], only: list[str] | None, where: str) -> list[str]:
+    """`names` restricted to `only` (in the order of `names`); PrepareError for a name not there."""
+    if not only:
+        return names
+    unknown = [c for c in only if c not in names]
+    if unknown:
+        raise PrepareError(f"--classes names {', '.join(unknown)}, not in {where}; its classes: {', '.join(names)}")
+    return [n for n in names if n in only]
+
+
+def _list_images(root: Path, only: list[str] | None = None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     classes = {}
     for split in SPLITS:
         classes[split] = sorted(d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -62,7 +73,7 @@ def _list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]
             f"train and test class sets differ in {root}: only in train: {only_train or 'none'}; "
             f"only in test: {only_test or 'none'}. Both splits need the same class folders."
         )
-    names = classes["train"]
+    names = select_classes(classes["train"], only, str(root))
     items: dict[str, list[tuple[Path, int]]] = {}
     for split in SPLITS:
         items[split] = []
@@ -74,38 +85,49 @@ def _list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]
     return names, items
 
 
-def _decode(job: tuple[str, int | None]) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file to 32x32x3 uint8; returns (image, None) or (None, error)."""
+def _decode(job: tuple[str, tuple[int, int] | None]) -> tuple[np.ndarray | None, str, str | None]:
+    """Decode one file to HxWx3 uint8 (resized to `size` = (H, W) if given); (image, original mode, error)."""
     from PIL import Image, UnidentifiedImageError
 
-    path, resize = job
+    path, size = job
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            mode = im.mode
+            im = im.convert("RGB")  # grayscale, RGBA (alpha dropped), palette, CMYK ... -> RGB
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        return None, f"{path} is not a readable image ({type(e).__name__}: {e})"
-    if im.size != (32, 32):
-        if resize is None:
-            return None, f"{path} is {im.size[0]}x{im.size[1]}, not 32x32; pass --resize 32 to resize such images"
-        im = im.resize((resize, resize), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8), None
+        return None, "", f"{path} is not a readable image ({type(e).__name__}: {e})"
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8), mode, None
 
 
-def _decode_all(files: list[tuple[Path, int]], resize: int | None, split: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    jobs = [(str(f), resize) for f, _ in files]
-    images = []
+def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int] | None, split: str, workers: int,
+                modes: Counter) -> tuple[np.ndarray, np.ndarray]:
+    jobs = [(str(f), size) for f, _ in files]
+    images, shapes = [], Counter()
     with ProcessPoolExecutor(workers) as pool:
         it = pool.map(_decode, jobs, chunksize=512)
-        for img, err in tqdm(it, total=len(jobs), desc=f"decode {split}", unit="img"):
+        for img, mode, err in tqdm(it, total=len(jobs), desc=f"decode {split}", unit="img"):
             if err is not None:
                 raise PrepareError(err)
             images.append(img)
+            shapes[img.shape[:2]] += 1
+            modes[mode] += 1
+    if len(shapes) > 1:
+        seen = ", ".join(f"{w}x{h} ({n})" for (h, w), n in shapes.most_common(3))
+        raise PrepareError(f"the {split} images have {len(shapes)} different sizes ({seen}{', ...' if len(shapes) > 3 else ''}): "
+                           "pass --resize N (N x N) or --resize H W to bring them all to one size")
     return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
 
 
-def load_folder(root: Path, resize: int | None, workers: int) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    names, items = _list_images(_find_root(root))
-    return names, {s: _decode_all(items[s], resize, s, workers) for s in SPLITS}
+def load_folder(root: Path, size: tuple[int, int] | None, workers: int, modes: Counter, only: list[str] | None):
+    names, items = _list_images(_find_root(root), only)
+    data = {s: _decode_all(items[s], size, s, workers, modes) for s in SPLITS}
+    if data["train"][0].shape[1:] != data["test"][0].shape[1:]:
+        (h, w), (th, tw) = data["train"][0].shape[1:3], data["test"][0].shape[1:3]
+        raise PrepareError(f"the train images are {w}x{h} but the test images {tw}x{th}: "
+                           "pass --resize N or --resize H W to bring both to one size")
+    return names, data
 
 
 def load_torchvision(download_root: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -124,16 +146,21 @@ def load_torchvision(download_root: Path) -> tuple[list[str], dict[str, tuple[np
     return list(ds.classes), data
 
 
-def load_source(source: str, resize: int | None, download_root: Path, workers: int, tmp: Path):
+def load_source(source: str, size: tuple[int, int] | None, download_root: Path, workers: int, tmp: Path,
+                modes: Counter, only: list[str] | None = None):
     if source == "torchvision":
-        return load_torchvision(download_root)
+        names, data = load_torchvision(download_root)
+        keep = select_classes(names, only, "CIFAR-10")
+        relabel = np.full(len(names), -1)
+        relabel[[names.index(n) for n in keep]] = np.arange(len(keep))
+        return keep, {s: (x[relabel[y] >= 0], relabel[y][relabel[y] >= 0]) for s, (x, y) in data.items()}
     src = Path(source)
     if not src.exists():
         raise PrepareError(f"source {src} does not exist; give 'torchvision', an ImageFolder directory or a tarball")
     if src.is_dir():
         if not any(src.iterdir()):
             raise PrepareError(f"source directory {src} is empty")
-        return load_folder(src, resize, workers)
+        return load_folder(src, size, workers, modes, only)
     if not src.name.endswith(TAR_SUFFIXES):
         raise PrepareError(f"source {src} is a file but not a {'/'.join(TAR_SUFFIXES)} archive")
     try:
@@ -143,7 +170,7 @@ def load_source(source: str, resize: int | None, download_root: Path, workers: i
             tar.extractall(tmp / "src", filter="data")
     except tarfile.TarError as e:
         raise PrepareError(f"cannot read archive {src}: {e}") from None
-    return load_folder(tmp / "src", resize, workers)
+    return load_folder(tmp / "src", size, workers, modes, only)
 
 
 # ---------------------------------------------------------------- writing
@@ -177,26 +204,34 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(source: str, out: Path, force: bool = False, resize: int | None = None,
-            download_root: Path | None = None, workers: int | None = None) -> dict:
+def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int, int] | None = None,
+            download_root: Path | None = None, workers: int | None = None, classes: list[str] | None = None) -> dict:
+    """Write `out`/{train,test}.beton and manifest.json. `resize`: N (N x N) or (H, W) brings every image
+    to that size; without it, all images must share one size, which is kept. `classes`: only these
+    classes (labels 0..k-1 in the source's order)."""
     out = Path(out)
     existing = [f for f in FILES if (out / f).exists()]
     if existing and not force:
         raise PrepareError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
-    if resize is not None and resize != 32:
-        raise PrepareError(f"--resize {resize} is not supported: CIFAR models expect 32x32, use --resize 32")
+    size = (resize, resize) if isinstance(resize, int) else (tuple(resize) if resize else None)
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise PrepareError(f"--resize takes N or H W (positive), not {resize}")
+    modes: Counter = Counter()
     download_root = download_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_resnet"
     workers = workers or min(8, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp_str:
         tmp = Path(tmp_str)
-        classes, data = load_source(source, resize, download_root, workers, tmp)
+        names, data = load_source(source, size, download_root, workers, tmp, modes, classes)
         train_x = data["train"][0]
         manifest = {
             "format": 1,
             "source": source if source == "torchvision" else str(Path(source).resolve()),
-            "classes": classes,
-            "image_shape": list(train_x.shape[1:]),
+            "classes": names,
+            "image_shape": list(train_x.shape[1:]),  # H, W, 3
+            "resized_to": list(size) if size else None,
+            # original modes converted to RGB (e.g. {"L": 3, "RGBA": 1}); RGBA loses its alpha
+            "converted_modes": {m: n for m, n in sorted(modes.items()) if m != "RGB"},
             # per-channel statistics of the train split, in [0, 1]; the loader normalises with them
             "mean": (train_x.reshape(-1, 3).mean(0, dtype=np.float64) / 255).round(6).tolist(),
             "std": (train_x.reshape(-1, 3).std(0, dtype=np.float64) / 255).round(6).tolist(),
@@ -210,7 +245,7 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | None = No
                 "count": int(len(labels)),
                 "bytes": path.stat().st_size,
                 "sha256": sha256(path),
-                "class_counts": np.bincount(labels, minlength=len(classes)).tolist(),
+                "class_counts": np.bincount(labels, minlength=len(names)).tolist(),
             }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="output folder for train.beton, test.beton, manifest.json")
     p.add_argument("--verify", type=Path, metavar="DIR", help="check DIR's betons against its manifest, then exit")
     p.add_argument("--force", action="store_true", help="overwrite existing betons in --out")
-    p.add_argument("--resize", type=int, default=None, help="resize images that are not 32x32 to this size (only 32)")
+    p.add_argument("--resize", type=int, nargs="+", metavar="N", default=None,
+                   help="resize every image to N x N (--resize N) or H x W (--resize H W); without it all images "
+                        "must share one size, which is kept")
+    p.add_argument("--classes", help="only these classes, comma-separated (e.g. airplane,automobile,bird)")
     p.add_argument("--download-root", type=Path, default=None, help="torchvision download cache (default ~/.cache/dist_resnet)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
     args = p.parse_args(argv)
@@ -253,11 +291,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.source or not args.out:
         p.error("--source and --out are required (or --verify DIR)")
     try:
-        m = prepare(args.source, args.out, args.force, args.resize, args.download_root, args.workers)
+        if args.resize is not None and len(args.resize) not in (1, 2):
+            raise PrepareError(f"--resize takes N or H W, not {' '.join(map(str, args.resize))}")
+        resize = None if args.resize is None else (args.resize[0] if len(args.resize) == 1 else tuple(args.resize))
+        only = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+        m = prepare(args.source, args.out, args.force, resize, args.download_root, args.workers, only)
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"wrote {args.out}: train {m['train']['count']}, test {m['test']['count']} images, {len(m['classes'])} classes")
+    h, w = m["image_shape"][:2]
+    converted = ", ".join(f"{n} {k}" for k, n in m["converted_modes"].items())
+    print(f"wrote {args.out}: train {m['train']['count']}, test {m['test']['count']} images of {w}x{h}, "
+          f"{len(m['classes'])} classes" + (f"; converted to RGB: {converted}" if converted else ""))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,28 @@
 """Models, built by name with `build_model(name, num_classes, width, norm)`.
 
-- `cifar`: resnet18/34/50 for 32x32 inputs, and resnet9 (DAWNBench).
-- `fastnet`: the time-to-accuracy net of configs/fast.yaml.
+- `cifar`: resnet18/34/50 for small images (3x3 stem, no max-pool), and resnet9 (DAWNBench).
+- `fastnet`: the time-to-accuracy net of configs/fast.yaml (32x32 only).
+- `torchvision`: tv_resnet18/34/50, torchvision's ImageNet ResNets, for fine-tuning (`model.pretrained`).
+
+Every model names its stages from input to output (`stage_modules()`) and has its classification head
+in `fc`: freezing (`model.freeze`) and layer-wise LR decay (`optim.layer_decay`) work on those.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from . import torchvision as tv
 from .cifar import BasicBlock, Bottleneck, CifarResNet, ResNet9
 from .fastnet import FastNet
 from .layers import NORMS, Norm, Residual
 
-__all__ = ["MODELS", "build_model", "check_model", "load_weights", "Residual"]
-
+__all__ = ["MODELS", "HEAD", "build_model", "check_model", "check_input", "freeze", "load_weights",
+           "parameter_depths", "Resized", "PixelInput", "Residual"]
 
 MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
     "resnet9": lambda classes, width, norm: ResNet9(classes, width, norm),
@@ -23,26 +30,113 @@ MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
     "resnet18": lambda classes, width, norm: CifarResNet(BasicBlock, [2, 2, 2, 2], classes, width, norm),
     "resnet34": lambda classes, width, norm: CifarResNet(BasicBlock, [3, 4, 6, 3], classes, width, norm),
     "resnet50": lambda classes, width, norm: CifarResNet(Bottleneck, [3, 4, 6, 3], classes, width, norm),
+    **{name: (lambda n: lambda classes, width, norm: tv.build(n, classes, norm))(name) for name in tv.ARCHS},
 }
+HEAD = "fc"  # every model's classification head
+STAGES = {  # what `model.freeze` may name, input to output (each model's stage_modules() agrees: tested)
+    "resnet9": ["prep", "layer1", "layer2", "layer3"],
+    "fastnet": ["stem", "stage1", "stage2", "stage3"],
+    **{n: ["stem", "stage1", "stage2", "stage3", "stage4"] for n in ("resnet18", "resnet34", "resnet50")},
+    **{n: ["stem", "layer1", "layer2", "layer3", "layer4"] for n in tv.ARCHS},
+}
+BATCH_NORM_ONLY = {"fastnet", *tv.ARCHS}  # scale-free BatchNorm; torchvision's (pretrained) BatchNorm
+FIXED_WIDTH = set(tv.ARCHS)  # torchvision's widths
+INPUT_SIZE = {"fastnet": (32, 32)}  # built for exactly this size
+MIN_SIZE = {"resnet9": 8, "resnet18": 8, "resnet34": 8, "resnet50": 8, **{n: 32 for n in tv.ARCHS}}  # total stride
 
 
-BATCH_NORM_ONLY = {"fastnet"}  # built around scale-free BatchNorm
-
-
-def check_model(name: str, norm: str) -> None:
-    """ValueError unless `name` and `norm` make a model (the config checks with this too)."""
+def check_model(name: str, norm: str, width: int = 64, freeze: str = "none") -> None:
+    """ValueError unless these settings make a model (the config checks with this too)."""
     if name not in MODELS:
         raise ValueError(f"bad value for 'model.name': '{name}'. Valid: {', '.join(MODELS)}")
     if norm not in NORMS:
         raise ValueError(f"bad value for 'model.norm': '{norm}'. Valid: {', '.join(NORMS)}")
     if name in BATCH_NORM_ONLY and norm != "batch":
-        raise ValueError(f"model.name={name} is built around scale-free BatchNorm; use model.norm=batch")
+        raise ValueError(f"model.name={name} is built around BatchNorm; use model.norm=batch")
+    if name in FIXED_WIDTH and width != 64:
+        raise ValueError(f"model.name={name} has torchvision's widths; model.width={width} does not apply (leave 64)")
+    valid = ["none", "backbone", *STAGES[name]]
+    if freeze not in valid:
+        raise ValueError(f"bad value for 'model.freeze': '{freeze}'. Valid for {name}: {', '.join(valid)}")
+
+
+def check_input(name: str, height: int, width: int, where: str) -> None:
+    """ValueError unless model `name` can take `height` x `width` images (from `where`)."""
+    if name in INPUT_SIZE and (height, width) != INPUT_SIZE[name]:
+        h, w = INPUT_SIZE[name]
+        raise ValueError(f"model.name={name} is built for {h}x{w} images, but {where} gives {height}x{width}: "
+                         f"use another model (resnet9, resnet18, tv_resnet50, ...) or prepare with --resize {h}")
+    if min(height, width) < MIN_SIZE.get(name, 1):
+        raise ValueError(f"model.name={name} needs images of at least {MIN_SIZE[name]} px (its total stride), but "
+                         f"{where} gives {height}x{width}: upsample them with data.resize=N")
 
 
 def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "batch") -> nn.Module:
     """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch)."""
-    check_model(name, norm)
+    check_model(name, norm, width)
     return MODELS[name](num_classes, width, NORMS[norm])
+
+
+def parameter_depths(model: nn.Module) -> tuple[dict[int, int], int]:
+    """id(parameter) -> depth: 0..S-1 for the S stages from the input, S for the head (and anything
+    outside the stages); and S. Layer-wise LR decay scales depth d by decay ** (S - d)."""
+    stages = model.stage_modules()
+    depth = {id(p): d for d, (_, mods) in enumerate(stages) for m in mods for p in m.parameters()}
+    return depth, len(stages)
+
+
+_frozen_classes: dict[type, type] = {}
+
+
+def _frozen(cls: type) -> type:
+    """A subclass of a BatchNorm class that stays in eval mode: frozen layers keep their statistics."""
+    if cls not in _frozen_classes:
+        _frozen_classes[cls] = type(f"Frozen{cls.__name__}", (cls,),
+                                    {"train": lambda self, mode=True: nn.Module.train(self, False)})
+    return _frozen_classes[cls]
+
+
+def freeze(model: nn.Module, spec: str) -> list[str]:
+    """Freeze `backbone` (all stages: a linear probe) or every stage up to and including `spec`: their
+    parameters stop training and their BatchNorm layers stay in eval mode. Returns the frozen stages."""
+    if spec == "none":
+        return []
+    stages = model.stage_modules()
+    names = [n for n, _ in stages]
+    upto = len(stages) if spec == "backbone" else names.index(spec) + 1
+    for _, mods in stages[:upto]:
+        for m in mods:
+            m.requires_grad_(False)
+            for sub in m.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.__class__ = _frozen(type(sub))
+                    sub.eval()
+    return names[:upto]
+
+
+class Resized(nn.Module):
+    """`data.resize`: upsample the batch to size x size on the device before the net, since ImageNet
+    nets lose most of a 32x32 image in their stride-4 stem. No parameters: checkpoints hold `net`."""
+
+    def __init__(self, net: nn.Module, size: int):
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
+class PixelInput(nn.Module):
+    """The model as a user calls it: float RGB in [0, 1], normalised (and resized) inside."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], resize: int = 0):
+        super().__init__()
+        self.net = Resized(net, resize) if resize else net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
 
 
 def load_weights(model: nn.Module, state: dict, source: str) -> None:

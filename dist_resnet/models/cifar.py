@@ -59,6 +59,7 @@ class CifarResNet(nn.Module):
                 stages.append(block(cin, planes, norm, stride=2 if (i > 0 and j == 0) else 1))
                 cin = planes * block.expansion
         self.stages = nn.Sequential(*stages)
+        self.blocks_per_stage = list(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         for m in self.modules():
@@ -70,6 +71,14 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+    def stage_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        """stem, stage1..4 (input to output); the head is `fc`."""
+        out, start = [("stem", [self.stem])], 0
+        for i, n in enumerate(self.blocks_per_stage):
+            out.append((f"stage{i + 1}", list(self.stages[start:start + n])))
+            start += n
+        return out
 
 
 def _cbr(cin: int, cout: int, norm: Norm, pool: bool = False) -> nn.Sequential:
@@ -100,3 +109,8 @@ class ResNet9(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x)) * self.logit_scale
+
+    def stage_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        """prep, layer1 (with its residual pair), layer2, layer3 (with its residual pair); the head is `fc`."""
+        f = self.features
+        return [("prep", [f[0]]), ("layer1", [f[1], f[2]]), ("layer2", [f[3]]), ("layer3", [f[4], f[5]])]

@@ -77,3 +77,7 @@ class FastNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(F.gelu(self.stem(x)))
         return self.fc(torch.flatten(self.pool(x), 1)) * self.logit_scale
+
+    def stage_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        """stem (whitening), stage1..3; the head is `fc`."""
+        return [("stem", [self.stem])] + [(f"stage{i + 1}", [s]) for i, s in enumerate(self.stages)]

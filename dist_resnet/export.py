@@ -1,0 +1,183 @@
+"""Export a trained model: a self-describing ONNX graph, or safetensors weights.
+
+    python -m dist_resnet.export CHECKPOINT --format onnx --out model.onnx [--ema] [--verify-test-set] [data.dir=DIR]
+    python -m dist_resnet.export CHECKPOINT --format safetensors --out model.safetensors [--ema]
+
+- ONNX: the input is float32 RGB, N x 3 x H x W in [0, 1], with a dynamic batch; normalisation (and
+  `data.resize`) are inside the graph. Metadata: class names, input size, mean/std, the checkpoint's
+  sha256, the dist_resnet version. It is exported with torch's current exporter (torch.export-based),
+  then checked: `onnx.checker` (full check), and onnxruntime against PyTorch on a batch of real test
+  images: the largest logit difference and the top-1 agreement are printed, and the export fails (exit
+  1, nothing written) if the difference is above 1e-3. `--verify-test-set` runs the whole test beton
+  through both and prints both accuracies. The test images come from the checkpoint's `data.dir`
+  (override it with `data.dir=DIR`).
+- safetensors: the weights, plus the config, class names, normalisation and image size as metadata.
+  `model.pretrained` and `dist_resnet.predict` accept the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data.loader import DataError, image_shape, read_manifest, read_resident
+from .fileio import atomic_write
+from .models import PixelInput, files
+
+TOLERANCE = 1e-3  # largest logit difference allowed between onnxruntime and PyTorch (timm's tolerance)
+CHECK_IMAGES = 256
+
+
+class ExportError(RuntimeError):
+    """The export ran, but its result is wrong (exit 1)."""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+
+    try:
+        return v("dist_resnet")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+def pixel_model(path: str, overrides: list[str], ema: bool):
+    """(the trained net as a user calls it: [0, 1] RGB in, logits out; its file; its config)."""
+    from .evaluate import build_trained, open_trained
+
+    mf, trained, cfg = open_trained(path, overrides, ema)
+    if mf.classes is None or mf.mean is None:
+        raise CheckpointError(f"{path} was written before checkpoints held their class names and normalisation: "
+                              "export needs a checkpoint from this version")
+    net = build_trained(mf, trained, cfg, len(mf.classes))
+    return PixelInput(net, mf.mean, mf.std, cfg.data.resize).eval(), mf, cfg
+
+
+def test_images(cfg, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` (None: all) test images as float RGB in [0, 1], N x 3 x H x W, and their labels."""
+    try:
+        manifest = read_manifest(cfg.data.dir)
+    except DataError as e:
+        raise DataError(f"checking the export needs real test images: {e}; pass data.dir=DIR") from None
+    n = manifest["test"]["count"] if count is None else min(count, manifest["test"]["count"])
+    x, y = read_resident(cfg.data, "test", np.arange(n), torch.device("cpu"), torch.float32, False)
+    assert x.shape[2:] == image_shape(manifest)
+    return x / 255, y
+
+
+def metadata(mf: files.ModelFile, cfg_dict: dict, size: tuple[int, int]) -> dict[str, str]:
+    return {"format": files.META_FORMAT, "classes": json.dumps(mf.classes), "input_size": json.dumps(list(size)),
+            "image_shape": json.dumps(list(size)), "mean": json.dumps(mf.mean), "std": json.dumps(mf.std),
+            "config": json.dumps(cfg_dict), "source_sha256": files.sha256(mf.path), "dist_resnet_version": version()}
+
+
+def export_onnx(model: PixelInput, meta: dict[str, str], size: tuple[int, int], out: str) -> bytes:
+    """The ONNX bytes of `model`, with a dynamic batch and `meta`, after onnx.checker's full check."""
+    import onnx
+
+    example = torch.rand(2, 3, *size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["image"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
+        proto = onnx.load(str(path))
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def onnx_logits(data: bytes, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(session.run(None, {name: x[i:i + batch].numpy()})[0])
+                      for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def torch_logits(model: PixelInput, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def check(model: PixelInput, data: bytes, x: torch.Tensor) -> dict:
+    a, b = torch_logits(model, x), onnx_logits(data, x)
+    return {"images": len(x), "max_logit_diff": (a - b).abs().max().item(),
+            "top1_agreement": (a.argmax(1) == b.argmax(1)).sum().item() / len(x)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="dist_resnet.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. data.dir=DIR)")
+    p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--verify-test-set", action="store_true",
+                   help="onnx: run the whole test beton through onnxruntime and PyTorch, print both accuracies")
+    args = p.parse_intermixed_args(argv)
+    try:
+        model, mf, cfg = pixel_model(args.checkpoint, args.overrides, args.ema)
+        size = tuple(mf.image_shape or (32, 32))
+        meta = metadata(mf, mf.config, size)
+        if args.format == "safetensors":
+            return save_safetensors(model, meta, args.out)
+        x, _ = test_images(cfg, CHECK_IMAGES)
+        data = export_onnx(model, meta, size, args.out)
+        result = check(model, data, x)
+        print(f"onnxruntime vs PyTorch on {result['images']} test images: largest logit difference "
+              f"{result['max_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}")
+        if not result["max_logit_diff"] <= TOLERANCE:
+            raise ExportError(f"the ONNX graph does not compute what the model does: largest logit difference "
+                              f"{result['max_logit_diff']:.2e} > {TOLERANCE:g}; nothing was written to {args.out}")
+        if args.verify_test_set:
+            xs, ys = test_images(cfg, None)
+            accs = {name: (logits.argmax(1) == ys).sum().item() / len(ys)
+                    for name, logits in (("pytorch", torch_logits(model, xs)), ("onnxruntime", onnx_logits(data, xs)))}
+            result.update({"test_images": len(ys), "pytorch_test_acc": accs["pytorch"],
+                           "onnx_test_acc": accs["onnxruntime"]})
+            print(f"test set ({len(ys)} images): PyTorch {accs['pytorch']:.4f}, onnxruntime {accs['onnxruntime']:.4f}")
+        atomic_write(args.out, lambda f: f.write(data))
+        print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB): float32 RGB N x 3 x {size[0]} x {size[1]} in [0, 1] "
+              f"-> logits over {len(mf.classes)} classes")
+        return result
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"dist_resnet.export: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ImportError as e:
+        print(f"dist_resnet.export: error: {e.name or e} is not installed: pip install 'dist_resnet[export]'",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    except ExportError as e:
+        print(f"dist_resnet.export: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def save_safetensors(model: PixelInput, meta: dict[str, str], out: str) -> dict:
+    from safetensors.torch import load, save
+
+    net = model.net.net if hasattr(model.net, "size") else model.net  # the net inside the resize, if any
+    weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    data = save(weights, metadata=meta)
+    back = load(data)
+    same = back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
+    if not same:
+        raise ExportError("the safetensors file does not hold the model's weights exactly")
+    atomic_write(out, lambda f: f.write(data))
+    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB): {len(weights)} tensors, read back exactly; metadata: "
+          f"{', '.join(k for k in meta if k != 'format')}")
+    return {"tensors": len(weights), "bytes": len(data)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Predict the classes of image files with a trained model.
+
+    python -m dist_resnet.predict CHECKPOINT PATH... [--topk 5] [--json] [--tta flip] [--device cpu|cuda]
+
+CHECKPOINT is one of our checkpoints (.pt), an exported .safetensors or an exported .onnx (run with
+onnxruntime). PATHs are image files or folders (searched recursively for image files). Every image is
+converted to RGB and resized to the size the model was trained on (said once, on stderr). Output: one
+line per image, `PATH<TAB>class prob<TAB>...`, or one JSON object per line with --json. A file that is
+not an image gets an error line on stderr naming it, the others are still predicted, and the exit code
+is 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import TTA, ConfigError
+from .data.augment import Normalize
+from .models import Resized
+from .train import DTYPES, predict, resolve_precision
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class PredictError(ValueError):
+    pass
+
+
+def image_paths(paths: list[str]) -> Iterator[Path]:
+    """Files as given (whatever their suffix), and the image files under folders, sorted."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                              and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            yield p
+
+
+def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """HxWx3 uint8 at the model's (H, W): (image, the original (W, H) if it was resized)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # a truncated file fails here, not later
+        rgb = im.convert("RGB")
+    if rgb.size == (size[1], size[0]):
+        return np.asarray(rgb, dtype=np.uint8), None
+    return np.asarray(rgb.resize((size[1], size[0]), Image.BICUBIC), dtype=np.uint8), rgb.size
+
+
+class TorchModel:
+    """One of our checkpoints or safetensors files, run the way evaluate runs it."""
+
+    def __init__(self, path: str, device: torch.device, ema: bool):
+        from .evaluate import build_trained, open_trained
+
+        mf, trained, cfg = open_trained(path, [], ema)
+        if mf.classes is None or mf.mean is None:
+            raise PredictError(f"{path} was written before checkpoints held their class names and normalisation; "
+                               "evaluate it instead, or re-export it")
+        self.classes, self.size = mf.classes, tuple(mf.image_shape or (32, 32))
+        self.device, self.cl = device, cfg.model.channels_last
+        precision = resolve_precision(cfg.train.precision, device.type == "cuda")
+        self.dtype, self.amp = DTYPES[precision], precision.value != "fp32"
+        net = build_trained(mf, trained, cfg, len(mf.classes)).to(device)
+        if self.cl:
+            net = net.to(memory_format=torch.channels_last)
+        self.model = Resized(net, cfg.data.resize) if cfg.data.resize else net
+        self.normalize = Normalize(mf.mean, mf.std, device, self.dtype)
+        self.batch_size = cfg.train.batch_size
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).to(self.dtype)  # as the loader gives them
+        x = self.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last if self.cl else torch.contiguous_format)
+
+    def context(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp)
+
+
+class OnnxModel:
+    """An exported .onnx: float RGB in [0, 1] in, logits out; normalisation and resize are in the graph."""
+
+    def __init__(self, path: str):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PredictError("running .onnx files needs onnxruntime: pip install 'dist_resnet[export]'") from None
+        try:
+            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.classes, self.size = json.loads(meta["classes"]), tuple(json.loads(meta["input_size"]))
+        except (KeyError, json.JSONDecodeError):
+            raise PredictError(f"{path} is not an ONNX model exported by dist_resnet (no classes/input_size "
+                               "metadata)") from None
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+            raise PredictError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+        self.input = self.session.get_inputs()[0].name
+        self.batch_size, self.model = 256, self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.contiguous().numpy()})[0])
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+    def context(self):
+        return nullcontext()
+
+
+def open_model(path: str, device: torch.device, ema: bool = False):
+    return OnnxModel(path) if path.endswith(".onnx") else TorchModel(path, device, ema)
+
+
+def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: bool, out=None,
+        err=None) -> tuple[int, int]:
+    """Predict every image; (predicted, failed). Results stream out batch by batch."""
+    out, err = out or sys.stdout, err or sys.stderr
+    k = min(topk, len(model.classes))
+    done = failed = 0
+    resized: list[tuple[Path, tuple[int, int]]] = []
+
+    def flush(batch: list[tuple[Path, np.ndarray]]) -> None:
+        nonlocal done
+        if not batch:
+            return
+        with torch.no_grad(), model.context():
+            logits = predict(model.model, model.inputs(np.stack([im for _, im in batch])), tta)
+        probs, idx = torch.softmax(logits.float(), 1).topk(k, 1)
+        for (path, _), p, i in zip(batch, probs.tolist(), idx.tolist()):
+            top = [(model.classes[c], q) for c, q in zip(i, p)]
+            if as_json:
+                print(json.dumps({"path": str(path), "top": [{"class": c, "prob": q} for c, q in top]}), file=out)
+            else:
+                print(f"{path}\t" + "\t".join(f"{c} {q:.4f}" for c, q in top), file=out)
+        done += len(batch)
+
+    batch: list[tuple[Path, np.ndarray]] = []
+    for path in image_paths(paths):
+        try:
+            image, original = read_image(path, model.size)
+        except FileNotFoundError:
+            print(f"dist_resnet.predict: error: {path}: no such file or folder", file=err)
+            failed += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for files that are not images
+            print(f"dist_resnet.predict: error: {path}: not a readable image ({type(e).__name__}: {e})", file=err)
+            failed += 1
+            continue
+        if original is not None:
+            resized.append((path, original))
+        batch.append((path, image))
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    flush(batch)
+    if resized:
+        (p, (w, h)), (mh, mw) = resized[0], model.size
+        print(f"note: {len(resized)} image(s) resized to the model's {mw}x{mh} (e.g. {p}, {w}x{h})", file=err)
+    return done, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dist_resnet.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint (.pt), or an exported .safetensors or .onnx")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--tta", choices=[t.value for t in TTA], default="none", help="test-time augmentation")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the training batch)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    args = p.parse_args(argv)
+    try:
+        if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
+            raise PredictError("--topk and --batch-size must be >= 1")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise PredictError("--device cuda but CUDA is not available here; use --device cpu")
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        model = open_model(args.checkpoint, device, args.ema)
+        done, failed = run(model, args.paths, args.topk, TTA(args.tta), args.batch_size or model.batch_size, args.json)
+    except (PredictError, CheckpointError, ConfigError) as e:
+        print(f"dist_resnet.predict: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BrokenPipeError:  # `predict ... | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
+        return 0
+    if done + failed == 0:
+        print("dist_resnet.predict: error: no image files found in " + " ".join(args.paths), file=sys.stderr)
+        raise SystemExit(2)
+    if failed:
+        print(f"dist_resnet.predict: {failed} of {done + failed} files could not be read", file=sys.stderr)
+        raise SystemExit(2)
+    return done
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ $(BIN)/.installed: pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,export]'
+	$(BIN)/python -m pip install -q -e '.[test,export,sweep]'
 	touch $@
 
 data: setup
@@ -41,9 +41,16 @@ train: data
 	PATH=$(abspath $(BIN)):$$PATH DATA_DIR=$(DATA_DIR) RUN_DIR=$(RUN_DIR) CONFIG=$(CONFIG) launch/single_node.sh $(ARGS)
 
 test: setup
-	@command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; } || \
-	  echo "shellcheck not found (apt-get install shellcheck); its test will be skipped"
+	@# shellcheck for the launch scripts, PostgreSQL for the multi-node sweep test (it starts its own server)
+	@missing=""; command -v shellcheck >/dev/null || missing="shellcheck"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      echo "installing for the tests: $$missing"; apt-get update -qq && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || \
+	      echo "could not install $$missing: the tests that need it will be skipped"; \
+	    else echo "not installed: $$missing (apt-get install $$missing); the tests that need it will be skipped"; fi; \
+	  fi
 	@# 2 workers taking whole files (module fixtures built once). pytest exits 5 when no test ran:
 	@# that fails here too, so CI cannot pass on an empty run
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

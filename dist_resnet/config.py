@@ -6,7 +6,11 @@ resolved tree is written to `run.dir/config.yaml` and into every checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -77,29 +81,31 @@ class Device(str, Enum):
 @dataclass
 class DataConfig:
     dir: str = MISSING  # folder with train.beton, test.beton, manifest.json
-    pipeline: Pipeline = Pipeline.ffcv
+    pipeline: Pipeline = Pipeline.ffcv  # ffcv: decode every batch; device: decode once into device memory
     num_workers: int = 8  # FFCV decode threads per rank
     batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
     os_cache: bool = True  # share the beton through the page cache
     flip: bool = True  # random horizontal flip (train only)
-    translate: int = 2  # random translation of up to N pixels (train only)
-    translate_pad: Pad = Pad.zeros
+    translate: int = 2  # random translation of up to N pixels of a 32-px image, scaled to the image side
+    translate_pad: Pad = Pad.zeros  # what a translation shifts in: zeros (the mean) or the mirrored border
     flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
     cutout: int = 0  # side of a square (cutout x cutout, clipped at the border) zeroed at a random centre; 0 = off
     verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
     resize: int = 0  # upsample every batch to resize x resize on the device before the model; 0 = off
     normalize: Normalization = Normalization.auto  # whose mean/std the inputs are normalised with
+    val_fraction: float = 0.0  # hold out this class-stratified fraction of the train split for validation
+    val_seed: int = 0  # which images are held out (fixed across seeds and sweep trials)
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # see dist_resnet.models.MODELS
     width: int = 64  # base width (resnet9 family: widths w, 2w, 4w, 8w)
-    norm: Norm = Norm.batch
+    norm: Norm = Norm.batch  # BatchNorm, or GroupNorm (independent of the batch size)
     sync_bn: bool = False  # SyncBatchNorm over all ranks (GPU only; torch has no CPU SyncBatchNorm)
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = True  # torch.compile the model (GPU or CPU; on CPU it is often slower and slow to build)
-    compile_mode: CompileMode = CompileMode.default
+    compile_mode: CompileMode = CompileMode.default  # torch.compile's mode (_ for -)
     pretrained: str = ""  # start from: our .pt checkpoint, a torchvision .pth, a .safetensors, or "torchvision"
     freeze: str = "none"  # none | backbone (a linear probe) | a stage name: it and every stage before it
 
@@ -107,11 +113,11 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.2  # peak learning rate for train.batch_size
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (needs momentum > 0)
     weight_decay: float = 5e-4  # never applied to BatchNorm weights or biases
-    label_smoothing: float = 0.1
-    schedule: Schedule = Schedule.onecycle
+    label_smoothing: float = 0.1  # of the cross-entropy loss, in [0, 1)
+    schedule: Schedule = Schedule.onecycle  # per-step LR: linear warm-up, then linear or cosine decay
     warmup_epochs: float = 1.0  # may be fractional
     lr_start: float = 0.0  # warm-up starts from this LR factor: step s < W gets start + (1 - start)(s + 1)/W
     lr_end: float = 0.0  # the decay ends at this factor: the last step gets end + (1 - end)/(T - W)
@@ -124,20 +130,21 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 20  # fixed for a run: a resume may not change it (the LR schedule spans them)
     batch_size: int = 512  # GLOBAL batch size, split evenly across ranks
     accum_steps: int = 1  # micro-batches per optimizer step on each rank (all-reduce on the last only)
     seed: int = 0  # >= 0: initial weights, sample order and augmentation all derive from it
     ema: bool = False  # keep an EMA of the weights (and BN buffers), evaluated beside the raw model
     ema_decay: float = 0.999  # per optimizer step
-    precision: Precision = Precision.auto
-    device: Device = Device.auto
+    precision: Precision = Precision.auto  # autocast dtype: auto = bf16 on GPU, fp32 on CPU
+    device: Device = Device.auto  # auto: cuda:{LOCAL_RANK} when CUDA is available, else cpu
     resume: bool = False  # continue from run.dir's newest checkpoint that loads (config changes are checked)
     keep_last: int = 2  # checkpoints kept (ckpt-<step>.pt); last.pt and best.pt link to the newest and the best
     timeout_s: float = 600.0  # a collective waits this long for a rank that died or hangs, then the run ends
     nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf loss does (checked at log_every and epoch end)
     max_rollbacks: int = 3  # train.nonfinite=rollback: how many times before giving up
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    eval_test_every: int = 0  # with a validation split: epochs between test evaluations (0 = at the end only)
     tta: TTA = TTA.none  # test-time augmentation of every evaluation
     log_every: int = 50  # steps between host syncs for logging
     stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
@@ -175,8 +182,9 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     return f"bad value for '{key}': {msg}"
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> Config:
-    """Schema <- `base` (e.g. a checkpoint's config) <- YAML preset <- `key=value` overrides; raises ConfigError."""
+def merged(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> DictConfig:
+    """Schema <- `base` (e.g. a checkpoint's config) <- YAML preset <- `key=value` overrides, typed by the
+    schema, required keys possibly still missing (`???`); raises ConfigError."""
     schema = OmegaConf.structured(Config)
     try:
         cfg = schema if base is None else OmegaConf.merge(schema, base)
@@ -193,7 +201,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         for o in overrides:
             if "=" not in o:
                 raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.epochs=10)")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, schema)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> Config:
+    """The typed, checked config: `merged(...)` with every required key set; raises ConfigError."""
+    cfg = merged(path, overrides, base)
+    try:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"required config keys not set: {', '.join(missing)} (e.g. {missing[0]}=PATH)")
@@ -201,7 +217,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
     except MissingMandatoryValue as e:  # pragma: no cover - caught by missing_keys above
         raise ConfigError(f"required config key not set: {e.full_key}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, schema)) from None
+        raise ConfigError(_explain(e, OmegaConf.structured(Config))) from None
     _check(obj)
     return obj
 
@@ -216,6 +232,8 @@ def _check(cfg: Config) -> None:
     if cfg.model.pretrained == "torchvision" and not cfg.model.name.startswith("tv_"):
         raise ConfigError(f"model.pretrained=torchvision needs a torchvision model (tv_resnet18, tv_resnet34, "
                           f"tv_resnet50), not model.name={cfg.model.name}; pass a weights file instead")
+    if not 0 <= cfg.data.val_fraction < 1 or cfg.data.val_seed < 0 or cfg.train.eval_test_every < 0:
+        raise ConfigError("'data.val_fraction' must be in [0, 1), 'data.val_seed' and 'train.eval_test_every' >= 0")
     if cfg.data.resize < 0 or cfg.optim.head_lr_scale <= 0 or not 0 < cfg.optim.layer_decay <= 1:
         raise ConfigError("'data.resize' must be >= 0 (0 = off), 'optim.head_lr_scale' > 0 and "
                           "'optim.layer_decay' in (0, 1] (1 = off)")
@@ -266,7 +284,7 @@ def _check(cfg: Config) -> None:
 # What a resume may change. Every other key shapes the run's trajectory and must match the checkpoint's.
 RESUME_HARMLESS = (
     "run.dir", "run.progress", "train.resume", "train.log_every", "train.stop_check_every", "train.eval_every",
-    "train.tta", "train.keep_last", "train.timeout_s", "train.nonfinite", "train.max_rollbacks",
+    "train.tta", "train.keep_last", "train.eval_test_every", "train.timeout_s", "train.nonfinite", "train.max_rollbacks",
     "train.ema", "train.ema_decay",  # the EMA only watches the weights; a new one starts from the restored ones
     "data.dir",  # compared by the betons' sha256 instead: a moved folder resumes, different data does not
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",
@@ -305,15 +323,55 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
 
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "run": RunConfig}
+_FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=#]+?(?:=[^#]*)?#\s*(.+?)\s*$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The one-line comment after each field of a schema dataclass, read from this file's source."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = _FIELD.match(line)
+        if m:
+            out.setdefault(m.group(1), m.group(2))
+    return out
+
+
+def schema_help() -> str:
+    """Every config key, grouped by section: its type, default, allowed values and the schema's comment."""
+    lines = ["config keys (set them in a preset or as key=value; `--print-config` shows the result):"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n{section}:")
+        comments, hints = field_comments(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            kind = "|".join(e.value for e in t) if isinstance(t, type) and issubclass(t, Enum) else t.__name__
+            default = "required" if f.default is MISSING else repr(f.default.value if isinstance(f.default, Enum)
+                                                                   else f.default)
+            lines.append(f"  {section}.{f.name} ({kind}, {default})")
+            if f.name in comments:
+                lines.append(f"      {comments[f.name]}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train") -> Config:
-    """`--config PRESET.yaml key=value ...` -> Config; exits with a clear message on error."""
+    """`--config PRESET.yaml key=value ...` -> Config; exits with a clear message on error.
+    `--help` lists every key of the schema; `--print-config` prints the resolved config and exits."""
     import argparse
 
-    p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.")
+    p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.",
+                                epilog=schema_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
+        if args.print_config:
+            cfg = merged(args.config, args.overrides)
+            if not OmegaConf.missing_keys(cfg):
+                load_config(args.config, args.overrides)  # the same checks as a run
+            print(OmegaConf.to_yaml(cfg), end="")
+            raise SystemExit(0)
         return load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"{prog}: config error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, load_latest, unwrap
 from .config import (TTA, Config, ConfigError, NonFinite, Normalization, Precision, load_config, parse_args,
                      resume_changes, to_dict, to_yaml)
 from .data.augment import derive_seed
-from .data.loader import DataError, TestData, TrainData, check_betons, image_shape, read_manifest
+from .data.loader import DataError, TestData, TrainData, check_betons, image_shape, read_manifest, split_indices
 from .distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, DistEnv, JobExit, StopRequest, all_reduce_sum,
                           broadcast_buffers, spread)
 from .faults import fault_point
@@ -110,10 +110,13 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         cl = cfg.model.channels_last
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)  # FFCV would set its worker count
+        train_idx, self.val_idx = split_indices(cfg.data)  # data.val_fraction: held out of the train split
         self.train_data = TrainData(cfg.data, t.batch_size, t.seed, self.device, self.amp_dtype, cl,
-                                    env.rank, env.world_size, t.accum_steps, threads, self.mean, self.std)
-        self.test_data = TestData(cfg.data, self.batch_per_rank, self.device, self.amp_dtype, cl,
-                                  env.rank, env.world_size, threads, self.mean, self.std)
+                                    env.rank, env.world_size, t.accum_steps, threads, self.mean, self.std, train_idx)
+        evaluation = (cfg.data, self.batch_per_rank, self.device, self.amp_dtype, cl, env.rank, env.world_size,
+                      threads, self.mean, self.std)
+        self.val_data = TestData(*evaluation, split="train", indices=self.val_idx) if len(self.val_idx) else None
+        self.test_data = TestData(*evaluation)
         self.total_steps = len(self.train_data) * t.epochs
 
         # ---- model: pretrained -> (SyncBN) -> freeze -> channels_last -> (resize) -> compile -> DDP
@@ -180,6 +183,11 @@ class Trainer:
             write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             if self.pretrained_report is not None:
                 write_json(self.run_dir / "pretrained.json", self.pretrained_report)
+            if self.val_data is not None:  # the split, stored with the run
+                write_json(self.run_dir / "split.json", {
+                    "val_fraction": cfg.data.val_fraction, "val_seed": cfg.data.val_seed,
+                    "train_count": len(self.train_data.indices), "val_count": len(self.val_idx),
+                    "val_indices": self.val_idx.tolist()})
             self.tb = SummaryWriter(str(self.run_dir))
 
     def print(self, *args) -> None:
@@ -277,13 +285,15 @@ class Trainer:
                 if record is None:  # stop requested: the checkpoint holds the position inside the epoch
                     return self.finish(stopped=True)
                 self.epoch += 1
-                if self.epoch == cfg.epochs or self.epoch % cfg.eval_every == 0:
+                val, test = self.evaluations_due()
+                if val or test:
                     t0 = time.perf_counter()
-                    record.update(self.evaluate())
+                    record.update(self.evaluate(val, test))
                     record["eval_time_s"] = time.perf_counter() - t0  # evaluate() ends in a host sync
                 self.history.append(record)
-                best = record.get("test_acc", -1.0) > self.best_acc
-                self.best_acc = max(self.best_acc, record.get("test_acc", -1.0))
+                key = "val_acc" if self.val_data is not None else "test_acc"  # selection never sees test with val
+                best = record.get(key, -1.0) > self.best_acc
+                self.best_acc = max(self.best_acc, record.get(key, -1.0))
                 self.log_epoch(record)
                 self.save_checkpoint(best)
                 if self.epoch < cfg.epochs and self.stop.agreed(self.env.control_group):
@@ -402,15 +412,32 @@ class Trainer:
         if self.lookahead is not None:
             self.lookahead.step(applied, final=self.step + 1 == self.total_steps)
 
-    def evaluate(self) -> dict:
+    def evaluations_due(self) -> tuple[bool, bool]:
+        """(validation, test) after the epoch just ended. Without a validation split the test set is
+        evaluated every `eval_every` epochs; with one, validation is, and test at the end of the run and
+        every `eval_test_every` epochs."""
+        t, e = self.cfg.train, self.epoch
+        last, due = e == t.epochs, e % t.eval_every == 0
+        if self.val_data is None:
+            return False, last or due
+        return last or due, last or bool(t.eval_test_every and e % t.eval_test_every == 0)
+
+    def evaluate(self, val: bool = False, test: bool = True) -> dict:
         for module in [self.model] + ([self.ema.module] if self.ema is not None else []):
             broadcast_buffers(module)
         amp = (self.amp_dtype, self.precision != Precision.fp32, self.cfg.train.tta)
-        result = evaluate(self.forward, self.test_data, self.device, *amp)
-        self.confusion = result.pop("confusion")  # kept for the end of the run, not in every epoch's record
-        if self.ema is not None:
-            ema = evaluate(self.with_input(self.ema.module), self.test_data, self.device, *amp)
-            result.update({"ema_test_loss": ema["test_loss"], "ema_test_acc": ema["test_acc"]})
+        result = {}
+        for name, data in (("val", self.val_data if val else None), ("test", self.test_data if test else None)):
+            if data is None:
+                continue
+            r = evaluate(self.forward, data, self.device, *amp, prefix=name)
+            confusion = r.pop("confusion")
+            if name == "test":
+                self.confusion = confusion  # kept for the end of the run, not in every epoch's record
+            result.update(r)
+            if self.ema is not None:
+                ema = evaluate(self.with_input(self.ema.module), data, self.device, *amp, prefix=name)
+                result.update({f"ema_{name}_loss": ema[f"{name}_loss"], f"ema_{name}_acc": ema[f"{name}_acc"]})
         return result
 
     # ---------------------------------------------------------------- divergence
@@ -452,13 +479,15 @@ class Trainer:
     def log_epoch(self, r: dict) -> None:
         scalars = {"train/epoch_loss": r["train_loss"], "train/acc": r["train_acc"], "time/epoch_s": r["epoch_time_s"],
                    "train/epoch_img_per_s": r["img_per_s"]}
-        if "test_acc" in r:
-            scalars.update({"test/loss": r["test_loss"], "test/acc": r["test_acc"]})
-        if "ema_test_acc" in r:
-            scalars.update({"test/ema_loss": r["ema_test_loss"], "test/ema_acc": r["ema_test_acc"]})
+        test = ""
+        for name in ("val", "test"):
+            if f"{name}_acc" in r:
+                scalars.update({f"{name}/loss": r[f"{name}_loss"], f"{name}/acc": r[f"{name}_acc"]})
+                test += f" {name} loss {r[f'{name}_loss']:.4f} acc {r[f'{name}_acc']:.4f}"
+            if f"ema_{name}_acc" in r:
+                scalars.update({f"{name}/ema_loss": r[f"ema_{name}_loss"], f"{name}/ema_acc": r[f"ema_{name}_acc"]})
+                test += f" ema acc {r[f'ema_{name}_acc']:.4f}"
         self.log_scalars(scalars, r["epoch"])
-        test = f" test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}" if "test_acc" in r else ""
-        test += f" ema acc {r['ema_test_acc']:.4f}" if "ema_test_acc" in r else ""
         self.print(f"epoch {r['epoch']:3d} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{test} "
                    f"| {r['epoch_time_s']:.1f}s {r['img_per_s']:.0f} img/s")
         if self.env.is_main:
@@ -466,6 +495,7 @@ class Trainer:
 
     def summary(self) -> dict:
         evals = [r for r in self.history if "test_acc" in r]
+        vals = [r for r in self.history if "val_acc" in r]
         times = [r["epoch_time_s"] for r in self.history]
         return {
             "model": self.cfg.model.name, "world_size": self.env.world_size, "global_batch_size": self.cfg.train.batch_size,
@@ -476,6 +506,9 @@ class Trainer:
             "test_acc": evals[-1]["test_acc"] if evals else None,
             "test_count": evals[-1]["test_count"] if evals else None,
             "best_test_acc": max((r["test_acc"] for r in evals), default=None),
+            "val_acc": vals[-1]["val_acc"] if vals else None,
+            "val_count": vals[-1]["val_count"] if vals else None,
+            "best_val_acc": max((r["val_acc"] for r in vals), default=None),
             "train_time_s": sum(times),
             "first_epoch_s": times[0] if times else None,  # includes numba + torch.compile warm-up
             "first_step_s": self.first_step_s,  # from Trainer creation; None when resumed past all steps
@@ -501,6 +534,10 @@ class Trainer:
             self.tb = None
         if self.env.is_main and s["completed"] and self.confusion is not None:
             self.write_per_class()
+        if self.env.is_main and self.history:
+            from . import plot
+
+            plot.curves(self.run_dir / "curves.png", [self.run_dir])  # from metrics.json, written by now
         if not stopped and s["test_acc"] is not None:
             self.print(f"done: test acc {s['test_acc']:.4f} on {s['test_count']} images, "
                        f"train time {s['train_time_s']:.1f}s -> {self.run_dir}")
@@ -576,7 +613,7 @@ def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Ten
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: torch.dtype, amp: bool,
-             tta: TTA = TTA.none) -> dict:
+             tta: TTA = TTA.none, prefix: str = "test") -> dict:
     """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over the whole
     test set, each image counted once across ranks. Everything stays on the device until the end."""
     was_training = model.training
@@ -598,7 +635,7 @@ def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: 
     if int(count) != data.count:  # each test image exactly once across ranks
         raise RuntimeError(f"evaluated {int(count)} images, expected {data.count}")
     matrix = all_reduce_sum(confusion).view(c, c).long().tolist()
-    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count), "confusion": matrix}
+    return {f"{prefix}_loss": loss_sum / count, f"{prefix}_acc": correct / count, f"{prefix}_count": int(count), "confusion": matrix}
 
 
 def per_class(confusion: list[list[int]], classes: list[str]) -> dict:

@@ -38,10 +38,10 @@ def nan() -> None:
 def stop_in_final_eval() -> None:
     evaluate = Trainer.evaluate
 
-    def patched(self):
+    def patched(self, *args, **kwargs):
         if self.epoch == self.cfg.train.epochs:
             (self.run_dir / "STOP").touch()
-        return evaluate(self)
+        return evaluate(self, *args, **kwargs)
 
     Trainer.evaluate = patched
 

@@ -128,3 +128,32 @@ def test_resume_changes_sort_keys_into_refused_and_harmless():
     refused, numerics = resume_changes(old, new)
     assert refused == {"data.cutout": (0, 4), "optim.lr": (0.4, 0.1), "train.epochs": (6, 9)}
     assert numerics == {"model.compile": (False, True)}
+
+
+def test_help_lists_every_key_with_its_type_default_and_comment(capsys):
+    import dataclasses
+
+    from dist_resnet.config import SECTIONS, parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"  {section}.{f.name} (" in out, f"{section}.{f.name}"
+    assert "  train.precision (auto|bf16|fp16|fp32, 'auto')" in out and "  data.dir (str, required)" in out
+    assert "hold out this class-stratified fraction of the train split" in out  # the schema's own comment
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    from dist_resnet.config import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(ROOT / "configs" / "cpu.yaml"), "--print-config", "train.epochs=3"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "epochs: 3" in out and "name: resnet9" in out and "dir: ???" in out
+    with pytest.raises(SystemExit) as e:  # checked like a run
+        parse_args(["--config", str(ROOT / "configs" / "cpu.yaml"), "--print-config", "data.dir=/d", "run.dir=/r",
+                    "train.seed=-1"])
+    assert e.value.code == 2 and "train.seed" in capsys.readouterr().err

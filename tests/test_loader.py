@@ -270,3 +270,24 @@ def test_resident_data_that_does_not_fit_is_a_clear_error(betons, monkeypatch):
     with pytest.raises(DataError, match=r"data.pipeline=device needs 0.1 GiB for the train split but this machine "
                                         r"has 0.0 GiB free .* use data.pipeline=ffcv"):
         TrainData(DataConfig(dir=str(betons), pipeline="device"), 500, 0, CPU, torch.float32, False)
+
+
+def test_the_validation_split_is_stratified_fixed_and_exact_across_ranks(betons):
+    """val_fraction of every class, the same whatever the training seed; the train data never sees it,
+    and 3 ranks evaluate every validation image exactly once."""
+    from dist_resnet.data.loader import split_indices, train_labels
+
+    cfg = DataConfig(dir=str(betons), num_workers=2, val_fraction=0.1)
+    train_idx, val_idx = split_indices(cfg)
+    labels = train_labels(betons)
+    assert len(val_idx) == 500 and np.bincount(labels[val_idx]).tolist() == [50] * 10
+    assert len(np.intersect1d(train_idx, val_idx)) == 0 and len(train_idx) + len(val_idx) == 5000
+    assert np.array_equal(split_indices(cfg)[1], val_idx)  # a function of val_seed alone
+    assert not np.array_equal(split_indices(DataConfig(dir=str(betons), val_fraction=0.1, val_seed=1))[1], val_idx)
+    data = TrainData(cfg, 500, seed=3, device=CPU, dtype=torch.float32, channels_last=False, indices=train_idx)
+    assert len(data) == 9 and set(data.order.sample_order(0)) <= set(train_idx.tolist())
+    parts = [TestData(cfg, 64, CPU, torch.float32, False, rank=r, world=3, split="train", indices=val_idx)
+             for r in range(3)]
+    seen = np.concatenate([np.concatenate([y.numpy() for _, y in part]) for part in parts])
+    assert sum(p.count for p in parts) == 1500 and len(seen) == 500  # each rank knows the whole count
+    assert np.bincount(seen).tolist() == [50] * 10

@@ -195,8 +195,9 @@ class GlobalBatchOrder(TraversalOrder):
     change with the world size; this replaces it.)
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world: int):
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world: int, indices: np.ndarray | None = None):
         self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.indices = indices  # the beton index of each of the n positions (None: the identity)
         self.steps = n // global_batch
         self.skip: tuple[int, int] | None = None  # (epoch, steps): resume mid-epoch
 
@@ -209,6 +210,12 @@ class GlobalBatchOrder(TraversalOrder):
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)[: self.steps * self.global_batch]
 
     def sample_order(self, epoch: int) -> np.ndarray:
+        """This rank's samples of the epoch, as beton indices (what FFCV asks for)."""
+        positions = self.positions(epoch)
+        return positions if self.indices is None else self.indices[positions]
+
+    def positions(self, epoch: int) -> np.ndarray:
+        """This rank's samples of the epoch, as positions 0..n-1 (a held-out split leaves gaps in the beton)."""
         perm = self.permutation(epoch)
         start = 0
         if self.skip is not None and self.skip[0] == epoch:
@@ -216,6 +223,33 @@ class GlobalBatchOrder(TraversalOrder):
         share = self.global_batch // self.world
         batches = perm.reshape(self.steps, self.global_batch)
         return np.ascontiguousarray(batches[start:, self.rank * share:(self.rank + 1) * share]).reshape(-1)
+
+
+def train_labels(data_dir: str | Path) -> np.ndarray:
+    """The train beton's labels, from its metadata table (no image is decoded)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(Path(data_dir) / "train.beton"))
+    return np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"], dtype=np.int64)
+
+
+def split_indices(cfg: DataConfig) -> tuple[np.ndarray | None, np.ndarray]:
+    """(train, val) indices into the train beton: `val_fraction` of every class held out, drawn from
+    `val_seed` alone, so every rank, world size, seed and sweep trial sees the same split.
+    Without a split: (None, no indices), and training uses the whole beton."""
+    if not cfg.val_fraction:
+        return None, np.arange(0)
+    labels = train_labels(cfg.dir)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(round(cfg.val_fraction * len(members)))
+        val.append(np.random.default_rng([cfg.val_seed, int(c)]).choice(members, k, replace=False))
+    val = np.sort(np.concatenate(val))
+    if len(val) == 0:
+        raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of the {len(labels)} train images; "
+                        "raise it")
+    return np.setdiff1d(np.arange(len(labels)), val), val
 
 
 class TrainData:
@@ -227,11 +261,12 @@ class TrainData:
 
     def __init__(self, cfg: DataConfig, global_batch: int, seed: int, device: torch.device, dtype: torch.dtype,
                  channels_last: bool, rank: int = 0, world: int = 1, accum: int = 1, threads: int | None = None,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+                 mean: list[float] | None = None, std: list[float] | None = None, indices: np.ndarray | None = None):
         """`mean`/`std` (in [0, 1]) default to the manifest's. Translation and cutout are given in pixels
-        of a 32-pixel image and scale with the images' shorter side."""
+        of a 32-pixel image and scale with the images' shorter side. `indices`: the train beton's images to
+        train on (default: all; a validation split holds some out)."""
         manifest = read_manifest(cfg.dir)
-        n = manifest["train"]["count"]
+        n = manifest["train"]["count"] if indices is None else len(indices)
         if global_batch % (world * accum):
             raise DataError(
                 f"train.batch_size={global_batch} (global) does not divide by world size {world} x "
@@ -245,10 +280,11 @@ class TrainData:
         self.seed, self.rank, self.world, self.accum = seed, rank, world, accum
         self.global_batch, self.micro = global_batch, global_batch // (world * accum)
         self.channels_last, self.cfg, self.device, self.threads = channels_last, cfg, device, threads
-        self.order = GlobalBatchOrder(n, global_batch, seed, rank, world)
+        self.order = GlobalBatchOrder(n, global_batch, seed, rank, world, indices)
+        self.indices = np.arange(n) if indices is None else indices
         self.resident = None
         if cfg.pipeline == Pipeline.device:  # the same order, gathered from device memory
-            self.resident = read_resident(cfg, "train", np.arange(n), device, dtype, channels_last)
+            self.resident = read_resident(cfg, "train", self.indices, device, dtype, channels_last)
         else:
             self.loader = Loader(
                 str(Path(cfg.dir) / "train.beton"), batch_size=self.micro, num_workers=_workers(cfg),
@@ -292,11 +328,12 @@ class TrainData:
         """`n` train images drawn from the seed (the same on every rank), normalised, in fp32, for
         data-dependent initialisation. Betons are written class by class, so this is not a prefix."""
         rng = np.random.default_rng([self.seed, 0x5A3])
-        idx = np.sort(rng.choice(self.order.n, min(n, self.order.n), replace=False))
+        idx = np.sort(rng.choice(self.order.n, min(n, self.order.n), replace=False))  # positions
         if self.resident is not None:
             images = self.resident[0][torch.from_numpy(idx).to(self.device)]
         else:
-            images = read_resident(self.cfg, "train", idx, self.device, torch.float32, self.channels_last)[0]
+            images = read_resident(self.cfg, "train", self.indices[idx], self.device, torch.float32,
+                                   self.channels_last)[0]
         return self.normalize(images.float()).float()
 
     def raw_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -306,7 +343,7 @@ class TrainData:
             yield from _iterate(self.loader, self.threads)
             return
         images, labels = self.resident
-        order = torch.from_numpy(self.order.sample_order(epoch).astype(np.int64)).to(images.device)
+        order = torch.from_numpy(self.order.positions(epoch).astype(np.int64)).to(images.device)
         for i in range(len(order) // self.micro):
             idx = order[i * self.micro:(i + 1) * self.micro]
             yield images[idx], labels[idx]
@@ -362,24 +399,29 @@ def read_resident(cfg: DataConfig, split: str, indices: np.ndarray, device: torc
 
 class TestData:
     __test__ = False  # not a pytest class
-    """Exact partition of the test set: rank r evaluates images r, r+world, r+2*world, ..."""
+    """Exact partition of an evaluation set: rank r evaluates its images r, r+world, r+2*world, ...
+
+    The test split by default; `split="train", indices=val` is the validation set held out of it."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  channels_last: bool, rank: int = 0, world: int = 1, threads: int | None = None,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+                 mean: list[float] | None = None, std: list[float] | None = None, split: str = "test",
+                 indices: np.ndarray | None = None):
         from ffcv.loader import OrderOption
 
         manifest = read_manifest(cfg.dir)
-        self.count, self.num_classes = manifest["test"]["count"], len(manifest["classes"])
+        every = np.arange(manifest[split]["count"]) if indices is None else np.asarray(indices)
+        self.count, self.num_classes = len(every), len(manifest["classes"])
         if world > self.count:
-            raise DataError(f"{world} ranks but only {self.count} test images; use at most {self.count} ranks")
-        indices = np.arange(rank, self.count, world)
+            raise DataError(f"{world} ranks but only {self.count} {split} images to evaluate; "
+                            f"use at most {self.count} ranks")
+        indices = every[rank::world]
         self.batch_size, self.resident = batch_size, None
         if cfg.pipeline == Pipeline.device:
-            self.resident = read_resident(cfg, "test", indices, device, dtype, channels_last)
+            self.resident = read_resident(cfg, split, indices, device, dtype, channels_last)
         else:
             self.loader = Loader(
-                str(Path(cfg.dir) / "test.beton"), batch_size=batch_size, num_workers=_workers(cfg),
+                str(Path(cfg.dir) / f"{split}.beton"), batch_size=batch_size, num_workers=_workers(cfg),
                 os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
                 pipelines=_pipelines(device, dtype), drop_last=False, batches_ahead=cfg.batches_ahead,
             )

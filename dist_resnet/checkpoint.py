@@ -51,16 +51,17 @@ def step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def save(state: dict, run_dir: Path, keep_last: int, best: bool = False) -> Path:
-    """Write `state` as run_dir/ckpt-<step>.pt, point last.pt (and best.pt) at it, prune to keep_last."""
+def save(state: dict, run_dir: Path, keep_last: int, links: tuple[str, ...] = ()) -> Path:
+    """Write `state` as run_dir/ckpt-<step>.pt, point last.pt (and each of `links`, e.g. best.pt) at it,
+    prune to keep_last."""
     state = {"format_version": FORMAT_VERSION, **state}
     path = save_atomic(state, run_dir / f"ckpt-{state['step']:08d}.pt")
     fault_point("link")
     link_atomic(path, run_dir / "last.pt")
-    if best:
-        link_atomic(path, run_dir / "best.pt")
+    for name in links:
+        link_atomic(path, run_dir / name)
     for old in sorted(run_dir.glob("ckpt-*.pt"), key=step_of)[:-keep_last]:
-        old.unlink(missing_ok=True)  # last.pt and best.pt are links of their own: they survive this
+        old.unlink(missing_ok=True)  # last.pt, best.pt, ... are links of their own: they survive this
     return path
 
 

@@ -72,6 +72,22 @@ class NonFinite(str, Enum):
     rollback = "rollback"  # reload the last good checkpoint, halve the LR, go on (at most train.max_rollbacks times)
 
 
+class Adversarial(str, Enum):
+    none = "none"
+    fgsm = "fgsm"  # one signed-gradient step (with adv.init=random: FGSM-RS, "Fast is better than free")
+    pgd = "pgd"  # adv.steps signed-gradient steps (Madry et al.)
+
+
+class EvalAttack(str, Enum):
+    none = "none"
+    pgd = "pgd"  # PGD with adv.eval_steps and adv.eval_restarts at every test evaluation: test/robust_acc
+
+
+class AdvInit(str, Enum):
+    random = "random"  # uniform in the eps-ball
+    zero = "zero"
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -149,6 +165,21 @@ class TrainConfig:
     log_every: int = 50  # steps between host syncs for logging
     stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
     deterministic: bool = False  # deterministic kernels where torch has them (slower); sets CUBLAS_WORKSPACE_CONFIG
+    adversarial: Adversarial = Adversarial.none  # train on adversarial examples (adv.*): none | fgsm | pgd
+    eval_attack: EvalAttack = EvalAttack.none  # also report accuracy under PGD (adv.eval_*) at each test evaluation
+
+
+@dataclass
+class AdvConfig:
+    eps: float = 8.0  # L-inf radius in pixel levels (0-255) of the [0, 1] image, for training and evaluation
+    alpha: float = 0.0  # step size in pixel levels; 0 = 1.25 eps for fgsm, 2.5 eps / steps for pgd
+    steps: int = 7  # train.adversarial=pgd: attack steps per training step (fgsm: 1)
+    init: AdvInit = AdvInit.random  # the attack's start: random in the ball (FGSM-RS) or the image itself
+    eval_alpha: float = 2.0  # step size of the evaluation PGD, in pixel levels
+    eval_steps: int = 20  # steps of the evaluation PGD (train.eval_attack=pgd)
+    eval_restarts: int = 1  # random restarts of the evaluation PGD; an image counts if it withstands all
+    check_images: int = 512  # adversarial training: train images PGD-attacked every epoch to catch a collapse
+    check_steps: int = 10  # steps of that check's PGD (alpha = adv.eval_alpha)
 
 
 @dataclass
@@ -163,6 +194,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -277,6 +309,13 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"bad value for 'optim.{key}': it must be in [0, 1] (a factor of optim.lr)")
     if cfg.optim.norm_bias_lr_scale <= 0:
         raise ConfigError("bad value for 'optim.norm_bias_lr_scale': it must be > 0")
+    a = cfg.adv
+    if not 0 < a.eps <= 255 or a.alpha < 0 or a.eval_alpha <= 0 or a.check_images < 0:
+        raise ConfigError(f"'adv.eps' must be in (0, 255] pixel levels (it is {a.eps:g}), 'adv.alpha' >= 0 "
+                          "(0 = automatic), 'adv.eval_alpha' > 0 and 'adv.check_images' >= 0 (0 = off)")
+    for key in ("steps", "eval_steps", "eval_restarts", "check_steps"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"bad value for 'adv.{key}': {getattr(a, key)}; it must be >= 1")
     if cfg.optim.lookahead_every < 0 or not 0 < cfg.optim.lookahead_decay < 1:
         raise ConfigError("'optim.lookahead_every' must be >= 0 (0 = off) and 'optim.lookahead_decay' in (0, 1)")
 
@@ -290,6 +329,8 @@ RESUME_HARMLESS = (
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",
     "model.pretrained",  # only the first start reads it: a resume takes the weights from the checkpoint
     "data.pipeline",  # ffcv and device give the very same batches (tests/test_loader.py)
+    "train.eval_attack", "adv.eval_alpha", "adv.eval_steps", "adv.eval_restarts",  # evaluation only
+    "adv.check_images", "adv.check_steps",  # the collapse check reads the weights; it changes none
 )
 # Allowed too, but the resumed run is then no longer bit-identical to an uninterrupted one.
 RESUME_NUMERICS = ("train.device", "model.compile", "model.compile_mode", "model.channels_last", "train.deterministic")
@@ -323,7 +364,8 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "run": RunConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "adv": AdvConfig,
+            "run": RunConfig}
 _FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=#]+?(?:=[^#]*)?#\s*(.+?)\s*$")
 
 

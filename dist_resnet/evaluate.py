@@ -2,8 +2,12 @@
 per-class accuracy and the confusion matrix.
 
     python -m dist_resnet.evaluate runs/r18/best.pt [data.dir=DIR] [train.tta=flip] [--ema] [--out r.json]
-                                   [--confusion confusion.png]
+                                   [--confusion confusion.png] [--attack pgd --steps 50 --restarts 10 --eps 8]
     torchrun --nproc_per_node=4 -m dist_resnet.evaluate runs/r18/best.pt
+
+`--attack pgd` also reports the accuracy under an L-infinity PGD attack (`test_robust_acc`): an image
+counts if it is classified correctly as it is and after every restart. Sizes are in pixel levels (0-255)
+of the [0, 1] image; unset ones come from the checkpoint's `adv.*` config (eps 8, alpha 2, 20 steps).
 
 The config comes from the checkpoint (or from one of our .safetensors files); `key=value` overrides
 change it (data.dir, train.device, ...).
@@ -16,7 +20,7 @@ import sys
 
 import torch
 
-from . import distributed
+from . import attacks, distributed
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, Precision, load_config
 from .data.loader import DataError, TestData, check_betons, read_manifest
@@ -56,9 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights (train.ema=true runs)")
     p.add_argument("--out", help="also write the result as JSON here")
     p.add_argument("--confusion", metavar="PNG", help="draw the confusion matrix into this PNG")
+    p.add_argument("--attack", choices=["none", "pgd"], default="none", help="also evaluate under this attack")
+    p.add_argument("--eps", type=float, help="attack radius in pixel levels (0-255); default adv.eps")
+    p.add_argument("--alpha", type=float, help="PGD step size in pixel levels; default adv.eval_alpha")
+    p.add_argument("--steps", type=int, help="PGD steps; default adv.eval_steps")
+    p.add_argument("--restarts", type=int, help="PGD random restarts; default adv.eval_restarts")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
-        mf, trained, cfg = open_trained(args.checkpoint, args.overrides, args.ema)
+        attack_keys = {"eps": args.eps, "eval_alpha": args.alpha, "eval_steps": args.steps,
+                       "eval_restarts": args.restarts}
+        overrides = args.overrides + [f"adv.{k}={v}" for k, v in attack_keys.items() if v is not None]
+        mf, trained, cfg = open_trained(args.checkpoint, overrides, args.ema)  # the config checks the sizes
     except (ConfigError, CheckpointError) as e:
         print(f"dist_resnet.evaluate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -76,7 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
             model = Resized(model, cfg.data.resize)
         data = TestData(cfg.data, max(1, cfg.train.batch_size // env.world_size), env.device, DTYPES[precision], cl,
                         env.rank, env.world_size, mean=mf.mean, std=mf.std)  # the checkpoint's normalisation
-        result = evaluate(model, data, env.device, DTYPES[precision], precision != Precision.fp32, cfg.train.tta)
+        a = cfg.adv
+        attack = None if args.attack == "none" else attacks.RobustEval(
+            a.eps, a.eval_alpha, a.eval_steps, a.eval_restarts, mf.mean, mf.std, env.device, env.rank)
+        result = evaluate(model, data, env.device, DTYPES[precision], precision != Precision.fp32, cfg.train.tta,
+                          attack=attack)
+        if attack is not None:
+            result["attack"] = attack.describe()
         result = {**result, "classes": classes, "per_class_acc": per_class(result["confusion"], classes),
                   "checkpoint": args.checkpoint, "ema": args.ema, "tta": cfg.train.tta.value,
                   "world_size": env.world_size}

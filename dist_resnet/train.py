@@ -16,15 +16,16 @@ import time
 from contextlib import closing, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import attacks, checkpoint, distributed
 from .checkpoint import CheckpointError, load_latest, unwrap
-from .config import (TTA, Config, ConfigError, NonFinite, Normalization, Precision, load_config, parse_args,
-                     resume_changes, to_dict, to_yaml)
+from .config import (TTA, Adversarial, Config, ConfigError, NonFinite, Normalization, Precision, load_config,
+                     parse_args, resume_changes, to_dict, to_yaml)
 from .data.augment import derive_seed
 from .data.loader import DataError, TestData, TrainData, check_betons, image_shape, read_manifest, split_indices
 from .distributed import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, DistEnv, JobExit, StopRequest, all_reduce_sum,
@@ -117,6 +118,12 @@ class Trainer:
                       threads, self.mean, self.std)
         self.val_data = TestData(*evaluation, split="train", indices=self.val_idx) if len(self.val_idx) else None
         self.test_data = TestData(*evaluation)
+        self.check_data = None  # adversarial training: fixed train images PGD-attacked every epoch (collapse check)
+        if t.adversarial != Adversarial.none and cfg.adv.check_images:
+            every = np.arange(self.manifest["train"]["count"]) if train_idx is None else train_idx
+            rng = np.random.default_rng([t.seed, 0xC4EC])
+            self.check_data = TestData(*evaluation, split="train", indices=np.sort(
+                rng.choice(every, min(cfg.adv.check_images, len(every)), replace=False)))
         self.total_steps = len(self.train_data) * t.epochs
 
         # ---- model: pretrained -> (SyncBN) -> freeze -> channels_last -> (resize) -> compile -> DDP
@@ -153,9 +160,14 @@ class Trainer:
         self.ema = EMA(model, t.ema_decay) if t.ema else None  # weights and BN buffers, every optimizer step
         self.lookahead = Lookahead(model, o.lookahead_decay, o.lookahead_every, self.total_steps) \
             if o.lookahead_every else None
+        # adversarial training (train.adversarial) and robust evaluation (train.eval_attack): see attacks.py
+        self.adversary, self.robust_eval, self.check_attack = attacks.from_config(
+            cfg, self.mean, self.std, self.device, env.rank, env.world_size,
+            self.scaler.scale if self.scaler.is_enabled() else None)
 
         # ---- run state, then the checkpoint into the objects that now all exist
         self.epoch, self.step, self.best_acc, self.history = 0, 0, -1.0, []
+        self.best_robust, self.collapses = -1.0, []  # adversarial training: the PGD check's best, its collapses
         self.position: dict | None = None  # where a stopped epoch left off (mid-epoch resume)
         self.rollbacks: list[dict] = []  # train.nonfinite=rollback: what was rolled back, and to where
         self.checked_step = 0  # the last step known to have a finite loss
@@ -290,12 +302,14 @@ class Trainer:
                     t0 = time.perf_counter()
                     record.update(self.evaluate(val, test))
                     record["eval_time_s"] = time.perf_counter() - t0  # evaluate() ends in a host sync
+                links = self.check_robustness(record)
                 self.history.append(record)
                 key = "val_acc" if self.val_data is not None else "test_acc"  # selection never sees test with val
-                best = record.get(key, -1.0) > self.best_acc
+                if record.get(key, -1.0) > self.best_acc:
+                    links.append("best.pt")
                 self.best_acc = max(self.best_acc, record.get(key, -1.0))
                 self.log_epoch(record)
-                self.save_checkpoint(best)
+                self.save_checkpoint(tuple(links))
                 if self.epoch < cfg.epochs and self.stop.agreed(self.env.control_group):
                     self.print(f"stopped ({self.stop.reason}) after epoch {self.epoch}; resume with train.resume=true")
                     return self.finish(stopped=True)
@@ -347,7 +361,7 @@ class Trainer:
                     self.check_finite(totals[0])  # never checkpoint a diverged state
                     self.position = {"step": step + 1, "stats": totals,
                                      "elapsed": pos["elapsed"] + time.perf_counter() - start}
-                    self.save_checkpoint(best=False)
+                    self.save_checkpoint()
                     self.print(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {step + 1}/"
                                f"{len(self.train_data)}; resume with train.resume=true")
                     return None
@@ -384,6 +398,8 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with self.ddp.no_sync() if self.env.distributed and not last else nullcontext():  # all-reduce once
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != Precision.fp32):
+                    if self.adversary is not None:  # its gradients are the input's only, through the module
+                        x = self.adversary(self.forward, x, y, self.step, i)  # inside DDP: no all-reduce
                     logits = self.ddp(x)
                     loss = self.criterion(logits, y)
                 self.scaler.scale(loss / len(micro_batches)).backward()
@@ -430,7 +446,8 @@ class Trainer:
         for name, data in (("val", self.val_data if val else None), ("test", self.test_data if test else None)):
             if data is None:
                 continue
-            r = evaluate(self.forward, data, self.device, *amp, prefix=name)
+            r = evaluate(self.forward, data, self.device, *amp, prefix=name,
+                         attack=self.robust_eval if name == "test" else None)
             confusion = r.pop("confusion")
             if name == "test":
                 self.confusion = confusion  # kept for the end of the run, not in every epoch's record
@@ -439,6 +456,26 @@ class Trainer:
                 ema = evaluate(self.with_input(self.ema.module), data, self.device, *amp, prefix=name)
                 result.update({f"ema_{name}_loss": ema[f"{name}_loss"], f"ema_{name}_acc": ema[f"{name}_acc"]})
         return result
+
+    def check_robustness(self, record: dict) -> list[str]:
+        """Adversarial training: PGD on the fixed check images (train images, never test) after every
+        epoch, as "Fast is better than free" does to catch catastrophic overfitting, when FGSM training
+        collapses and robust accuracy falls to about 0 within an epoch. Returns the links to the new
+        checkpoint: best_robust.pt at a new best."""
+        if self.check_data is None:
+            return []
+        broadcast_buffers(self.model)  # every rank attacks with rank 0's BatchNorm statistics
+        amp = (self.amp_dtype, self.precision != Precision.fp32)
+        r = evaluate(self.forward, self.check_data, self.device, *amp, prefix="check", attack=self.check_attack)
+        record.update({"check_acc": r["check_acc"], "check_robust_acc": r["check_robust_acc"]})
+        acc, best = r["check_robust_acc"], self.best_robust
+        if acc < best - 0.2:
+            self.collapses.append({"epoch": self.epoch, "check_robust_acc": acc, "best": best})
+            self.print(f"warning: catastrophic overfitting in epoch {self.epoch}: PGD accuracy on the "
+                       f"{self.check_data.count} check images fell from {best:.3f} to {acc:.3f}. best_robust.pt keeps "
+                       "the most robust epoch; lower adv.alpha, or use train.adversarial=pgd")
+        self.best_robust = max(best, acc)
+        return ["best_robust.pt"] if acc > best else []
 
     # ---------------------------------------------------------------- divergence
     def rollback(self, d: Diverged) -> None:
@@ -484,9 +521,15 @@ class Trainer:
             if f"{name}_acc" in r:
                 scalars.update({f"{name}/loss": r[f"{name}_loss"], f"{name}/acc": r[f"{name}_acc"]})
                 test += f" {name} loss {r[f'{name}_loss']:.4f} acc {r[f'{name}_acc']:.4f}"
+            if f"{name}_robust_acc" in r:
+                scalars[f"{name}/robust_acc"] = r[f"{name}_robust_acc"]
+                test += f" robust {r[f'{name}_robust_acc']:.4f}"
             if f"ema_{name}_acc" in r:
                 scalars.update({f"{name}/ema_loss": r[f"ema_{name}_loss"], f"{name}/ema_acc": r[f"ema_{name}_acc"]})
                 test += f" ema acc {r[f'ema_{name}_acc']:.4f}"
+        if "check_robust_acc" in r:
+            scalars.update({"check/acc": r["check_acc"], "check/robust_acc": r["check_robust_acc"]})
+            test += f" check pgd {r['check_robust_acc']:.3f}"
         self.log_scalars(scalars, r["epoch"])
         self.print(f"epoch {r['epoch']:3d} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{test} "
                    f"| {r['epoch_time_s']:.1f}s {r['img_per_s']:.0f} img/s")
@@ -506,6 +549,10 @@ class Trainer:
             "test_acc": evals[-1]["test_acc"] if evals else None,
             "test_count": evals[-1]["test_count"] if evals else None,
             "best_test_acc": max((r["test_acc"] for r in evals), default=None),
+            "test_robust_acc": evals[-1].get("test_robust_acc") if evals else None,
+            "robust_eval": self.robust_eval.describe() if self.robust_eval is not None else None,
+            "best_check_robust_acc": self.best_robust if self.check_data is not None else None,
+            "collapses": self.collapses,
             "val_acc": vals[-1]["val_acc"] if vals else None,
             "val_count": vals[-1]["val_count"] if vals else None,
             "best_val_acc": max((r["val_acc"] for r in vals), default=None),
@@ -564,14 +611,15 @@ class Trainer:
             "history": self.history, "ema": self.ema.state_dict() if self.ema is not None else None,
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rollbacks": self.rollbacks, "config": to_dict(self.cfg), "world_size": self.env.world_size,
+            "best_robust": self.best_robust, "collapses": self.collapses,
             "data": {s: self.manifest[s]["sha256"] for s in ("train", "test")},
             "classes": self.manifest["classes"], "normalize": {"mean": self.mean, "std": self.std},
             "image_shape": list(self.image_shape),
         }
 
-    def save_checkpoint(self, best: bool) -> None:
+    def save_checkpoint(self, links: tuple[str, ...] = ()) -> None:
         if self.env.is_main:
-            checkpoint.save(self.state_dict(), self.run_dir, self.cfg.train.keep_last, best)
+            checkpoint.save(self.state_dict(), self.run_dir, self.cfg.train.keep_last, links)
 
     def restore(self, path: Path, state: dict, quiet: bool = False) -> None:
         load_weights(self.model, state["model"], str(path))
@@ -589,6 +637,7 @@ class Trainer:
         self.epoch, self.step, self.position = state["epoch"], state["step"], state.get("position")
         self.best_acc, self.history = state["best_acc"], state["history"]
         self.rollbacks, self.checked_step = state.get("rollbacks", []), state["step"]
+        self.best_robust, self.collapses = state.get("best_robust", -1.0), state.get("collapses", [])
         if not quiet:
             inside = f", step {self.position['step']} of epoch {self.epoch + 1}" if self.position else ""
             self.print(f"resumed from {path} at epoch {self.epoch}{inside} (global step {self.step})")
@@ -613,16 +662,17 @@ def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Ten
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: torch.dtype, amp: bool,
-             tta: TTA = TTA.none, prefix: str = "test") -> dict:
+             tta: TTA = TTA.none, prefix: str = "test", attack: attacks.RobustEval | None = None) -> dict:
     """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over the whole
-    test set, each image counted once across ranks. Everything stays on the device until the end."""
+    test set, each image counted once across ranks. Everything stays on the device until the end.
+    With `attack`, also the accuracy under it (`<prefix>_robust_acc`, of the model without TTA)."""
     was_training = model.training
     model.eval()
     c = data.num_classes
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, count, correct under attack
     confusion = torch.zeros(c * c, dtype=torch.float64, device=device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-        for x, y in data:
+        for i, (x, y) in enumerate(data):
             fault_point("eval")
             logits = predict(model, x, tta)
             pred = logits.argmax(1)
@@ -630,12 +680,15 @@ def evaluate(model: nn.Module, data: TestData, device: torch.device, amp_dtype: 
             totals[1] += (pred == y).sum()
             totals[2] += y.numel()
             confusion.scatter_add_(0, y * c + pred, torch.ones_like(y, dtype=torch.float64))  # no sync
+            if attack is not None:
+                totals[3] += attack(model, x, y, i).sum()
     model.train(was_training)
-    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    loss_sum, correct, count, robust = all_reduce_sum(totals).tolist()
     if int(count) != data.count:  # each test image exactly once across ranks
         raise RuntimeError(f"evaluated {int(count)} images, expected {data.count}")
     matrix = all_reduce_sum(confusion).view(c, c).long().tolist()
-    return {f"{prefix}_loss": loss_sum / count, f"{prefix}_acc": correct / count, f"{prefix}_count": int(count), "confusion": matrix}
+    return {f"{prefix}_loss": loss_sum / count, f"{prefix}_acc": correct / count, f"{prefix}_count": int(count),
+            **({f"{prefix}_robust_acc": robust / count} if attack is not None else {}), "confusion": matrix}
 
 
 def per_class(confusion: list[list[int]], classes: list[str]) -> dict:

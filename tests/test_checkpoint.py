@@ -35,7 +35,7 @@ def state(step):
 
 def test_save_keeps_the_newest_n_and_links_last_and_best(tmp_path):
     for step in (10, 20, 30, 40):
-        save(state(step), tmp_path, keep_last=2, best=step == 20)
+        save(state(step), tmp_path, keep_last=2, links=("best.pt",) if step == 20 else ())
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-00000030.pt", "ckpt-00000040.pt"]
     assert load(tmp_path / "last.pt")["step"] == 40
     assert load(tmp_path / "best.pt")["step"] == 20  # best.pt survives the pruning of its ckpt file

@@ -108,6 +108,29 @@ def test_reliability_keys_are_checked(bad, message):
     assert load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + ["optim.momentum=0", "optim.nesterov=false"])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("adv.eps=0", r"'adv.eps' must be in \(0, 255\] pixel levels \(it is 0\)"),
+    ("adv.eps=300", "'adv.eps' must be in"),
+    ("adv.eval_steps=0", "'adv.eval_steps': 0; it must be >= 1"),
+    ("adv.eval_restarts=0", "'adv.eval_restarts'"),
+    ("train.adversarial=trades", "none.*fgsm.*pgd"),
+    ("adv.init=gaussian", "random.*zero"),
+])
+def test_adversarial_keys_are_checked(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "adversarial.yaml", REQUIRED + [bad])
+
+
+def test_resume_may_add_a_robust_evaluation_but_not_change_the_attack():
+    from dist_resnet.config import resume_changes
+
+    old = load_config(ROOT / "configs" / "adversarial.yaml", REQUIRED)
+    new = load_config(ROOT / "configs" / "adversarial.yaml", REQUIRED + [
+        "train.eval_attack=none", "adv.eval_steps=50", "adv.eval_restarts=10", "adv.eps=4", "adv.init=zero"])
+    refused, _ = resume_changes(old, new)
+    assert refused == {"adv.eps": (8.0, 4.0), "adv.init": ("random", "zero")}
+
+
 def test_a_yaml_file_cannot_run_code(tmp_path):
     """Presets are read with a safe YAML loader: a python tag is an error, never a call."""
     marker = tmp_path / "PWNED"

@@ -1,6 +1,7 @@
 """Models, built by name with `build_model(name, num_classes, width, norm)`.
 
-- `cifar`: resnet18/34/50 for small images (3x3 stem, no max-pool), and resnet9 (DAWNBench).
+- `cifar`: resnet18/34/50 for small images (3x3 stem, no max-pool), preact_resnet18 (the adversarial
+  training reference's net), and resnet9 (DAWNBench).
 - `fastnet`: the time-to-accuracy net of configs/fast.yaml (32x32 only).
 - `torchvision`: tv_resnet18/34/50, torchvision's ImageNet ResNets, for fine-tuning (`model.pretrained`).
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from . import torchvision as tv
-from .cifar import BasicBlock, Bottleneck, CifarResNet, ResNet9
+from .cifar import BasicBlock, Bottleneck, CifarResNet, PreActResNet, ResNet9
 from .fastnet import FastNet
 from .layers import NORMS, Norm, Residual
 
@@ -29,6 +30,7 @@ MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
     "fastnet": lambda classes, width, norm: FastNet(classes, width),
     "resnet18": lambda classes, width, norm: CifarResNet(BasicBlock, [2, 2, 2, 2], classes, width, norm),
     "resnet34": lambda classes, width, norm: CifarResNet(BasicBlock, [3, 4, 6, 3], classes, width, norm),
+    "preact_resnet18": lambda classes, width, norm: PreActResNet([2, 2, 2, 2], classes, width, norm),
     "resnet50": lambda classes, width, norm: CifarResNet(Bottleneck, [3, 4, 6, 3], classes, width, norm),
     **{name: (lambda n: lambda classes, width, norm: tv.build(n, classes, norm))(name) for name in tv.ARCHS},
 }
@@ -36,13 +38,14 @@ HEAD = "fc"  # every model's classification head
 STAGES = {  # what `model.freeze` may name, input to output (each model's stage_modules() agrees: tested)
     "resnet9": ["prep", "layer1", "layer2", "layer3"],
     "fastnet": ["stem", "stage1", "stage2", "stage3"],
-    **{n: ["stem", "stage1", "stage2", "stage3", "stage4"] for n in ("resnet18", "resnet34", "resnet50")},
+    **{n: ["stem", "stage1", "stage2", "stage3", "stage4"]
+       for n in ("resnet18", "resnet34", "resnet50", "preact_resnet18")},
     **{n: ["stem", "layer1", "layer2", "layer3", "layer4"] for n in tv.ARCHS},
 }
 BATCH_NORM_ONLY = {"fastnet", *tv.ARCHS}  # scale-free BatchNorm; torchvision's (pretrained) BatchNorm
 FIXED_WIDTH = set(tv.ARCHS)  # torchvision's widths
 INPUT_SIZE = {"fastnet": (32, 32)}  # built for exactly this size
-MIN_SIZE = {"resnet9": 8, "resnet18": 8, "resnet34": 8, "resnet50": 8, **{n: 32 for n in tv.ARCHS}}  # total stride
+MIN_SIZE = {"resnet9": 8, "resnet18": 8, "preact_resnet18": 8, "resnet34": 8, "resnet50": 8, **{n: 32 for n in tv.ARCHS}}  # total stride
 
 
 def check_model(name: str, norm: str, width: int = 64, freeze: str = "none") -> None:

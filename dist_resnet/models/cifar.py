@@ -81,6 +81,46 @@ class CifarResNet(nn.Module):
         return out
 
 
+class PreActBlock(nn.Module):
+    """He et al. 2016's pre-activation block: norm -> ReLU -> conv, twice; the shortcut (a 1x1 conv when
+    the shape changes) takes the pre-activated input."""
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.norm2, self.conv2 = norm(planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, planes, 1, stride, bias=False) if stride != 1 or cin != planes else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        return self.conv2(torch.relu(self.norm2(out))) + skip
+
+
+class PreActResNet(CifarResNet):
+    """PreAct ResNet-18 as in "Fast is better than free" (Wong et al., 2020): a bare 3x3 conv stem,
+    pre-activation blocks, and a final norm + ReLU before the pool and the head."""
+
+    def __init__(self, layers: list[int], num_classes: int, width: int = 64, norm: Norm = nn.BatchNorm2d):
+        super().__init__(PreActBlock, layers, num_classes, width, norm)  # type: ignore[arg-type]
+        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.final = nn.Sequential(norm(width * 2 ** (len(layers) - 1)), nn.ReLU(inplace=True))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.final(self.stages(self.stem(x)))), 1))
+
+    def stage_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        """stem, stage1..4 (the last with the final norm); the head is `fc`."""
+        out = super().stage_modules()
+        out[-1][1].append(self.final)
+        return out
+
+
 def _cbr(cin: int, cout: int, norm: Norm, pool: bool = False) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False)]
     if pool:

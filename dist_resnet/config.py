@@ -109,6 +109,7 @@ class DataConfig:
     verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
     resize: int = 0  # upsample every batch to resize x resize on the device before the model; 0 = off
     normalize: Normalization = Normalization.auto  # whose mean/std the inputs are normalised with
+    fp32_input: bool = False  # normalise in fp32 and feed fp32 batches (fastnet's whitening stem then runs in fp32)
     val_fraction: float = 0.0  # hold out this class-stratified fraction of the train split for validation
     val_seed: int = 0  # which images are held out (fixed across seeds and sweep trials)
 
@@ -124,6 +125,8 @@ class ModelConfig:
     compile_mode: CompileMode = CompileMode.default  # torch.compile's mode (_ for -)
     pretrained: str = ""  # start from: our .pt checkpoint, a torchvision .pth, a .safetensors, or "torchvision"
     freeze: str = "none"  # none | backbone (a linear probe) | a stage name: it and every stage before it
+    residual: bool = False  # fastnet: a residual around each stage's second conv (airbench's stage has none)
+    whiten_bias_epochs: int = 0  # fastnet: train the whitening bias this many epochs, then freeze it; 0 = always
 
 
 @dataclass
@@ -138,6 +141,8 @@ class OptimConfig:
     lr_start: float = 0.0  # warm-up starts from this LR factor: step s < W gets start + (1 - start)(s + 1)/W
     lr_end: float = 0.0  # the decay ends at this factor: the last step gets end + (1 - end)/(T - W)
     norm_bias_lr_scale: float = 1.0  # LR multiplier of normalisation-layer biases (no weight decay on them)
+    norm_bias_decay: bool = False  # decay normalisation biases too, as much per step as the weights (wd / scale)
+    bias_decay: bool = False  # weight decay on the other biases too (fastnet's whitening bias, as airbench)
     head_lr_scale: float = 1.0  # LR multiplier of the classification head (fine-tuning: often 10)
     layer_decay: float = 1.0  # layer-wise LR decay: stage d of S gets lr x layer_decay^(S - d); 1 = off
     lookahead_every: int = 0  # lookahead: every k steps pull the weights to a slow average (0 = off)
@@ -147,6 +152,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20  # fixed for a run: a resume may not change it (the LR schedule spans them)
+    max_steps: int = 0  # end after this many optimizer steps, inside the last epoch (airbench: 476 of 10 x 48); 0 = all
     batch_size: int = 512  # GLOBAL batch size, split evenly across ranks
     accum_steps: int = 1  # micro-batches per optimizer step on each rank (all-reduce on the last only)
     seed: int = 0  # >= 0: initial weights, sample order and augmentation all derive from it
@@ -165,6 +171,8 @@ class TrainConfig:
     log_every: int = 50  # steps between host syncs for logging
     stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
     deterministic: bool = False  # deterministic kernels where torch has them (slower); sets CUBLAS_WORKSPACE_CONFIG
+    loss_scale: float = 0.0  # fp16: 0 = dynamic (GradScaler, one host sync per step); > 0 = this fixed scale, no sync
+    warmup_steps: int = 0  # untimed steps on throw-away data first (compile, autotune); the state is restored exactly
     adversarial: Adversarial = Adversarial.none  # train on adversarial examples (adv.*): none | fgsm | pgd
     eval_attack: EvalAttack = EvalAttack.none  # also report accuracy under PGD (adv.eval_*) at each test evaluation
 
@@ -218,6 +226,8 @@ def merged(path: str | Path | None = None, overrides: Sequence[str] = (), base: 
     """Schema <- `base` (e.g. a checkpoint's config) <- YAML preset <- `key=value` overrides, typed by the
     schema, required keys possibly still missing (`???`); raises ConfigError."""
     schema = OmegaConf.structured(Config)
+    if base is not None and base.get("model", {}).get("name") == "fastnet" and "residual" not in base["model"]:
+        base = {**base, "model": {**base["model"], "residual": True}}  # fastnet's shape before model.residual
     try:
         cfg = schema if base is None else OmegaConf.merge(schema, base)
         if path is not None:
@@ -285,6 +295,13 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"bad value for '{key}': {value}; it must be >= 1")
     if cfg.train.seed < 0:
         raise ConfigError(f"bad value for 'train.seed': {cfg.train.seed}; it must be >= 0")
+    if cfg.train.max_steps < 0 or cfg.train.loss_scale < 0 or cfg.model.whiten_bias_epochs < 0:
+        raise ConfigError("'train.max_steps', 'train.loss_scale' and 'model.whiten_bias_epochs' must be >= 0 (0 = off)")
+    if cfg.model.name != "fastnet" and (cfg.model.residual or cfg.model.whiten_bias_epochs):
+        raise ConfigError(f"model.residual and model.whiten_bias_epochs apply to model.name=fastnet, not "
+                          f"{cfg.model.name}")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError(f"bad value for 'train.warmup_steps': {cfg.train.warmup_steps}; it must be >= 0 (0 = off)")
     if cfg.train.keep_last < 1:
         raise ConfigError(f"bad value for 'train.keep_last': {cfg.train.keep_last}; it must be >= 1")
     if cfg.train.timeout_s <= 0 or cfg.train.max_rollbacks < 0:
@@ -329,6 +346,7 @@ RESUME_HARMLESS = (
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",
     "model.pretrained",  # only the first start reads it: a resume takes the weights from the checkpoint
     "data.pipeline",  # ffcv and device give the very same batches (tests/test_loader.py)
+    "train.warmup_steps",  # restores the state exactly (tests/test_train.py)
     "train.eval_attack", "adv.eval_alpha", "adv.eval_steps", "adv.eval_restarts",  # evaluation only
     "adv.check_images", "adv.check_steps",  # the collapse check reads the weights; it changes none
 )

@@ -16,7 +16,9 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     """SGD over the trainable parameters, in groups of one LR multiplier and one weight decay:
 
-    - weight decay on weights only (ndim > 1), never on normalisation layers or biases;
+    - weight decay on weights (ndim > 1); on normalisation parameters only with `norm_bias_decay`, then as
+      torch weight_decay = wd / norm_bias_lr_scale, so they shrink per step as much as the weights (airbench);
+      on other biases only with `bias_decay`;
     - `norm_bias_lr_scale` for the trainable parameters of normalisation layers;
     - `head_lr_scale` for the head; `layer_decay`: stage d of the model's S stages (input first) gets
       layer_decay ** (S - d), the head 1 (models.parameter_depths)."""
@@ -31,8 +33,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
         kind = 2 if scaled else (0 if p.ndim > 1 else 1)  # decayed weights, other parameters, scaled norms
         mult = cfg.layer_decay ** (n_stages - d) * (cfg.head_lr_scale if d == n_stages else 1.0)
         mult *= cfg.norm_bias_lr_scale if scaled else 1.0
-        group = groups.setdefault((kind, mult), {"params": [], "lr": cfg.lr * mult,
-                                                 "weight_decay": cfg.weight_decay if kind == 0 else 0.0})
+        if kind == 0:
+            decay = cfg.weight_decay
+        elif id(p) in norm_params:  # scaled: the same shrink per step as the weights (airbench)
+            decay = cfg.weight_decay / (cfg.norm_bias_lr_scale if scaled else 1.0) if cfg.norm_bias_decay else 0.0
+        else:
+            decay = cfg.weight_decay if cfg.bias_decay else 0.0
+        group = groups.setdefault((kind, mult, decay), {"params": [], "lr": cfg.lr * mult, "weight_decay": decay})
         group["params"].append(p)
     if not groups:
         raise ValueError("no parameter trains: model.freeze leaves nothing to train")
@@ -49,8 +56,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: Schedule, start: flo
     return end + (1.0 - end) * shape
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
-    total = steps_per_epoch * epochs
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
+                    total: int | None = None):
+    """The per-step LR over `total` steps (default: all epochs; train.max_steps ends the run earlier)."""
+    total = total or steps_per_epoch * epochs
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule, cfg.lr_start, cfg.lr_end))

@@ -75,6 +75,9 @@ class Trainer:
         if precision == Precision.bf16 and cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision=bf16 but this GPU has no bf16; use train.precision=fp16")
         self.precision, self.amp_dtype = precision, DTYPES[precision]
+        self.data_dtype = torch.float32 if cfg.data.fp32_input else self.amp_dtype  # what the loader hands over
+        if t.loss_scale and precision != Precision.fp16:
+            raise ConfigError(f"train.loss_scale={t.loss_scale:g} is for train.precision=fp16 (it is {precision.value})")
         if t.batch_size % (env.world_size * t.accum_steps):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} (global) does not divide by the world size {env.world_size} x "
@@ -112,9 +115,9 @@ class Trainer:
         cl = cfg.model.channels_last
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)  # FFCV would set its worker count
         train_idx, self.val_idx = split_indices(cfg.data)  # data.val_fraction: held out of the train split
-        self.train_data = TrainData(cfg.data, t.batch_size, t.seed, self.device, self.amp_dtype, cl,
+        self.train_data = TrainData(cfg.data, t.batch_size, t.seed, self.device, self.data_dtype, cl,
                                     env.rank, env.world_size, t.accum_steps, threads, self.mean, self.std, train_idx)
-        evaluation = (cfg.data, self.batch_per_rank, self.device, self.amp_dtype, cl, env.rank, env.world_size,
+        evaluation = (cfg.data, self.batch_per_rank, self.device, self.data_dtype, cl, env.rank, env.world_size,
                       threads, self.mean, self.std)
         self.val_data = TestData(*evaluation, split="train", indices=self.val_idx) if len(self.val_idx) else None
         self.test_data = TestData(*evaluation)
@@ -125,9 +128,16 @@ class Trainer:
             self.check_data = TestData(*evaluation, split="train", indices=np.sort(
                 rng.choice(every, min(cfg.adv.check_images, len(every)), replace=False)))
         self.total_steps = len(self.train_data) * t.epochs
+        if t.max_steps:  # the run ends inside its last epoch
+            per = len(self.train_data)
+            if not per * (t.epochs - 1) < t.max_steps <= self.total_steps:
+                raise ConfigError(f"train.max_steps={t.max_steps} must fall in the last of train.epochs={t.epochs} "
+                                  f"epochs of {per} steps: set train.epochs={math.ceil(t.max_steps / per)}")
+            self.total_steps = t.max_steps
 
         # ---- model: pretrained -> (SyncBN) -> freeze -> channels_last -> (resize) -> compile -> DDP
-        model = build_model(cfg.model.name, len(self.manifest["classes"]), cfg.model.width, cfg.model.norm.value)
+        model = build_model(cfg.model.name, len(self.manifest["classes"]), cfg.model.width, cfg.model.norm.value,
+                            cfg.model.residual)
         self.pretrained_report = None
         if self.pretrained is not None:
             self.pretrained_report = files.load_pretrained(model, self.pretrained, self.manifest["classes"])
@@ -142,28 +152,36 @@ class Trainer:
         model = model.to(self.device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
+        self.init_time_s = 0.0  # a data-dependent first layer's fit (fastnet's whitening): part of the timed run
         if hasattr(model, "init_from_data") and resume is None:  # same images on every rank: same weights
+            t0 = time.perf_counter()
             model.init_from_data(self.train_data.sample_images(WHITENING_IMAGES))
+            self.sync()
+            self.init_time_s = time.perf_counter() - t0
         self.model = model  # the unwrapped module: checkpoints hold its state_dict
         self.net = self.with_input(model)  # what a batch goes through
         self.forward = torch.compile(self.net, mode=cfg.model.compile_mode.value) if cfg.model.compile else self.net
-        self.ddp = (nn.parallel.DistributedDataParallel(self.forward, device_ids=[self.device] if cuda else None)
+        # broadcast_buffers=False: BatchNorm statistics are used only in evaluation, and evaluate() broadcasts
+        # rank 0's first; DDP's default would broadcast them before every forward
+        self.ddp = (nn.parallel.DistributedDataParallel(self.forward, device_ids=[self.device] if cuda else None,
+                                                        broadcast_buffers=False)
                     if env.distributed else self.forward)
         torch.manual_seed(derive_seed(t.seed, env.rank))  # per-rank stream for anything random after init
 
         # ---- optimisation
         o = cfg.optim
         self.optimizer = build_optimizer(model, o)
-        self.scheduler = build_scheduler(self.optimizer, o, len(self.train_data), t.epochs)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == Precision.fp16)
+        self.scheduler = build_scheduler(self.optimizer, o, len(self.train_data), t.epochs, self.total_steps)
+        # fp16: a dynamic loss scale (GradScaler: skips inf steps, one host sync per step), or a fixed one
+        self.loss_scale = t.loss_scale if precision == Precision.fp16 else 0.0
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == Precision.fp16 and not t.loss_scale)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
         self.ema = EMA(model, t.ema_decay) if t.ema else None  # weights and BN buffers, every optimizer step
         self.lookahead = Lookahead(model, o.lookahead_decay, o.lookahead_every, self.total_steps) \
             if o.lookahead_every else None
         # adversarial training (train.adversarial) and robust evaluation (train.eval_attack): see attacks.py
         self.adversary, self.robust_eval, self.check_attack = attacks.from_config(
-            cfg, self.mean, self.std, self.device, env.rank, env.world_size,
-            self.scaler.scale if self.scaler.is_enabled() else None)
+            cfg, self.mean, self.std, self.device, env.rank, env.world_size, self.scale)
 
         # ---- run state, then the checkpoint into the objects that now all exist
         self.epoch, self.step, self.best_acc, self.history = 0, 0, -1.0, []
@@ -172,6 +190,7 @@ class Trainer:
         self.rollbacks: list[dict] = []  # train.nonfinite=rollback: what was rolled back, and to where
         self.checked_step = 0  # the last step known to have a finite loss
         self.first_step_s: float | None = None  # process setup + first step (compile, numba, cudnn autotune)
+        self.warmup_s: float | None = None  # train.warmup_steps: compile and autotune before the timed run
         self.failure: dict | None = None
         self.confusion: list[list[int]] | None = None  # of the last evaluation
         self.stop = StopRequest(self.run_dir / "STOP")
@@ -205,6 +224,12 @@ class Trainer:
     def print(self, *args) -> None:
         if self.env.is_main:
             print(*args, flush=True)
+
+    def memory(self) -> dict:
+        """The GPU memory high-water mark (allocator statistics: no sync); nothing on CPU."""
+        if self.device.type != "cuda":
+            return {}
+        return {"memory/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -285,6 +310,8 @@ class Trainer:
             f"{self.cfg.model.name} on {self.device} x{self.env.world_size} ({self.precision.value}), "
             f"global batch {cfg.batch_size}, {len(self.train_data)} steps/epoch, epochs {self.epoch + 1}..{cfg.epochs}"
         )
+        if cfg.warmup_steps:
+            self.warm_up(cfg.warmup_steps)
         try:
             while self.epoch < cfg.epochs:
                 try:
@@ -321,9 +348,50 @@ class Trainer:
                 "micro-batches with the same result, or lower train.batch_size")) from None
         return self.finish()
 
+    def warm_up(self, steps: int) -> None:
+        """torch.compile, cuDNN autotuning and the loader's first-use costs, paid before the timed run as the
+        record scripts do: `steps` training steps and an evaluation forward on throw-away data, after which
+        the weights, buffers, optimizer, schedule, loss scale, EMA, lookahead and RNGs are restored exactly."""
+        t0 = time.perf_counter()
+        saved = io.BytesIO()
+        torch.save(self.state_dict(), saved)
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        micro = self.batch_per_rank // self.cfg.train.accum_steps
+        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        x = torch.randn((micro, 3, *self.image_shape), generator=g, device=self.device).to(
+            self.data_dtype).contiguous(memory_format=fmt)  # as the loader gives them
+        y = torch.randint(0, len(self.manifest["classes"]), (micro,), generator=g, device=self.device)
+        self.forward.train()
+        stem = self.model.stem if self.cfg.model.whiten_bias_epochs else None
+        for i in range(steps):
+            if stem is not None:  # both graphs of the whitening bias, trained and frozen, compile now
+                stem.train_bias = i % 2 == 0
+            self.train_step([(x, y)] * self.cfg.train.accum_steps)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                             enabled=self.precision != Precision.fp32):
+            self.forward.eval()
+            predict(self.forward, x, self.cfg.train.tta)
+            self.forward.train()
+        saved.seek(0)
+        self.restore(Path("the warm-up's copy"), torch.load(saved, weights_only=True), quiet=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        self.sync()
+        self.warmup_s = time.perf_counter() - t0
+        self.print(f"warm-up: {steps} steps and an evaluation on throw-away data in {self.warmup_s:.1f}s "
+                   "(compile, autotune), untimed; the state is restored")
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as backward takes it: scaled for fp16 (dynamically or by train.loss_scale)."""
+        return loss * self.loss_scale if self.loss_scale else self.scaler.scale(loss)
+
     def train_epoch(self, epoch: int) -> dict | None:
         """One epoch from `self.position` (if resuming inside it); None if a stop was agreed."""
         self.forward.train()
+        if self.cfg.model.whiten_bias_epochs:  # a forward flag, not requires_grad: no recompile
+            self.model.stem.train_bias = epoch < self.cfg.model.whiten_bias_epochs
         pos, self.position = self.position or {"step": 0, "stats": [0.0, 0.0, 0.0], "elapsed": 0.0}, None
         # loss sum, correct, count; a resumed epoch's partial sums (over all ranks) restart on rank 0
         stats = torch.tensor(pos["stats"] if self.env.is_main else [0.0] * 3, dtype=torch.float64, device=self.device)
@@ -331,9 +399,11 @@ class Trainer:
         bar = tqdm(total=len(self.train_data), initial=pos["step"], desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
                    unit="step", disable=not (self.env.is_main and self.cfg.run.progress), leave=False, file=sys.stdout)
         self.sync()
-        start = last_log = time.perf_counter()
+        start = last_log = ready = time.perf_counter()
+        waited, logged_step = 0.0, self.step  # host time spent waiting for the loader since the last log
         with closing(self.train_data.epoch(epoch, pos["step"])) as steps:
             for step, micro_batches in steps:
+                waited += time.perf_counter() - ready
                 step_stats = self.train_step(micro_batches)
                 stats += step_stats  # a NaN/inf loss stays in these sums until the next sync reads them
                 window += step_stats[0::2]  # loss sum, count (a view: no index tensor per step)
@@ -349,11 +419,15 @@ class Trainer:
                     self.check_finite(loss_sum)
                     now = time.perf_counter()
                     self.log_scalars({"train/loss": loss_sum / count, "train/img_per_s": count / (now - last_log),
-                                      "train/lr": self.scheduler.get_last_lr()[0]}, self.step)
+                                      "train/lr": self.scheduler.get_last_lr()[0],
+                                      "time/step_ms": 1000 * (now - last_log) / (self.step - logged_step),
+                                      "time/data_wait_pct": 100 * waited / (now - last_log), **self.memory()},
+                                     self.step)
                     bar.set_postfix(loss=f"{loss_sum / count:.3f}")
                     window.zero_()
-                    last_log = now
-                if (step + 1) % self.cfg.train.stop_check_every == 0 and step + 1 < len(self.train_data) \
+                    last_log, waited, logged_step = now, 0.0, self.step
+                last = step + 1 == len(self.train_data) or self.step == self.total_steps
+                if (step + 1) % self.cfg.train.stop_check_every == 0 and not last \
                         and self.stop.agreed(self.env.control_group):
                     self.sync()
                     bar.close()
@@ -365,6 +439,9 @@ class Trainer:
                     self.print(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {step + 1}/"
                                f"{len(self.train_data)}; resume with train.resume=true")
                     return None
+                if self.step == self.total_steps:  # train.max_steps: the run ends inside this epoch
+                    break
+                ready = time.perf_counter()
         self.sync()
         elapsed = pos["elapsed"] + time.perf_counter() - start
         bar.close()
@@ -402,7 +479,7 @@ class Trainer:
                         x = self.adversary(self.forward, x, y, self.step, i)  # inside DDP: no all-reduce
                     logits = self.ddp(x)
                     loss = self.criterion(logits, y)
-                self.scaler.scale(loss / len(micro_batches)).backward()
+                self.scale(loss / len(micro_batches)).backward()
             n = y.numel()  # a host int: no host-to-device copy in the hot loop
             out[0] += loss.detach().double() * n
             out[1] += (logits.detach().argmax(1) == y).sum()
@@ -420,6 +497,9 @@ class Trainer:
             if skipped:
                 return
         else:
+            if self.loss_scale:  # fixed: unscale in place, no host sync; an inf shows in the loss check
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch._foreach_mul_(grads, 1.0 / self.loss_scale)
             self.optimizer.step()
         self.scheduler.step()
         applied = self.scheduler.last_epoch  # optimizer steps applied so far
@@ -559,6 +639,11 @@ class Trainer:
             "train_time_s": sum(times),
             "first_epoch_s": times[0] if times else None,  # includes numba + torch.compile warm-up
             "first_step_s": self.first_step_s,  # from Trainer creation; None when resumed past all steps
+            "warmup_s": self.warmup_s,  # train.warmup_steps: compile and autotune, outside train_time_s
+            "init_time_s": self.init_time_s,  # a data-dependent first layer's fit (fastnet)
+            # timed like the record scripts: training + the data-dependent init + the final evaluation
+            "time_to_result_s": sum(times) + self.init_time_s + (self.history[-1].get("eval_time_s", 0.0)
+                                                                 if self.history else 0.0),
             "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in self.history),
             "steady_img_per_s": (sum(r["img_per_s"] for r in self.history[1:]) / (len(self.history) - 1)
                                  if len(self.history) > 1 else None),

@@ -95,11 +95,32 @@ def test_whitening_stem_decorrelates_real_image_patches(source_images):
     torch.testing.assert_close(torch.diag(cov), lam / (lam + 5e-4), rtol=1e-4, atol=1e-6)  # unit variance, less eps
 
 
-def test_fastnet_is_a_narrow_residual_net():
+def test_fastnet_has_airbench_stages_and_the_residual_is_an_option():
+    from dist_resnet.config import load_config
     from dist_resnet.models import Residual
 
     model = build_model("fastnet")
-    assert sum(isinstance(m, Residual) for m in model.modules()) == 3
+    assert not any(isinstance(m, Residual) for m in model.modules())  # conv-pool-BN-GELU-conv-BN-GELU
     assert 1.9e6 < sum(p.numel() for p in model.parameters()) < 2.0e6
+    older = build_model("fastnet", residual=True)
+    assert sum(isinstance(m, Residual) for m in older.modules()) == 3
+    assert sum(p.numel() for p in older.parameters()) == sum(p.numel() for p in model.parameters())
+    # a checkpoint's config from before model.residual existed is read as the residual shape it had
+    old_cfg = {"model": {"name": "fastnet", "width": 64}, "data": {"dir": "/d"}, "run": {"dir": "/r"}}
+    assert load_config(None, [], base=old_cfg).model.residual
+    assert any(k.startswith("stages.0.residual.body.") for k in older.state_dict())  # the keys it was saved with
+    assert not load_config(None, ["data.dir=/d", "run.dir=/r", "model.name=fastnet"]).model.residual
+
+
+def test_the_whitening_bias_freezes_by_a_forward_flag_and_the_stem_runs_in_fp32():
+    model = build_model("fastnet", width=8)
+    x = torch.randn(4, 3, 32, 32)
+    for train_bias in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.stem.train_bias = train_bias
+        model(x).sum().backward()
+        assert (model.stem.bias.grad is not None) == train_bias and model.stem.bias.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.stem(x.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="model.norm=batch"):
         build_model("fastnet", norm="group")

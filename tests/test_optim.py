@@ -31,6 +31,17 @@ def test_norm_biases_get_a_scaled_lr_and_no_weight_decay():
     assert sched.base_lrs == [0.5, 0.5, 32.0]
 
 
+def test_airbench_decay_of_norm_biases_and_the_whitening_bias():
+    """optim.norm_bias_decay: BN biases decay by wd / norm_bias_lr_scale, so lr x decay per step equals the
+    weights'; optim.bias_decay: the whitening bias decays at the base weight decay."""
+    model = build_model("fastnet", width=8)
+    opt = build_optimizer(model, OptimConfig(lr=0.5, weight_decay=1e-3, norm_bias_lr_scale=64, norm_bias_decay=True,
+                                             bias_decay=True))
+    decay, bias, norm = opt.param_groups
+    assert norm["lr"] * norm["weight_decay"] == pytest.approx(decay["lr"] * decay["weight_decay"])
+    assert [id(p) for p in bias["params"]] == [id(model.stem.bias)] and bias["weight_decay"] == 1e-3
+
+
 def test_default_groups_are_unchanged_without_the_scale():
     opt = build_optimizer(build_model("resnet9", width=8), OptimConfig())
     assert len(opt.param_groups) == 2

@@ -38,8 +38,12 @@ def test_tensorboard_events_hold_the_promised_tags(cpu_run):
     ea = EventAccumulator(str(run_dir))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/img_per_s", "test/loss", "test/acc"} <= tags
+    assert {"train/loss", "train/lr", "train/img_per_s", "test/loss", "test/acc", "time/step_ms",
+            "time/data_wait_pct"} <= tags
     assert len(ea.Scalars("test/acc")) == EPOCHS
+    waits = [e.value for e in ea.Scalars("time/data_wait_pct")]
+    steps = [e.value for e in ea.Scalars("time/step_ms")]
+    assert waits and all(0 <= w < 100 for w in waits) and all(s > 0 for s in steps)  # a share of the step time
 
 
 def test_checkpoint_holds_everything_needed_to_resume(cpu_run):
@@ -88,14 +92,15 @@ FAST_FLOOR = 0.40  # measured 54.5% (seed 0); chance is 10%
 
 def test_fast_preset_trains_with_whitening_lookahead_and_tta(betons, tmp_path, capsys):
     """configs/fast.yaml on CPU at a quarter of the width: the whitening stem is fitted and stays
-    frozen, lookahead state is checkpointed, and evaluation with and without TTA agrees on the count."""
+    frozen, its bias trains for 3 epochs, lookahead state is checkpointed, the run ends at max_steps, and
+    evaluation with and without TTA agrees on the count."""
     from dist_resnet import evaluate
     from dist_resnet.checkpoint import load
 
     run_dir = tmp_path / "fast"
     train_module.main(["--config", "configs/fast.yaml", f"data.dir={betons}", f"run.dir={run_dir}",
                        "train.device=cpu", "model.compile=false", "model.width=16", "train.epochs=4",
-                       "train.batch_size=500", "data.num_workers=2", "run.progress=false"])
+                       "train.batch_size=500", "data.num_workers=2", "run.progress=false", "train.max_steps=37"])
     stdout = capsys.readouterr().out
     m = json.loads((run_dir / "metrics.json").read_text())
     print(f"fast preset, width 16, 4 epochs on the subset: {m['test_acc']:.3f} (6-view TTA)")
@@ -104,6 +109,96 @@ def test_fast_preset_trains_with_whitening_lookahead_and_tta(betons, tmp_path, c
     ckpt = load(run_dir / "last.pt")
     w = ckpt["model"]["stem.weight"]
     assert torch.equal(w[12:], -w[:12]) and ckpt["lookahead"] is not None
+    # train.max_steps ends the run inside its last epoch; the whitening bias froze after epoch 3 (of 4):
+    # epoch 4 left it as epoch 3 did, while it moved before (keep_last=2 holds both checkpoints)
+    assert ckpt["step"] == 37 and ckpt["scheduler"]["last_epoch"] == 37 and m["completed"]
+    epoch3 = load(sorted(run_dir.glob("ckpt-*.pt"))[0])
+    assert epoch3["step"] == 30 and torch.equal(epoch3["model"]["stem.bias"], ckpt["model"]["stem.bias"])
+    assert epoch3["model"]["stem.bias"].abs().sum() > 0
     plain = evaluate.main([str(run_dir / "last.pt"), "train.tta=none"])  # the CLI, in-process
     assert plain["tta"] == "none" and plain["test_count"] == 1000
     assert abs(plain["test_acc"] - m["test_acc"]) < 0.1
+
+
+def test_the_warm_up_is_untimed_and_leaves_the_run_bit_identical(tiny_betons, tmp_path):
+    """train.warmup_steps runs training steps and an evaluation forward on throw-away data before the timed
+    run (compile and autotune on GPU), then restores everything: the run equals one without it, bit for bit,
+    with lookahead, EMA and the fp16 loss scale in the state."""
+    from tests.conftest import TINY
+    from tests.launch import launch
+    from tests.runs import assert_same_run, metrics
+
+    opts = [*TINY, f"data.dir={tiny_betons}", "train.epochs=2", "optim.lookahead_every=3", "train.ema=true",
+            "train.precision=fp16"]
+    for name, extra in (("plain", []), ("warm", ["train.warmup_steps=3"])):
+        codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / name}", *extra], tmp_path / f"{name}.log")
+        assert codes == [0], (tmp_path / f"{name}.log").read_text()
+    assert_same_run(tmp_path / "plain", tmp_path / "warm")
+    plain, warm = metrics(tmp_path / "plain"), metrics(tmp_path / "warm")
+    assert plain["warmup_s"] is None and warm["warmup_s"] > 0 and "warm-up: 3 steps" in (tmp_path / "warm.log").read_text()
+    assert warm["time_to_result_s"] == pytest.approx(
+        warm["train_time_s"] + warm["init_time_s"] + warm["history"][-1]["eval_time_s"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pins the README's 'no host sync in the "
+                                                          "hot loop' on the device where it matters)")
+def test_no_host_sync_in_the_training_step_on_a_gpu(betons, tmp_path):
+    """20 training steps (loader, augmentation, forward, backward, SGD, schedule, EMA) under
+    torch.cuda.set_sync_debug_mode("error"): any operation that waits for the GPU raises. bf16, the
+    device-resident pipeline; the logging step, which syncs on purpose, is outside (train.log_every)."""
+    import itertools
+
+    from dist_resnet.config import load_config
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "cpu.yaml", [
+        f"data.dir={betons}", f"run.dir={tmp_path / 'run'}", "train.device=cuda", "train.precision=bf16",
+        "data.pipeline=device", "train.batch_size=128", "train.ema=true", "run.progress=false"])
+    trainer = Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cuda", 0)))
+    trainer.forward.train()
+    steps = trainer.train_data.epoch(0)
+    for _, micro_batches in itertools.islice(steps, 2):  # lazy CUDA and cuDNN initialisation, the epoch's order
+        trainer.train_step(micro_batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        done = 0
+        for _, micro_batches in itertools.islice(steps, 20):
+            trainer.train_step(micro_batches)
+            done += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert done == 20
+
+
+def test_a_fixed_fp16_loss_scale_trains_without_a_grad_scaler(tiny_betons, tmp_path):
+    """train.loss_scale: fp16 with a fixed scale and no GradScaler (so no per-step host sync). One step on the
+    same batch from the same weights: the update equals the dynamic GradScaler's, whatever the fixed scale (the
+    gradients are unscaled exactly). Outside fp16 the key is refused."""
+    from dist_resnet.config import ConfigError, load_config
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+    from tests.conftest import TINY
+
+    def update(name: str, *overrides: str) -> torch.Tensor:
+        t = Trainer(load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / name}",
+                                          "train.epochs=1", *overrides]), DistEnv(0, 1, 0, 1, torch.device("cpu")))
+        before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
+        _, micro_batches = next(iter(t.train_data.epoch(0)))
+        t.forward.train()
+        t.train_step(micro_batches)
+        assert t.scheduler.last_epoch == 1 and t.scaler.is_enabled() == (name == "fp16")  # not skipped
+        return torch.cat([p.detach().flatten() for p in t.model.parameters()]) - before
+
+    dynamic = update("fp16", "train.precision=fp16")  # GradScaler's first step (scale 65536) does not overflow here
+    for scale in (1024, 65536):
+        fixed = update(f"fp16_{scale}", "train.precision=fp16", f"train.loss_scale={scale}")
+        rel = ((fixed - dynamic).norm() / dynamic.norm()).item()
+        print(f"fp16, fixed loss scale {scale}: update vs the dynamic scale's, relative L2 {rel:.1e}")
+        assert rel < 1e-2  # an unscaling error would be a factor; fp16 vs fp32 itself differs by 12 % here
+    with pytest.raises(ConfigError, match="train.loss_scale=8 is for train.precision=fp16"):
+        Trainer(load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'x'}",
+                                      "train.loss_scale=8"]), DistEnv(0, 1, 0, 1, torch.device("cpu")))

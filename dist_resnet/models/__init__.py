@@ -27,7 +27,7 @@ __all__ = ["MODELS", "HEAD", "build_model", "check_model", "check_input", "freez
 
 MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
     "resnet9": lambda classes, width, norm: ResNet9(classes, width, norm),
-    "fastnet": lambda classes, width, norm: FastNet(classes, width),
+    "fastnet": lambda classes, width, norm, residual=False: FastNet(classes, width, residual=residual),
     "resnet18": lambda classes, width, norm: CifarResNet(BasicBlock, [2, 2, 2, 2], classes, width, norm),
     "resnet34": lambda classes, width, norm: CifarResNet(BasicBlock, [3, 4, 6, 3], classes, width, norm),
     "preact_resnet18": lambda classes, width, norm: PreActResNet([2, 2, 2, 2], classes, width, norm),
@@ -74,10 +74,12 @@ def check_input(name: str, height: int, width: int, where: str) -> None:
                          f"{where} gives {height}x{width}: upsample them with data.resize=N")
 
 
-def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "batch") -> nn.Module:
-    """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch)."""
+def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "batch",
+                residual: bool = False) -> nn.Module:
+    """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch); `residual`: fastnet's
+    earlier stage shape (model.residual)."""
     check_model(name, norm, width)
-    return MODELS[name](num_classes, width, NORMS[norm])
+    return MODELS[name](num_classes, width, NORMS[norm], **({"residual": True} if residual else {}))
 
 
 def parameter_depths(model: nn.Module) -> tuple[dict[int, int], int]:

@@ -1,8 +1,9 @@
 """fastnet: a narrow net for time-to-accuracy (configs/fast.yaml), after airbench94 (Jordan, 2024).
 
 A frozen 2x2 patch-whitening stem fitted to the training images (`init_from_data`), then three
-conv-pool-BN-GELU stages of widths w, 4w, 4w, each with a residual 3x3 conv, identity-initialised
-convs, BN without scale. About 0.71 GFLOP per training image (ResNet-18: 3.33).
+stages of widths w, 4w, 4w: conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU, airbench's shape (with
+`residual`, a residual around the second conv, this net's earlier shape), identity-initialised convs, BN
+without scale. About 0.71 GFLOP per training image (ResNet-18: 3.33).
 """
 from __future__ import annotations
 
@@ -15,13 +16,22 @@ from .layers import Residual
 
 class WhiteningStem(nn.Conv2d):
     """A 2x2 conv whose frozen filters whiten image patches: +/- the eigenvectors of the patch
-    covariance scaled by 1/sqrt(eigenvalue + eps), fitted once on training images. The bias trains."""
+    covariance scaled by 1/sqrt(eigenvalue + eps), fitted once on training images. The bias trains
+    while `train_bias` is set; unset, the forward detaches it, so it gets no gradient (and SGD leaves it
+    alone) without a change of `requires_grad` (which would recompile a compiled net mid-run). The conv runs
+    in fp32 outside autocast: whitening amplifies low-variance directions up to ~45x."""
 
     def __init__(self, cin: int = 3, kernel: int = 2, eps: float = 5e-4):
         super().__init__(cin, 2 * cin * kernel * kernel, kernel, padding=0, bias=True)
         self.eps = eps
         self.weight.requires_grad_(False)
         nn.init.zeros_(self.bias)
+        self.train_bias = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.train_bias else self.bias.detach()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x.float(), self.weight.float(), bias.float())
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> None:
@@ -49,23 +59,28 @@ def _identity_conv(cin: int, cout: int) -> nn.Conv2d:
 
 
 class FastStage(nn.Module):
-    """conv -> max-pool -> BN -> GELU, then a residual conv -> BN -> GELU."""
+    """conv -> max-pool -> BN -> GELU, then conv -> BN -> GELU (with `residual`: x + that)."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, residual: bool = False):
         super().__init__()
         self.down = nn.Sequential(_identity_conv(cin, cout), nn.MaxPool2d(2), _scale_free_bn(cout), nn.GELU())
-        self.residual = Residual(_identity_conv(cout, cout), _scale_free_bn(cout), nn.GELU())
+        second = (_identity_conv(cout, cout), _scale_free_bn(cout), nn.GELU())
+        if residual:  # named as before the option existed, so older checkpoints load
+            self.residual = Residual(*second)
+        else:
+            self.second = nn.Sequential(*second)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(self.down(x))
+        x = self.down(x)
+        return self.residual(x) if hasattr(self, "residual") else self.second(x)
 
 
 class FastNet(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 1 / 9):
+    def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 1 / 9, residual: bool = False):
         super().__init__()
         self.stem = WhiteningStem()
         widths = [self.stem.out_channels, width, 4 * width, 4 * width]
-        self.stages = nn.Sequential(*[FastStage(a, b) for a, b in zip(widths, widths[1:])])
+        self.stages = nn.Sequential(*[FastStage(a, b, residual) for a, b in zip(widths, widths[1:])])
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.logit_scale = logit_scale

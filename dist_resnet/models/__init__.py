@@ -45,7 +45,8 @@ STAGES = {  # what `model.freeze` may name, input to output (each model's stage_
 BATCH_NORM_ONLY = {"fastnet", *tv.ARCHS}  # scale-free BatchNorm; torchvision's (pretrained) BatchNorm
 FIXED_WIDTH = set(tv.ARCHS)  # torchvision's widths
 INPUT_SIZE = {"fastnet": (32, 32)}  # built for exactly this size
-MIN_SIZE = {"resnet9": 8, "resnet18": 8, "preact_resnet18": 8, "resnet34": 8, "resnet50": 8, **{n: 32 for n in tv.ARCHS}}  # total stride
+MIN_SIZE = {"resnet9": 8, "resnet18": 8, "preact_resnet18": 8, "resnet34": 8, "resnet50": 8,
+            **{n: 32 for n in tv.ARCHS}}  # total stride
 
 
 def check_model(name: str, norm: str, width: int = 64, freeze: str = "none") -> None:

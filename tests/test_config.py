@@ -121,6 +121,31 @@ def test_adversarial_keys_are_checked(bad, message):
         load_config(ROOT / "configs" / "adversarial.yaml", REQUIRED + [bad])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("train.max_steps=-1", "'train.max_steps', 'train.loss_scale' and 'model.whiten_bias_epochs' must be >= 0"),
+    ("train.warmup_steps=-1", "'train.warmup_steps': -1; it must be >= 0"),
+    ("model.whiten_bias_epochs=3", "apply to model.name=fastnet, not resnet9"),
+    ("model.residual=true", "apply to model.name=fastnet, not resnet9"),
+])
+def test_speed_keys_are_checked(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + [bad])
+
+
+def test_max_steps_must_fall_in_the_last_epoch(tiny_betons, tmp_path):
+    import torch
+
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+    from tests.conftest import TINY
+
+    cfg = load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path}", "train.epochs=3",
+                                "train.max_steps=15"])  # 10 steps per epoch: 15 ends inside epoch 2, not 3
+    with pytest.raises(ConfigError, match="train.max_steps=15 must fall in the last of train.epochs=3 epochs of 10 "
+                                          "steps: set train.epochs=2"):
+        Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
+
+
 def test_resume_may_add_a_robust_evaluation_but_not_change_the_attack():
     from dist_resnet.config import resume_changes
 

@@ -159,19 +159,3 @@ class RobustEval:
 def default_alpha(kind: str, eps: float, steps: int) -> float:
     """`adv.alpha=0`: 1.25 eps for FGSM (the reference's FGSM-RS), 2.5 eps / steps for PGD (Madry et al.)."""
     return 1.25 * eps if kind == "fgsm" else 2.5 * eps / steps
-
-
-def from_config(cfg, mean: list[float], std: list[float], device: torch.device, rank: int, world: int,
-                scale: Scale | None) -> tuple[Adversary | None, RobustEval | None, RobustEval | None]:
-    """(training attack, test-time attack, collapse-check attack) for a `Config`; None where it is off."""
-    a, t = cfg.adv, cfg.train
-    kind = t.adversarial.value
-    adversary = check = None
-    if kind != "none":
-        alpha = a.alpha or default_alpha(kind, a.eps, a.steps)
-        adversary = Adversary(kind, a.eps, alpha, a.steps, a.init.value == "random", mean, std, device, t.seed,
-                              rank, world, t.batch_size, scale)
-        check = RobustEval(a.eps, a.eval_alpha, a.check_steps, 1, mean, std, device, rank, t.seed)
-    robust = (RobustEval(a.eps, a.eval_alpha, a.eval_steps, a.eval_restarts, mean, std, device, rank, t.seed)
-              if t.eval_attack.value != "none" else None)
-    return adversary, robust, check

@@ -22,8 +22,9 @@ from dataclasses import replace
 import torch
 
 from . import distributed
-from .config import Config, ConfigError, Precision, load_config, to_dict
-from .data.loader import DataError
+from .config import Config, ConfigError, load_config, to_dict
+from .data.manifest import DataError
+from .engine.build import train_data
 from .fileio import write_json
 from .train import Trainer
 
@@ -61,7 +62,7 @@ def train_flops_per_image(trainer: Trainer) -> float | None:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = trainer.model
-    x = torch.randn(2, 3, 32, 32, device=trainer.device)
+    x = torch.randn(2, 3, 32, 32, device=next(model.parameters()).device)
     try:
         with FlopCounterMode(display=False) as counter:
             model(x).float().sum().backward()
@@ -80,24 +81,12 @@ def build_trainer(cfg: Config, env: distributed.DistEnv, run_dir: str) -> Traine
 def close(trainer: Trainer, source=None) -> None:
     if source is not None:
         source.close()  # ends the epoch left open, and with it FFCV's decode thread
-    trainer.stop.restore()
-    if trainer.tb is not None:
-        trainer.tb.close()
+    trainer.close()
 
 
-def batches(trainer: Trainer):
-    """The trainer's micro-batch lists, epoch after epoch, without end."""
-    epoch = 0
-    while True:
-        for _, micro in trainer.train_data.epoch(epoch):
-            yield micro
-        epoch += 1
-
-
-def timed_step(trainer: Trainer, micro_batches) -> None:
-    """One training step as train_epoch takes it (the step count drives EMA warm-up and lookahead)."""
-    trainer.train_step(micro_batches)
-    trainer.step += 1
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def throughput(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, repeats: int,
@@ -105,32 +94,33 @@ def throughput(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, r
     """Steady-state training images/s of `cfg` (synthetic=True: one fixed device batch, no data pipeline)."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, env, run_dir)
-        timer = Timer(trainer.device)
-        source = epochs = batches(trainer)
+        timer = Timer(env.device)
+        source = epochs = trainer.batches()
         if synthetic:
             fixed = next(epochs)
             epochs.close()  # no decode thread running beside the timed steps
             source = iter(lambda: fixed, None)
         t0 = time.perf_counter()
         for _ in range(warmup):
-            timed_step(trainer, next(source))
-        trainer.sync()
+            trainer.train_step(next(source))
+        sync(env.device)
         warmup_s = time.perf_counter() - t0
         rates = []
         for _ in range(repeats):
             timer.start()
             for _ in range(steps):
-                timed_step(trainer, next(source))
+                trainer.train_step(next(source))
             rates.append(steps * cfg.train.batch_size / timer.stop())
         flops = train_flops_per_image(trainer)
+        precision = trainer.precision
         close(trainer, epochs)
     m, s = mean_std(rates)
-    name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     tflops = m * flops / 1e12 if flops else None
     return {"img_per_s": m, "img_per_s_std": s, "warmup_s": warmup_s, "steps": steps, "repeats": repeats,
             "train_gflop_per_img": flops / 1e9 if flops else None, "tflops": tflops,
-            "mfu": tflops / peak if tflops and peak and trainer.precision != Precision.fp32 else None,
+            "mfu": tflops / peak if tflops and peak and precision != "fp32" else None,
             "device": name, "world_size": env.world_size}
 
 
@@ -140,15 +130,10 @@ def breakdown(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, re
     + fetching real batches (what the pipeline does not hide); and the evaluation per epoch."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, env, run_dir)
-        timer, source = Timer(trainer.device), batches(trainer)
+        timer, source = Timer(env.device), trainer.batches()
         fixed = next(source)
-
-        def forward_backward():
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.forward_backward(fixed)
-
-        loops = {"fwd_bwd": forward_backward, "fixed": lambda: timed_step(trainer, fixed),
-                 "full": lambda: timed_step(trainer, next(source))}
+        loops = {"fwd_bwd": lambda: trainer.forward_backward(fixed), "fixed": lambda: trainer.train_step(fixed),
+                 "full": lambda: trainer.train_step(next(source))}
         for fn in loops.values():
             for _ in range(warmup):
                 fn()
@@ -162,11 +147,11 @@ def breakdown(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int, re
         trainer.evaluate()  # warm-up (eval-mode compile)
         evals = []
         for _ in range(repeats):
-            trainer.sync()
+            sync(env.device)
             t0 = time.perf_counter()
             trainer.evaluate()  # ends in a host sync (all-reduce + .tolist())
             evals.append(1000 * (time.perf_counter() - t0))
-        steps_per_epoch = len(trainer.train_data)
+        steps_per_epoch = len(trainer.data)
         close(trainer, source)
     m = {k: mean_std(v) for k, v in ms.items()}
     full, epoch_ms = m["full"][0], m["full"][0] * steps_per_epoch
@@ -194,18 +179,15 @@ ABLATIONS = {
 
 def loader(cfg: Config, env: distributed.DistEnv, epochs: int) -> dict:
     """The data pipeline alone: train batches per second into the device, normalised and augmented."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(cfg, env, run_dir)
-        data, timer, rates, first = trainer.train_data, Timer(trainer.device), [], None
-        for epoch in range(epochs + 1):
-            timer.start()
-            n = sum(x.shape[0] for _, micro in data.epoch(epoch) for x, _ in micro)
-            elapsed = timer.stop()
-            if epoch == 0:
-                first = elapsed  # numba compile and first reads
-            else:
-                rates.append(n * env.world_size / elapsed)
-        close(trainer)
+    data, timer, rates, first = train_data(cfg, env), Timer(env.device), [], None
+    for epoch in range(epochs + 1):
+        timer.start()
+        n = sum(x.shape[0] for _, micro in data.epoch(epoch) for x, _ in micro)
+        elapsed = timer.stop()
+        if epoch == 0:
+            first = elapsed  # numba compile and first reads
+        else:
+            rates.append(n * env.world_size / elapsed)
     m, s = mean_std(rates)
     return {"img_per_s": m, "img_per_s_std": s, "first_epoch_s": first, "epochs": epochs,
             "pipeline": cfg.data.pipeline.value, "world_size": env.world_size}

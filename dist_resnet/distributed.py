@@ -275,3 +275,10 @@ class StopRequest:
     def restore(self) -> None:
         for s in self.SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+
+    def handled(self, remove_file: bool) -> None:
+        """The run ends: signals back to their defaults and (on one rank) the stop file removed, so the
+        next start does not stop at once."""
+        self.restore()
+        if remove_file:
+            self.stop_file.unlink(missing_ok=True)

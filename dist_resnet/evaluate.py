@@ -18,39 +18,16 @@ import argparse
 import json
 import sys
 
-import torch
-
-from . import attacks, distributed
+from . import distributed, plot
+from .attacks import RobustEval
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, Precision, load_config
-from .data.loader import DataError, TestData, check_betons, read_manifest
+from .config import ConfigError
+from .data.loader import Feed, TestData, check_partition
+from .data.manifest import Betons, DataError
+from .engine.evaluation import evaluate, per_class
 from .fileio import write_json
-from .models import Resized, build_model, files, load_weights
-from .train import DTYPES, evaluate, per_class, resolve_precision
-
-
-def describe(cfg: Config, classes: int) -> str:
-    return f"{cfg.model.name} (width {cfg.model.width}, {cfg.model.norm.value} norm) for {classes} classes"
-
-
-def open_trained(path: str, overrides: list[str], ema: bool = False) -> tuple[files.ModelFile, Config, Config]:
-    """A file of ours (checkpoint or safetensors) with its training config, and that config overridden."""
-    mf = files.read(path, ema=ema)
-    if not mf.ours:
-        raise CheckpointError(f"{path} holds weights without a dist_resnet training config: evaluate and predict "
-                              "take our checkpoints (.pt) and exported .safetensors; use it as model.pretrained")
-    return mf, load_config(None, [], base=mf.config), load_config(None, overrides, base=mf.config)
-
-
-def build_trained(mf: files.ModelFile, trained: Config, cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The trained net with its weights, for `cfg` (which may override only what does not change the net)."""
-    was = len(mf.classes or []) or mf.weights["fc.weight"].shape[0]
-    if describe(trained, was) != describe(cfg, num_classes):
-        raise CheckpointError(f"{mf.path} holds a {describe(trained, was)}, but this config and data make a "
-                              f"{describe(cfg, num_classes)}: use data with its classes, without model.* overrides")
-    model = build_model(cfg.model.name, num_classes, cfg.model.width, cfg.model.norm.value, cfg.model.residual)
-    load_weights(model, mf.weights, mf.path)
-    return model.eval()
+from .precision import Amp
+from .trained import open_trained, placed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,23 +53,18 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
 
     def job(env: distributed.DistEnv) -> dict:
-        precision = resolve_precision(cfg.train.precision, env.device.type == "cuda")
-        manifest = read_manifest(cfg.data.dir)
-        check_betons(cfg.data.dir, manifest, hashes=cfg.data.verify)
-        classes = manifest["classes"]
-        model = build_trained(mf, trained, cfg, len(classes)).to(env.device)
-        cl = cfg.model.channels_last
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.data.resize:
-            model = Resized(model, cfg.data.resize)
-        data = TestData(cfg.data, max(1, cfg.train.batch_size // env.world_size), env.device, DTYPES[precision], cl,
-                        env.rank, env.world_size, mean=mf.mean, std=mf.std)  # the checkpoint's normalisation
+        amp = Amp.on(cfg.train.precision, env.device)
+        betons = Betons.open(cfg.data.dir, cfg.data.verify)
+        classes = betons.classes
+        model = placed(mf, trained, cfg, len(classes), env.device)
+        mean, std = mf.mean or betons.manifest["mean"], mf.std or betons.manifest["std"]  # the checkpoint's
+        check_partition(env.world_size, betons.count("test"), "test")
+        feed = Feed(env.device, amp.dtype, cfg.model.channels_last, mean, std, env.rank, env.world_size)
+        data = TestData(betons, cfg.data, feed, max(1, cfg.train.batch_size // env.world_size))
         a = cfg.adv
-        attack = None if args.attack == "none" else attacks.RobustEval(
-            a.eps, a.eval_alpha, a.eval_steps, a.eval_restarts, mf.mean, mf.std, env.device, env.rank)
-        result = evaluate(model, data, env.device, DTYPES[precision], precision != Precision.fp32, cfg.train.tta,
-                          attack=attack)
+        attack = None if args.attack == "none" else RobustEval(
+            a.eps, a.eval_alpha, a.eval_steps, a.eval_restarts, mean, std, env.device, env.rank)
+        result = evaluate(model, data, amp, cfg.train.tta, attack=attack)
         if attack is not None:
             result["attack"] = attack.describe()
         result = {**result, "classes": classes, "per_class_acc": per_class(result["confusion"], classes),
@@ -103,8 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
             if args.out:
                 write_json(args.out, result)
             if args.confusion:
-                from . import plot
-
                 plot.confusion(args.confusion, result["confusion"], classes, args.checkpoint)
         return result
 

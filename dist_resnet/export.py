@@ -27,9 +27,11 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data.loader import DataError, image_shape, read_manifest, read_resident
-from .fileio import atomic_write
+from .data.loader import read_resident
+from .data.manifest import Betons, DataError
+from .fileio import atomic_write, sha256
 from .models import PixelInput, files
+from .trained import build_trained, open_trained
 
 TOLERANCE = 1e-3  # largest logit difference allowed between onnxruntime and PyTorch (timm's tolerance)
 CHECK_IMAGES = 256
@@ -51,8 +53,6 @@ def version() -> str:
 
 def pixel_model(path: str, overrides: list[str], ema: bool):
     """(the trained net as a user calls it: [0, 1] RGB in, logits out; its file; its config)."""
-    from .evaluate import build_trained, open_trained
-
     mf, trained, cfg = open_trained(path, overrides, ema)
     if mf.classes is None or mf.mean is None:
         raise CheckpointError(f"{path} was written before checkpoints held their class names and normalisation: "
@@ -64,19 +64,19 @@ def pixel_model(path: str, overrides: list[str], ema: bool):
 def test_images(cfg, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` (None: all) test images as float RGB in [0, 1], N x 3 x H x W, and their labels."""
     try:
-        manifest = read_manifest(cfg.data.dir)
+        betons = Betons.open(cfg.data.dir)
     except DataError as e:
         raise DataError(f"checking the export needs real test images: {e}; pass data.dir=DIR") from None
-    n = manifest["test"]["count"] if count is None else min(count, manifest["test"]["count"])
-    x, y = read_resident(cfg.data, "test", np.arange(n), torch.device("cpu"), torch.float32, False)
-    assert x.shape[2:] == image_shape(manifest)
+    n = betons.count("test") if count is None else min(count, betons.count("test"))
+    x, y = read_resident(betons, cfg.data, "test", np.arange(n), torch.device("cpu"), torch.float32, False)
+    assert x.shape[2:] == betons.image_shape
     return x / 255, y
 
 
 def metadata(mf: files.ModelFile, cfg_dict: dict, size: tuple[int, int]) -> dict[str, str]:
     return {"format": files.META_FORMAT, "classes": json.dumps(mf.classes), "input_size": json.dumps(list(size)),
             "image_shape": json.dumps(list(size)), "mean": json.dumps(mf.mean), "std": json.dumps(mf.std),
-            "config": json.dumps(cfg_dict), "source_sha256": files.sha256(mf.path), "dist_resnet_version": version()}
+            "config": json.dumps(cfg_dict), "source_sha256": sha256(mf.path), "dist_resnet_version": version()}
 
 
 def export_onnx(model: PixelInput, meta: dict[str, str], size: tuple[int, int], out: str) -> bytes:

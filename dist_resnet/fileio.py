@@ -7,6 +7,7 @@ Every file the package writes goes through here: checkpoints, config.yaml, metri
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,15 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: object) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def sha256(path: str | Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (betons, exported models, checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def link_atomic(src: Path, dst: Path) -> None:

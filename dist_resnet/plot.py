@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from . import rundir
 from .fileio import atomic_write
 
 
@@ -60,13 +61,10 @@ def confusion(path: str | Path, matrix: list[list[int]], classes: list[str], tit
 
 
 def _history(run_dir: Path) -> tuple[str, list[dict]]:
-    import json
-
-    try:
-        m = json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        raise PlotError(f"{run_dir} has no readable metrics.json: is it a run folder?") from None
-    return Path(run_dir).name, m.get("history", [])
+    m = rundir.read_metrics(run_dir)
+    if m is None:
+        raise PlotError(f"{run_dir} has no readable {rundir.METRICS}: is it a run folder?")
+    return Path(run_dir).name, rundir.history(m)
 
 
 class PlotError(ValueError):
@@ -107,7 +105,7 @@ def sweep(path: str | Path, sweep_dir: str | Path, storage: str | None = None) -
     import optuna.visualization.matplotlib as ov
     from optuna.trial import TrialState
 
-    from .sweep import load_study
+    from .sweep.storage import load_study
 
     plt = _pyplot()
     study, meta = load_study(Path(sweep_dir), storage)

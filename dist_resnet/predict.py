@@ -25,8 +25,9 @@ import torch
 from .checkpoint import CheckpointError
 from .config import TTA, ConfigError
 from .data.augment import Normalize
-from .models import Resized
-from .train import DTYPES, predict, resolve_precision
+from .engine.evaluation import predict
+from .precision import Amp
+from .trained import open_trained, placed
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -61,30 +62,24 @@ class TorchModel:
     """One of our checkpoints or safetensors files, run the way evaluate runs it."""
 
     def __init__(self, path: str, device: torch.device, ema: bool):
-        from .evaluate import build_trained, open_trained
-
         mf, trained, cfg = open_trained(path, [], ema)
         if mf.classes is None or mf.mean is None:
             raise PredictError(f"{path} was written before checkpoints held their class names and normalisation; "
                                "evaluate it instead, or re-export it")
         self.classes, self.size = mf.classes, tuple(mf.image_shape or (32, 32))
         self.device, self.cl = device, cfg.model.channels_last
-        precision = resolve_precision(cfg.train.precision, device.type == "cuda")
-        self.dtype, self.amp = DTYPES[precision], precision.value != "fp32"
-        net = build_trained(mf, trained, cfg, len(mf.classes)).to(device)
-        if self.cl:
-            net = net.to(memory_format=torch.channels_last)
-        self.model = Resized(net, cfg.data.resize) if cfg.data.resize else net
-        self.normalize = Normalize(mf.mean, mf.std, device, self.dtype)
+        self.amp = Amp.on(cfg.train.precision, device)
+        self.model = placed(mf, trained, cfg, len(mf.classes), device)
+        self.normalize = Normalize(mf.mean, mf.std, device, self.amp.dtype)
         self.batch_size = cfg.train.batch_size
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).to(self.dtype)  # as the loader gives them
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).to(self.amp.dtype)  # as the loader does
         x = self.normalize(x)
         return x.contiguous(memory_format=torch.channels_last if self.cl else torch.contiguous_format)
 
     def context(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp)
+        return self.amp.autocast()
 
 
 class OnnxModel:

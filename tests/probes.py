@@ -13,39 +13,55 @@ from __future__ import annotations
 
 import os
 
-from dist_resnet import train
+from dist_resnet import rundir, train
 from dist_resnet.train import Trainer
+
+
+def after_build(change) -> None:
+    """`change(components, env)` runs on what the trainer's build made, before the trainer uses it."""
+    build = train.build
+
+    def patched(cfg, env):
+        components = build(cfg, env)
+        change(components, env)
+        return components
+
+    train.build = patched
 
 
 def nan() -> None:
     step, rank = int(os.environ["PROBE_STEP"]), int(os.environ["PROBE_RANK"])
-    init = Trainer.__init__
 
-    def patched(self, cfg, env):
-        init(self, cfg, env)
-        criterion, fired = self.criterion, []
+    def poison(c, env):
+        criterion, fired = c.step.criterion, []
 
         def poisoned(logits, y):
             loss = criterion(logits, y)
-            if self.step + 1 == step and env.rank == rank and not fired:
+            if c.state.step + 1 == step and env.rank == rank and not fired:
                 fired.append(True)
                 return loss * float("nan")
             return loss
 
-        self.criterion = poisoned
+        c.step.criterion = poisoned
 
-    Trainer.__init__ = patched
+    after_build(poison)
 
 
 def stop_in_final_eval() -> None:
-    evaluate = Trainer.evaluate
+    end_epoch = Trainer.end_epoch
 
-    def patched(self, *args, **kwargs):
-        if self.epoch == self.cfg.train.epochs:
-            (self.run_dir / "STOP").touch()
-        return evaluate(self, *args, **kwargs)
+    def patched(self, record):
+        if self.state.epoch + 1 == self.cfg.train.epochs:
+            run = self.evaluator.run
 
-    Trainer.evaluate = patched
+            def touching(*args, **kwargs):
+                rundir.request_stop(self.cfg.run.dir)
+                return run(*args, **kwargs)
+
+            self.evaluator.run = touching
+        return end_epoch(self, record)
+
+    Trainer.end_epoch = patched
 
 
 def boundscheck() -> None:
@@ -60,7 +76,7 @@ def count_allreduce() -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    init, fit = Trainer.__init__, Trainer.fit
+    fit = Trainer.fit
     counts = {"buckets": 0, "elements": 0}
 
     def hook(state, bucket):
@@ -68,18 +84,18 @@ def count_allreduce() -> None:
         counts["elements"] += bucket.buffer().numel()
         return allreduce_hook(state, bucket)
 
-    def patched(self, cfg, env):
-        init(self, cfg, env)
+    def register(c, env):
         if env.distributed:
-            self.ddp.register_comm_hook(dist.group.WORLD, hook)
+            c.step.ddp.register_comm_hook(dist.group.WORLD, hook)
 
     def counted_fit(self):
         out = fit(self)
         with open(f"{os.environ['PROBE_OUT']}.{self.env.rank}", "w") as f:
-            json.dump({**counts, "steps": self.step}, f)
+            json.dump({**counts, "steps": self.state.step}, f)
         return out
 
-    Trainer.__init__, Trainer.fit = patched, counted_fit
+    after_build(register)
+    Trainer.fit = counted_fit
 
 
 def main(argv: list[str]) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from dist_resnet import distributed
 from dist_resnet.config import DataConfig
-from dist_resnet.data.loader import TestData, TrainData
+from tests.loaders import test_data, train_data
 
 
 def as_uint8(x: torch.Tensor) -> np.ndarray:
@@ -19,9 +19,9 @@ def main(argv: list[str]) -> None:
     env = distributed.setup("cpu")
     cfg = DataConfig(dir=data_dir, num_workers=1)
     cpu = torch.device("cpu")
-    train = TrainData(cfg, batch, seed=0, device=cpu, dtype=torch.float32, channels_last=False,
+    train = train_data(cfg, batch, seed=0, device=cpu, dtype=torch.float32, channels_last=False,
                       rank=env.rank, world=env.world_size)
-    test = TestData(cfg, batch, device=cpu, dtype=torch.float32, channels_last=False,
+    test = test_data(cfg, batch, device=cpu, dtype=torch.float32, channels_last=False,
                     rank=env.rank, world=env.world_size)
     epochs = []
     for epoch in range(2):

@@ -14,7 +14,7 @@ from dist_resnet import evaluate as evaluate_cli
 from dist_resnet.attacks import Adversary, RobustEval, Threat, fgsm, pgd
 from dist_resnet.checkpoint import load
 from dist_resnet.config import DataConfig, Pipeline
-from dist_resnet.data.loader import TestData
+from tests.loaders import test_data
 from tests.conftest import ROOT, TINY, TRAINED_EPOCHS, run, shared
 from tests.launch import launch
 from tests.runs import assert_same_run, metrics, relative_distance
@@ -25,9 +25,11 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def net_and_images(trained_run, betons):
     """The trained net (eval mode, channels_last as trained) and 500 test images, normalised, with labels."""
-    mf, trained, cfg = evaluate_cli.open_trained(str(trained_run / "last.pt"), [f"data.dir={betons}"])
-    model = evaluate_cli.build_trained(mf, trained, cfg, 10).to(memory_format=torch.channels_last)
-    data = TestData(DataConfig(dir=str(betons), pipeline=Pipeline.device), 500, CPU, torch.float32, True,
+    from dist_resnet.trained import build_trained, open_trained
+
+    mf, trained, cfg = open_trained(str(trained_run / "last.pt"), [f"data.dir={betons}"])
+    model = build_trained(mf, trained, cfg, 10).to(memory_format=torch.channels_last)
+    data = test_data(DataConfig(dir=str(betons), pipeline=Pipeline.device), 500, CPU, torch.float32, True,
                     mean=mf.mean, std=mf.std)
     x, y = next(iter(data))
     return model, x, y, mf.mean, mf.std
@@ -98,7 +100,7 @@ def test_evaluate_cli_reports_accuracy_under_pgd(trained_run, betons, tmp_path):
     assert r["attack"] == "PGD-2, 2 restart(s), eps 4/255, alpha 2/255" and r["test_count"] == 1000
     assert 0 < r["test_robust_acc"] < r["test_acc"]
     bad = run([*evaluate_cli_cmd(trained_run, betons), "--attack", "pgd", "--eps", "0"], check=False)
-    assert bad.returncode == 2 and "'adv.eps' must be in (0, 255]" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "'adv.eps': 0; it must be in (0, 255]" in bad.stderr, bad.stderr
 
 
 def evaluate_cli_cmd(trained_run: Path, betons: Path) -> list[str]:

@@ -99,7 +99,7 @@ def test_the_fast_preset_keys_are_checked():
     ("train.seed=-1", "'train.seed': -1; it must be >= 0"),
     ("optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
     ("train.keep_last=0", "'train.keep_last'"),
-    ("train.timeout_s=0", "'train.timeout_s' must be > 0"),
+    ("train.timeout_s=0", "'train.timeout_s': 0; it must be > 0"),
     ("train.nonfinite=ignore", "stop.*rollback"),
 ])
 def test_reliability_keys_are_checked(bad, message):
@@ -109,8 +109,8 @@ def test_reliability_keys_are_checked(bad, message):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("adv.eps=0", r"'adv.eps' must be in \(0, 255\] pixel levels \(it is 0\)"),
-    ("adv.eps=300", "'adv.eps' must be in"),
+    ("adv.eps=0", r"'adv.eps': 0; it must be in \(0, 255\] pixel levels"),
+    ("adv.eps=300", "'adv.eps': 300; it must be in"),
     ("adv.eval_steps=0", "'adv.eval_steps': 0; it must be >= 1"),
     ("adv.eval_restarts=0", "'adv.eval_restarts'"),
     ("train.adversarial=trades", "none.*fgsm.*pgd"),
@@ -122,7 +122,7 @@ def test_adversarial_keys_are_checked(bad, message):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("train.max_steps=-1", "'train.max_steps', 'train.loss_scale' and 'model.whiten_bias_epochs' must be >= 0"),
+    ("train.max_steps=-1", r"'train.max_steps': -1; it must be >= 0 \(0 = off\)"),
     ("train.warmup_steps=-1", "'train.warmup_steps': -1; it must be >= 0"),
     ("model.whiten_bias_epochs=3", "apply to model.name=fastnet, not resnet9"),
     ("model.residual=true", "apply to model.name=fastnet, not resnet9"),

@@ -66,12 +66,12 @@ def test_a_torchvision_file_loads_every_backbone_tensor_and_the_head_is_rebuilt(
         for k, v in before.items():
             if k not in head:
                 assert torch.equal(v, source[k]), k
-        assert t.mean == files.IMAGENET_MEAN and t.std == files.IMAGENET_STD
+        assert t.data.feed.mean == files.IMAGENET_MEAN and t.data.feed.std == files.IMAGENET_STD
         report = json.loads((tmp_path / "run" / "pretrained.json").read_text())
         assert report["loaded"] == len(before) - 2 and report["reset"] == ["fc.weight", "fc.bias"]
         assert report["unexpected"] == [] and report["head"] == "reset for 10 classes"
-        assert [g for g in t.optimizer.param_groups if g["params"]] and \
-            {id(p) for g in t.optimizer.param_groups for p in g["params"]} == {id(p) for p in t.model.fc.parameters()}
+        assert [g for g in t.step.optimizer.param_groups if g["params"]] and \
+            {id(p) for g in t.step.optimizer.param_groups for p in g["params"]} == {id(p) for p in t.model.fc.parameters()}
         t.fit()
         after = t.model.state_dict()
         changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -192,7 +192,7 @@ def test_a_safetensors_export_of_the_same_classes_keeps_its_head(halves, tmp_pat
         source = files.read(tmp_path / "src" / "last.pt").weights
         assert all(torch.equal(v, source[k]) for k, v in t.model.state_dict().items())
         assert json.loads((tmp_path / "run" / "pretrained.json").read_text())["head"] == "loaded"
-        assert t.mean == json.loads((a / "manifest.json").read_text())["mean"]  # ours: the dataset's statistics
+        assert t.data.feed.mean == json.loads((a / "manifest.json").read_text())["mean"]  # ours: the dataset's statistics
     finally:
         t.finish()
 

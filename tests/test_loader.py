@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from dist_resnet.config import DataConfig
-from dist_resnet.data.loader import DataError, GlobalBatchOrder, TestData, TrainData, read_manifest
+from dist_resnet.data.loader import GlobalBatchOrder
+from dist_resnet.data.manifest import DataError, read_manifest
+from tests.loaders import test_data, train_data
 from tests.launch import launch
 from tests.shard_probe import as_uint8
 
@@ -19,7 +21,7 @@ def keys(images: np.ndarray) -> Counter:
 
 
 def test_test_beton_round_trip_is_bit_exact_in_order(betons, source_images):
-    data = TestData(DataConfig(dir=str(betons), num_workers=2), 128, CPU, torch.float32, False)
+    data = test_data(DataConfig(dir=str(betons), num_workers=2), 128, CPU, torch.float32, False)
     xs, ys = zip(*[(as_uint8(x), y.clone().numpy()) for x, y in data.loader])
     images, labels = source_images["test"]
     np.testing.assert_array_equal(np.concatenate(xs), images)
@@ -27,7 +29,7 @@ def test_test_beton_round_trip_is_bit_exact_in_order(betons, source_images):
 
 
 def test_one_train_epoch_visits_every_sample_once_and_reshuffles(betons, source_images):
-    data = TrainData(DataConfig(dir=str(betons), num_workers=2), 250, seed=0, device=CPU, dtype=torch.float32,
+    data = train_data(DataConfig(dir=str(betons), num_workers=2), 250, seed=0, device=CPU, dtype=torch.float32,
                      channels_last=False)
     assert len(data) == 20
     images, labels = source_images["train"]
@@ -45,7 +47,7 @@ def test_one_train_epoch_visits_every_sample_once_and_reshuffles(betons, source_
 
 
 def test_epoch_yields_normalised_augmented_batches(betons):
-    data = TrainData(DataConfig(dir=str(betons), num_workers=2), 500, seed=0, device=CPU, dtype=torch.float32,
+    data = train_data(DataConfig(dir=str(betons), num_workers=2), 500, seed=0, device=CPU, dtype=torch.float32,
                      channels_last=True)
     step, [(x, y)] = next(iter(data.epoch(0)))
     assert step == 0
@@ -75,11 +77,20 @@ def test_missing_data_dir_says_how_to_make_it(tmp_path):
         read_manifest(tmp_path)
 
 
-def test_batch_larger_than_a_shard_is_an_error_not_an_empty_epoch(betons):
-    with pytest.raises(DataError, match="larger than the 5000 train images"):
-        TrainData(DataConfig(dir=str(betons)), 8192, 0, CPU, torch.float32, False, rank=0, world=2)
-    with pytest.raises(DataError, match="does not divide by world size 2 x train.accum_steps 2"):
-        TrainData(DataConfig(dir=str(betons)), 250, 0, CPU, torch.float32, False, rank=0, world=2, accum=2)
+def test_batch_larger_than_a_shard_is_an_error_not_an_empty_epoch(betons, tmp_path):
+    """Checked once, when a run is built, before any loader exists (in-process, with a 2-rank environment)."""
+    from dist_resnet.config import ConfigError, load_config
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+    from tests.conftest import ROOT
+
+    two = DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, device=CPU)
+    for overrides, message in ((["train.batch_size=8192"], "larger than the 5000 train images"),
+                               (["train.batch_size=250", "train.accum_steps=2"],
+                                "does not divide by the world size 2 x train.accum_steps 2")):
+        cfg = load_config(ROOT / "configs" / "cpu.yaml", [f"data.dir={betons}", f"run.dir={tmp_path}", *overrides])
+        with pytest.raises(ConfigError, match=message):
+            Trainer(cfg, two)
 
 
 def test_global_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
@@ -100,21 +111,21 @@ def test_device_resident_mode_gives_the_very_same_batches_as_ffcv(betons):
     kw = dict(seed=5, device=CPU, dtype=torch.float32, channels_last=True, rank=1, world=2)
     aug = dict(translate=2, cutout=4, translate_pad="reflect", flip_alternate=True)
     cfg = DataConfig(dir=str(betons), num_workers=2, **aug)
-    ffcv = TrainData(cfg, 500, **kw)
-    dev = TrainData(DataConfig(dir=str(betons), num_workers=2, pipeline="device", **aug), 500, **kw)
+    ffcv = train_data(cfg, 500, **kw)
+    dev = train_data(DataConfig(dir=str(betons), num_workers=2, pipeline="device", **aug), 500, **kw)
     for epoch, start in [(0, 0), (1, 3)]:
         a, b = list(ffcv.epoch(epoch, start)), list(dev.epoch(epoch, start))
         assert len(a) == len(b) == 10 - start
         for (sa, [(xa, ya)]), (sb, [(xb, yb)]) in zip(a, b):
             assert sa == sb and torch.equal(ya, yb) and torch.equal(xa, xb)
-    tf = TestData(cfg, 64, CPU, torch.float32, False, rank=1, world=3)
-    td = TestData(DataConfig(dir=str(betons), pipeline="device"), 64, CPU, torch.float32, False, rank=1, world=3)
+    tf = test_data(cfg, 64, CPU, torch.float32, False, rank=1, world=3)
+    td = test_data(DataConfig(dir=str(betons), pipeline="device"), 64, CPU, torch.float32, False, rank=1, world=3)
     for (xa, ya), (xb, yb) in zip(tf, td, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_alternate_flip_shows_each_image_the_other_way_in_the_next_epoch(betons):
-    data = TrainData(DataConfig(dir=str(betons), num_workers=2, pipeline="device", translate=0, flip_alternate=True),
+    data = train_data(DataConfig(dir=str(betons), num_workers=2, pipeline="device", translate=0, flip_alternate=True),
                      500, seed=2, device=CPU, dtype=torch.float32, channels_last=False)
     images = data.normalize(data.resident[0])
 
@@ -143,7 +154,7 @@ def test_leaving_an_epoch_early_stops_ffcv_decode_thread(betons):
         return [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
 
     cfg = DataConfig(dir=str(betons), num_workers=2, batches_ahead=2)
-    data = TrainData(cfg, 250, seed=0, device=CPU, dtype=torch.float32, channels_last=False)
+    data = train_data(cfg, 250, seed=0, device=CPU, dtype=torch.float32, channels_last=False)
     # late: the queue holds the last two batches, and the thread waits in its final put, which has no timeout
     for taken in (1, len(data) - cfg.batches_ahead):
         epoch = data.epoch(0)
@@ -153,7 +164,7 @@ def test_leaving_an_epoch_early_stops_ffcv_decode_thread(betons):
         epoch.close()
         assert not decoding()
     assert sum(1 for _ in data.epoch(1)) == len(data)  # the loader still runs whole epochs
-    test = iter(TestData(cfg, 100, CPU, torch.float32, False))
+    test = iter(test_data(cfg, 100, CPU, torch.float32, False))
     next(test)
     test.close()
     assert not decoding()
@@ -163,11 +174,11 @@ def test_ffcv_does_not_undo_the_thread_count(betons):
     """FFCV sets torch's thread count to its worker count at every epoch (and in its decode thread):
     on a 16-core machine 4 ranks would each run 8 threads, 32 in all. The loaders put it back."""
     cfg = DataConfig(dir=str(betons), num_workers=2)
-    data = TrainData(cfg, 500, 0, CPU, torch.float32, False, threads=1)
+    data = train_data(cfg, 500, 0, CPU, torch.float32, False, threads=1)
     assert torch.get_num_threads() == 1
     seen = [torch.get_num_threads() for _ in data.epoch(0)]
     assert set(seen[1:]) == {1} and torch.get_num_threads() == 1
-    test = TestData(cfg, 500, CPU, torch.float32, False, threads=1)
+    test = test_data(cfg, 500, CPU, torch.float32, False, threads=1)
     assert [torch.get_num_threads() for _ in test][1:] == [1] and torch.get_num_threads() == 1
 
 
@@ -197,7 +208,7 @@ def test_a_decode_error_mid_epoch_ends_the_epoch_with_that_error(betons, tmp_pat
     corrupt_sample_pointer(damaged / "train.beton", 2500)
     old, numba.config.BOUNDSCHECK = numba.config.BOUNDSCHECK, 1
     try:
-        data = TrainData(DataConfig(dir=str(damaged), num_workers=2), 250, 0, CPU, torch.float32, False)
+        data = train_data(DataConfig(dir=str(damaged), num_workers=2), 250, 0, CPU, torch.float32, False)
         done = []
 
         def consume():
@@ -243,7 +254,7 @@ def test_a_damaged_manifest_is_a_clear_error(betons, tmp_path, damage, message):
 def test_betons_are_checked_against_the_manifest(betons, tmp_path):
     import shutil
 
-    from dist_resnet.data.loader import check_betons
+    from dist_resnet.data.manifest import check_betons
 
     d = tmp_path / "d"
     shutil.copytree(betons, d)
@@ -269,24 +280,26 @@ def test_resident_data_that_does_not_fit_is_a_clear_error(betons, monkeypatch):
     monkeypatch.setattr(loader, "available_memory", lambda device: 20 * 2**20)  # a machine with 20 MiB free
     with pytest.raises(DataError, match=r"data.pipeline=device needs 0.1 GiB for the train split but this machine "
                                         r"has 0.0 GiB free .* use data.pipeline=ffcv"):
-        TrainData(DataConfig(dir=str(betons), pipeline="device"), 500, 0, CPU, torch.float32, False)
+        train_data(DataConfig(dir=str(betons), pipeline="device"), 500, 0, CPU, torch.float32, False)
 
 
 def test_the_validation_split_is_stratified_fixed_and_exact_across_ranks(betons):
     """val_fraction of every class, the same whatever the training seed; the train data never sees it,
     and 3 ranks evaluate every validation image exactly once."""
-    from dist_resnet.data.loader import split_indices, train_labels
+    from dist_resnet.data.manifest import Betons
+    from dist_resnet.data.split import split_indices
 
     cfg = DataConfig(dir=str(betons), num_workers=2, val_fraction=0.1)
-    train_idx, val_idx = split_indices(cfg)
-    labels = train_labels(betons)
+    opened = Betons.open(betons)
+    train_idx, val_idx = split_indices(opened, 0.1, 0)
+    labels = opened.train_labels()
     assert len(val_idx) == 500 and np.bincount(labels[val_idx]).tolist() == [50] * 10
     assert len(np.intersect1d(train_idx, val_idx)) == 0 and len(train_idx) + len(val_idx) == 5000
-    assert np.array_equal(split_indices(cfg)[1], val_idx)  # a function of val_seed alone
-    assert not np.array_equal(split_indices(DataConfig(dir=str(betons), val_fraction=0.1, val_seed=1))[1], val_idx)
-    data = TrainData(cfg, 500, seed=3, device=CPU, dtype=torch.float32, channels_last=False, indices=train_idx)
+    assert np.array_equal(split_indices(opened, 0.1, 0)[1], val_idx)  # a function of val_seed alone
+    assert not np.array_equal(split_indices(opened, 0.1, 1)[1], val_idx)
+    data = train_data(cfg, 500, seed=3, device=CPU, dtype=torch.float32, channels_last=False, indices=train_idx)
     assert len(data) == 9 and set(data.order.sample_order(0)) <= set(train_idx.tolist())
-    parts = [TestData(cfg, 64, CPU, torch.float32, False, rank=r, world=3, split="train", indices=val_idx)
+    parts = [test_data(cfg, 64, CPU, torch.float32, False, rank=r, world=3, split="train", indices=val_idx)
              for r in range(3)]
     seen = np.concatenate([np.concatenate([y.numpy() for _, y in part]) for part in parts])
     assert sum(p.count for p in parts) == 1500 and len(seen) == 500  # each rank knows the whole count

@@ -113,9 +113,9 @@ def test_any_single_size_is_kept_and_modes_are_converted_and_recorded(tmp_path, 
     import torch
 
     from dist_resnet.config import DataConfig
-    from dist_resnet.data.loader import TestData
+    from tests.loaders import test_data
 
-    x, y = next(iter(TestData(DataConfig(dir=str(tmp_path / "out"), num_workers=1), 12, torch.device("cpu"),
+    x, y = next(iter(test_data(DataConfig(dir=str(tmp_path / "out"), num_workers=1), 12, torch.device("cpu"),
                               torch.float32, False)))
     assert x.shape == (6, 3, 40, 48)
 

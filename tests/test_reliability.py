@@ -244,7 +244,8 @@ def test_ema_switched_on_at_resume_starts_from_the_restored_weights(tiny_betons,
     trainer = Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
     try:
         restored = load(run_dir / "last.pt")["model"]
-        for k, v in trainer.ema.module.state_dict().items():
+        ema = trainer.step.hooks[0].ema  # the EMA hook: the only after-step hook of this run
+        for k, v in ema.module.state_dict().items():
             assert torch.equal(v, restored[k]), k  # not the random initial weights
     finally:
         trainer.finish(stopped=True)
@@ -416,22 +417,24 @@ def test_a_skipped_fp16_step_advances_neither_schedule_nor_ema_nor_lookahead(tin
     trainer = Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
     try:
         params = [p for p in trainer.model.parameters() if p.requires_grad]
+        optimizer_step, scaler = trainer.step, trainer.step.loss_scale.scaler  # the GradScaler of fp16
+        ema = optimizer_step.hooks[0].ema  # hooks in order: EMA, lookahead
 
         def step(grad: float) -> None:
-            trainer.scaler.scale(torch.ones(()))  # what the backward of each step does first
+            scaler.scale(torch.ones(()))  # what the backward of each step does first
             for p in params:
                 p.grad = torch.full_like(p, grad)
-            trainer.optimizer_step()
-            trainer.step += 1
+            optimizer_step.apply(trainer.state.step)
+            trainer.state.step += 1
 
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        ema_before = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+        ema_before = {k: v.clone() for k, v in ema.module.state_dict().items()}
         step(float("inf"))
-        assert trainer.scheduler.last_epoch == 0 and trainer.scaler.get_scale() == 2.0 ** 15  # halved from 2^16
+        assert optimizer_step.scheduler.last_epoch == 0 and scaler.get_scale() == 2.0 ** 15  # halved from 2^16
         assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
-        assert all(torch.equal(v, ema_before[k]) for k, v in trainer.ema.module.state_dict().items())
+        assert all(torch.equal(v, ema_before[k]) for k, v in ema.module.state_dict().items())
         step(1e-3)
-        assert trainer.scheduler.last_epoch == 1
+        assert optimizer_step.scheduler.last_epoch == 1
         assert not all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     finally:
         trainer.finish(stopped=True)

@@ -156,15 +156,14 @@ def test_no_host_sync_in_the_training_step_on_a_gpu(betons, tmp_path):
         f"data.dir={betons}", f"run.dir={tmp_path / 'run'}", "train.device=cuda", "train.precision=bf16",
         "data.pipeline=device", "train.batch_size=128", "train.ema=true", "run.progress=false"])
     trainer = Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cuda", 0)))
-    trainer.forward.train()
-    steps = trainer.train_data.epoch(0)
-    for _, micro_batches in itertools.islice(steps, 2):  # lazy CUDA and cuDNN initialisation, the epoch's order
+    steps = trainer.batches()
+    for micro_batches in itertools.islice(steps, 2):  # lazy CUDA and cuDNN initialisation, the epoch's order
         trainer.train_step(micro_batches)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         done = 0
-        for _, micro_batches in itertools.islice(steps, 20):
+        for micro_batches in itertools.islice(steps, 20):
             trainer.train_step(micro_batches)
             done += 1
     finally:
@@ -179,6 +178,7 @@ def test_a_fixed_fp16_loss_scale_trains_without_a_grad_scaler(tiny_betons, tmp_p
     gradients are unscaled exactly). Outside fp16 the key is refused."""
     from dist_resnet.config import ConfigError, load_config
     from dist_resnet.distributed import DistEnv
+    from dist_resnet.engine.step import DynamicLossScale
     from dist_resnet.train import Trainer
     from tests.conftest import TINY
 
@@ -186,10 +186,10 @@ def test_a_fixed_fp16_loss_scale_trains_without_a_grad_scaler(tiny_betons, tmp_p
         t = Trainer(load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / name}",
                                           "train.epochs=1", *overrides]), DistEnv(0, 1, 0, 1, torch.device("cpu")))
         before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
-        _, micro_batches = next(iter(t.train_data.epoch(0)))
-        t.forward.train()
-        t.train_step(micro_batches)
-        assert t.scheduler.last_epoch == 1 and t.scaler.is_enabled() == (name == "fp16")  # not skipped
+        t.train_step(next(t.batches()))
+        dynamic = isinstance(t.step.loss_scale, DynamicLossScale)  # GradScaler
+        assert t.step.scheduler.last_epoch == 1 and dynamic == (name == "fp16")  # not skipped
+        t.close()
         return torch.cat([p.detach().flatten() for p in t.model.parameters()]) - before
 
     dynamic = update("fp16", "train.precision=fp16")  # GradScaler's first step (scale 65536) does not overflow here

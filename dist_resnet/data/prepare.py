@@ -12,7 +12,6 @@ a temporary folder first, so a failure leaves DIR as it was.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-SPLITS = ("train", "test")
+from ..fileio import sha256
+from .manifest import SPLITS, Betons, DataError
+
 FILES = ("train.beton", "test.beton", "manifest.json")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -196,14 +197,6 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Arrays(images, labels))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int, int] | None = None,
             download_root: Path | None = None, workers: int | None = None, classes: list[str] | None = None) -> dict:
     """Write `out`/{train,test}.beton and manifest.json. `resize`: N (N x N) or (H, W) brings every image
@@ -257,11 +250,7 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
 
 def verify(data_dir: Path) -> dict:
     """Check a prepared folder: the manifest, every beton's size and sha256. DataError on the first fault."""
-    from .loader import check_betons, read_manifest
-
-    manifest = read_manifest(data_dir)
-    check_betons(data_dir, manifest, hashes=True)
-    return manifest
+    return Betons.open(data_dir, verify=True).manifest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,8 +267,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
     args = p.parse_args(argv)
     if args.verify is not None:
-        from .loader import DataError
-
         try:
             m = verify(args.verify)
         except DataError as e:

@@ -23,7 +23,7 @@ from .fastnet import FastNet
 from .layers import NORMS, Norm, Residual
 
 __all__ = ["MODELS", "HEAD", "build_model", "check_model", "check_input", "freeze", "load_weights",
-           "parameter_depths", "Resized", "PixelInput", "Residual"]
+           "parameter_depths", "Resized", "PixelInput", "Residual", "to_device", "with_input"]
 
 MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
     "resnet9": lambda classes, width, norm: ResNet9(classes, width, norm),
@@ -132,12 +132,23 @@ class Resized(nn.Module):
         return self.net(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False))
 
 
+def to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """`net` on `device`, in the NHWC memory format with `channels_last` (model.channels_last)."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def with_input(net: nn.Module, resize: int) -> nn.Module:
+    """`net` behind the input adapter: upsampled to resize x resize first (data.resize), or as it is."""
+    return Resized(net, resize) if resize else net
+
+
 class PixelInput(nn.Module):
     """The model as a user calls it: float RGB in [0, 1], normalised (and resized) inside."""
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float], resize: int = 0):
         super().__init__()
-        self.net = Resized(net, resize) if resize else net
+        self.net = with_input(net, resize)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 

@@ -11,7 +11,6 @@ none can run code. `load_pretrained` then fits the weights to a model whose head
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +41,6 @@ class ModelFile:
     @property
     def ours(self) -> bool:
         return self.config is not None
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _strip(weights: dict) -> dict[str, torch.Tensor]:

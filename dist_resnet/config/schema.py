@@ -1,0 +1,201 @@
+"""The config schema: one small dataclass per section (data, model, optim, train, adv, run), composed
+by `Config`. The comment after each field is its documentation: `--help` prints it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Schedule(str, Enum):
+    onecycle = "onecycle"  # linear warm-up to lr, linear decay to 0
+    cosine = "cosine"  # linear warm-up to lr, cosine decay to 0
+
+
+class Pipeline(str, Enum):
+    ffcv = "ffcv"  # FFCV decodes and copies every batch (any data size)
+    device = "device"  # the beton is read once into device memory; batches are gathered there
+
+
+class Normalization(str, Enum):
+    auto = "auto"  # imagenet for torchvision's pretrained weights (tv_* models), else dataset
+    dataset = "dataset"  # the train split's per-channel mean/std, from the manifest
+    imagenet = "imagenet"  # (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
+
+
+class Norm(str, Enum):
+    batch = "batch"  # BatchNorm (SyncBatchNorm across ranks with model.sync_bn=true)
+    group = "group"  # GroupNorm(8 groups): batch-independent, so DDP equals one big batch exactly
+
+
+class Pad(str, Enum):
+    zeros = "zeros"  # translate pads with 0 after normalisation, i.e. the dataset mean
+    reflect = "reflect"  # translate pads with the mirrored border
+
+
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"  # mean logits of the image and its mirror (2 views)
+    flip_translate = "flip_translate"  # flip x {none, 1 px up-left, 1 px down-right}, weights 1/2, 1/4, 1/4
+
+
+class CompileMode(str, Enum):  # torch.compile(mode=...); the names use _ where torch's modes use -
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # CUDA graphs
+    max_autotune = "max-autotune"  # Triton/cuBLAS autotuning + CUDA graphs (long first compile)
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
+class NonFinite(str, Enum):
+    stop = "stop"  # end the run (exit code 3), keeping the last good checkpoint
+    rollback = "rollback"  # reload the last good checkpoint, halve the LR, go on (at most train.max_rollbacks times)
+
+
+class Adversarial(str, Enum):
+    none = "none"
+    fgsm = "fgsm"  # one signed-gradient step (with adv.init=random: FGSM-RS, "Fast is better than free")
+    pgd = "pgd"  # adv.steps signed-gradient steps (Madry et al.)
+
+
+class EvalAttack(str, Enum):
+    none = "none"
+    pgd = "pgd"  # PGD with adv.eval_steps and adv.eval_restarts at every test evaluation: test/robust_acc
+
+
+class AdvInit(str, Enum):
+    random = "random"  # uniform in the eps-ball
+    zero = "zero"
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@dataclass
+class DataConfig:
+    dir: str = MISSING  # folder with train.beton, test.beton, manifest.json
+    pipeline: Pipeline = Pipeline.ffcv  # ffcv: decode every batch; device: decode once into device memory
+    num_workers: int = 8  # FFCV decode threads per rank
+    batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
+    os_cache: bool = True  # share the beton through the page cache
+    flip: bool = True  # random horizontal flip (train only)
+    translate: int = 2  # random translation of up to N pixels of a 32-px image, scaled to the image side
+    translate_pad: Pad = Pad.zeros  # what a translation shifts in: zeros (the mean) or the mirrored border
+    flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
+    cutout: int = 0  # side of a square (cutout x cutout, clipped at the border) zeroed at a random centre; 0 = off
+    verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
+    resize: int = 0  # upsample every batch to resize x resize on the device before the model; 0 = off
+    normalize: Normalization = Normalization.auto  # whose mean/std the inputs are normalised with
+    fp32_input: bool = False  # normalise in fp32 and feed fp32 batches (fastnet's whitening stem then runs in fp32)
+    val_fraction: float = 0.0  # hold out this class-stratified fraction of the train split for validation
+    val_seed: int = 0  # which images are held out (fixed across seeds and sweep trials)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # see dist_resnet.models.MODELS
+    width: int = 64  # base width (resnet9 family: widths w, 2w, 4w, 8w)
+    norm: Norm = Norm.batch  # BatchNorm, or GroupNorm (independent of the batch size)
+    sync_bn: bool = False  # SyncBatchNorm over all ranks (GPU only; torch has no CPU SyncBatchNorm)
+    channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
+    compile: bool = True  # torch.compile the model (GPU or CPU; on CPU it is often slower and slow to build)
+    compile_mode: CompileMode = CompileMode.default  # torch.compile's mode (_ for -)
+    pretrained: str = ""  # start from: our .pt checkpoint, a torchvision .pth, a .safetensors, or "torchvision"
+    freeze: str = "none"  # none | backbone (a linear probe) | a stage name: it and every stage before it
+    residual: bool = False  # fastnet: a residual around each stage's second conv (airbench's stage has none)
+    whiten_bias_epochs: int = 0  # fastnet: train the whitening bias this many epochs, then freeze it; 0 = always
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.2  # peak learning rate for train.batch_size
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (needs momentum > 0)
+    weight_decay: float = 5e-4  # never applied to BatchNorm weights or biases
+    label_smoothing: float = 0.1  # of the cross-entropy loss, in [0, 1)
+    schedule: Schedule = Schedule.onecycle  # per-step LR: linear warm-up, then linear or cosine decay
+    warmup_epochs: float = 1.0  # may be fractional
+    lr_start: float = 0.0  # warm-up starts from this LR factor: step s < W gets start + (1 - start)(s + 1)/W
+    lr_end: float = 0.0  # the decay ends at this factor: the last step gets end + (1 - end)/(T - W)
+    norm_bias_lr_scale: float = 1.0  # LR multiplier of normalisation-layer biases (no weight decay on them)
+    norm_bias_decay: bool = False  # decay normalisation biases too, as much per step as the weights (wd / scale)
+    bias_decay: bool = False  # weight decay on the other biases too (fastnet's whitening bias, as airbench)
+    head_lr_scale: float = 1.0  # LR multiplier of the classification head (fine-tuning: often 10)
+    layer_decay: float = 1.0  # layer-wise LR decay: stage d of S gets lr x layer_decay^(S - d); 1 = off
+    lookahead_every: int = 0  # lookahead: every k steps pull the weights to a slow average (0 = off)
+    lookahead_decay: float = 0.95  # per-step decay of the slow average, ramped up as (t / T)^3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # fixed for a run: a resume may not change it (the LR schedule spans them)
+    max_steps: int = 0  # end after this many optimizer steps, inside the last epoch (airbench: 476 of 10 x 48); 0 = all
+    batch_size: int = 512  # GLOBAL batch size, split evenly across ranks
+    accum_steps: int = 1  # micro-batches per optimizer step on each rank (all-reduce on the last only)
+    seed: int = 0  # >= 0: initial weights, sample order and augmentation all derive from it
+    ema: bool = False  # keep an EMA of the weights (and BN buffers), evaluated beside the raw model
+    ema_decay: float = 0.999  # per optimizer step
+    precision: Precision = Precision.auto  # autocast dtype: auto = bf16 on GPU, fp32 on CPU
+    device: Device = Device.auto  # auto: cuda:{LOCAL_RANK} when CUDA is available, else cpu
+    resume: bool = False  # continue from run.dir's newest checkpoint that loads (config changes are checked)
+    keep_last: int = 2  # checkpoints kept (ckpt-<step>.pt); last.pt and best.pt link to the newest and the best
+    timeout_s: float = 600.0  # a collective waits this long for a rank that died or hangs, then the run ends
+    nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf loss does (checked at log_every and epoch end)
+    max_rollbacks: int = 3  # train.nonfinite=rollback: how many times before giving up
+    eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    eval_test_every: int = 0  # with a validation split: epochs between test evaluations (0 = at the end only)
+    tta: TTA = TTA.none  # test-time augmentation of every evaluation
+    log_every: int = 50  # steps between host syncs for logging
+    stop_check_every: int = 10  # steps between checks for a stop request (SIGUSR1/SIGTERM or run.dir/STOP)
+    deterministic: bool = False  # deterministic kernels where torch has them (slower); sets CUBLAS_WORKSPACE_CONFIG
+    loss_scale: float = 0.0  # fp16: 0 = dynamic (GradScaler, one host sync per step); > 0 = this fixed scale, no sync
+    warmup_steps: int = 0  # untimed steps on throw-away data first (compile, autotune); the state is restored exactly
+    adversarial: Adversarial = Adversarial.none  # train on adversarial examples (adv.*): none | fgsm | pgd
+    eval_attack: EvalAttack = EvalAttack.none  # also report accuracy under PGD (adv.eval_*) at each test evaluation
+
+
+@dataclass
+class AdvConfig:
+    eps: float = 8.0  # L-inf radius in pixel levels (0-255) of the [0, 1] image, for training and evaluation
+    alpha: float = 0.0  # step size in pixel levels; 0 = 1.25 eps for fgsm, 2.5 eps / steps for pgd
+    steps: int = 7  # train.adversarial=pgd: attack steps per training step (fgsm: 1)
+    init: AdvInit = AdvInit.random  # the attack's start: random in the ball (FGSM-RS) or the image itself
+    eval_alpha: float = 2.0  # step size of the evaluation PGD, in pixel levels
+    eval_steps: int = 20  # steps of the evaluation PGD (train.eval_attack=pgd)
+    eval_restarts: int = 1  # random restarts of the evaluation PGD; an image counts if it withstands all
+    check_images: int = 512  # adversarial training: train images PGD-attacked every epoch to catch a collapse
+    check_steps: int = 10  # steps of that check's PGD (alpha = adv.eval_alpha)
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # output folder: config.yaml, metrics.json, checkpoints, TensorBoard
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what is valid."""
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "adv": AdvConfig,
+            "run": RunConfig}

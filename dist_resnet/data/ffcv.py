@@ -1,0 +1,122 @@
+"""FFCV's Loader, made safe to leave early and to fail in: its decode thread's errors reach the consumer,
+and an epoch left before its end joins that thread.
+
+FFCV decodes, batches and copies to the device (in the AMP dtype, channels_last); normalisation and
+the seeded augmentations run afterwards on the device (dist_resnet.data.augment).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from ffcv.loader import Loader as FFCVLoader
+from ffcv.loader import OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
+
+from .manifest import DataError
+
+
+def workers(requested: int) -> int:
+    """FFCV's decode threads; numba refuses more threads than this machine has cores."""
+    return max(1, min(requested, os.cpu_count() or 1))
+
+
+def pipelines(device: torch.device, dtype: torch.dtype) -> dict:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    cuda = device.type == "cuda"
+    # ToTorchImage(channels_last=True) is a free NHWC->NCHW view; its False path returns CPU tensors
+    # even after ToDevice(cuda), so the memory format is changed on the device instead (to_format)
+    return {
+        "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda),
+                  ToTorchImage(channels_last=True), Convert(dtype)],
+        "label": [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda), Squeeze(1)],
+    }
+
+
+class _EpochIterator(EpochIterator):
+    """FFCV's decode thread, made to hand its error to the consumer. FFCV's own thread dies on an
+    exception and leaves the consumer waiting forever on its queue (a hung rank, then a hung job)."""
+
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self.error = e
+            while not self.terminate_event.is_set():  # wake the consumer
+                try:
+                    self.output_queue.put(None, timeout=0.5)
+                    return
+                except queue.Full:
+                    pass
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                e = self.error
+                raise DataError(f"reading {self.loader.fname} failed in FFCV's decode thread ({type(e).__name__}: "
+                                f"{e}); the beton may be damaged: python -m dist_resnet.data.prepare --verify "
+                                f"{Path(self.loader.fname).parent}") from e
+            raise
+
+
+class Loader(FFCVLoader):
+    """FFCV's Loader with an epoch iterator that reports its decode thread's errors."""
+
+    def __iter__(self) -> _EpochIterator:  # FFCV 1.0.2's __iter__, with _EpochIterator
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected_order = order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _EpochIterator(self, selected_order)
+
+
+def sequential(path: str, indices: np.ndarray, batch_size: int, num_workers: int, os_cache: bool,
+               batches_ahead: int, device: torch.device, dtype: torch.dtype) -> Loader:
+    """A loader of `indices` in their order, every one once (evaluation, or reading a split into memory)."""
+    return Loader(path, batch_size=batch_size, num_workers=workers(num_workers), os_cache=os_cache,
+                  order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
+                  pipelines=pipelines(device, dtype), drop_last=False, batches_ahead=batches_ahead)
+
+
+def iterate(loader: Loader, threads: int | None) -> Iterator:
+    """One epoch of `loader`, ended cleanly however it is left. FFCV sets torch's thread count to its
+    worker count (in `iter` and again in its decode thread); `threads` is set back after the first batch,
+    which the decode thread can only deliver after it has made its own call."""
+    batches = iter(loader)
+    try:
+        for i, batch in enumerate(batches):  # not `yield from`: on close it would end FFCV's memory
+            if i == 0 and threads:            # context under the still running thread, whose page reads
+                torch.set_num_threads(threads)  # could then hang
+            yield batch
+    finally:
+        stop_epoch(batches)
+
+
+def stop_epoch(batches) -> None:
+    """End an FFCV epoch iterator left before its last batch (a benchmark's few steps, a preempted run).
+    FFCV never joins its decode thread. One still running at interpreter exit can abort the process:
+    CI saw "terminate called without an active exception" (exit -6) after a benchmark left an epoch
+    open. The thread sees the event within one batch plus 0.5 s."""
+    if not batches.is_alive():
+        return  # ran to its end; FFCV closes it
+    batches.terminate_event.set()
+    while batches.is_alive():
+        batches.join(timeout=1.0)
+        with contextlib.suppress(queue.Empty):  # frees the thread's last put, which has no timeout
+            batches.output_queue.get_nowait()
+    batches.close()

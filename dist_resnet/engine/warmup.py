@@ -1,0 +1,87 @@
+"""Epoch hooks and the untimed warm-up.
+
+- `TrainMode` and `WhitenBias` run at the start of every epoch (and `WhitenBias` switches fastnet's
+  whitening bias off after `model.whiten_bias_epochs`: a forward flag, not requires_grad, so no recompile).
+- `WarmUp` (train.warmup_steps): torch.compile, cuDNN autotuning and the loader's first-use costs, paid
+  before the timed run as the record scripts do: steps and an evaluation forward on throw-away data,
+  after which the whole state and the RNGs are restored exactly.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import TTA
+from ..precision import Amp
+from .evaluation import predict
+from .report import Clock
+from .state import Checkpointer, RunState
+from .step import Step
+
+
+class TrainMode:
+    """Every epoch starts with the model in training mode (an evaluation left it in eval mode)."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def start_epoch(self, epoch: int) -> None:
+        self.net.train()
+
+    def warm_up(self, i: int) -> None:
+        self.net.train()
+
+
+class WhitenBias:
+    """fastnet's whitening bias trains for the first `epochs` epochs, then its forward detaches it."""
+
+    def __init__(self, stem: nn.Module, epochs: int):
+        self.stem, self.epochs = stem, epochs
+
+    def start_epoch(self, epoch: int) -> None:
+        self.stem.train_bias = epoch < self.epochs
+
+    def warm_up(self, i: int) -> None:
+        self.stem.train_bias = i % 2 == 0  # both graphs, trained and frozen, compile in the warm-up
+
+
+def no_warm_up(state: RunState) -> None:
+    """train.warmup_steps=0: the first steps of the run pay for compile and autotuning."""
+
+
+class WarmUp:
+    """`steps` training steps and an evaluation forward on a seeded random batch shaped like the loader's,
+    then the checkpoint state and the RNGs restored as they were."""
+
+    def __init__(self, steps: int, step: Step, forward: nn.Module, hooks: list, checkpointer: Checkpointer,
+                 clock: Clock, example: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]], accum: int,
+                 amp: Amp, tta: TTA, say: Callable):
+        self.steps, self.step, self.forward, self.hooks = steps, step, forward, hooks
+        self.checkpointer, self.clock, self.example, self.accum = checkpointer, clock, example, accum
+        self.amp, self.tta, self.say = amp, tta, say
+
+    def __call__(self, state: RunState) -> None:
+        t0 = time.perf_counter()
+        saved = self.checkpointer.snapshot()
+        device = self.amp.device
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        x, y = self.example(torch.Generator(device=device).manual_seed(0))
+        for i in range(self.steps):
+            for hook in self.hooks:
+                hook.warm_up(i)
+            self.step([(x, y)] * self.accum, state.step)
+        with torch.no_grad(), self.amp.autocast():
+            self.forward.eval()
+            predict(self.forward, x, self.tta)
+            self.forward.train()
+        self.checkpointer.restore_snapshot(saved, "the warm-up's copy")
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
+        self.clock.sync()
+        self.clock.warmup_s = time.perf_counter() - t0
+        self.say(f"warm-up: {self.steps} steps and an evaluation forward on throw-away data in "
+                 f"{self.clock.warmup_s:.1f}s (compile, autotune), untimed; the state is restored")

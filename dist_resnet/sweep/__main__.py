@@ -1,0 +1,4 @@
+"""python -m dist_resnet.sweep ..."""
+from .cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""python -m dist_resnet.sweep: start or join a study and run its trials, print a sweep's results, and
+retrain the best config on the whole train split (--final)."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from .. import rundir
+from ..config import ConfigError, flatten, load_config, merged, to_dict
+from ..distributed import EXIT_BAD_INPUT, EXIT_STOPPED
+from ..fileio import write_json
+from . import __doc__ as DOC
+from .orchestrate import Sweep
+from .results import markdown, write_results
+from .space import SweepError, grid_size, parse_space
+from .storage import META, PRUNERS, SAMPLERS, load_study, make_pruner, make_sampler, make_storage, open_study, safe_url
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist_resnet.sweep", description=DOC.split("\n\n")[0],
+                                epilog=DOC.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML preset of every trial")
+    p.add_argument("--study", help="the study's name (the same name and storage: the same study)")
+    p.add_argument("--trials", type=int, default=10, help="trials in the study, all workers together")
+    p.add_argument("--out", help="SWEEP_DIR")
+    p.add_argument("--space", action="append", default=[], help="KEY=SPEC, or a YAML file of KEY: SPEC")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--storage", default=os.environ.get("SWEEP_STORAGE"),
+                   help="an RDB URL (postgresql://...) for workers on many nodes (default: $SWEEP_STORAGE, or a "
+                        "journal file in SWEEP_DIR)")
+    p.add_argument("--gpus-per-trial", type=int, default=1)
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between an RDB worker's heartbeats")
+    p.add_argument("--seed", type=int, default=None, help="the sampler's seed")
+    p.add_argument("--final", action="store_true", help="then retrain the best config on the whole train split and "
+                                                         "report its test accuracy")
+    p.add_argument("--report", metavar="SWEEP_DIR", help="print the results table of a sweep and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of every trial's config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_intermixed_args(argv)
+    try:
+        if args.report:
+            study, meta = load_study(Path(args.report), args.storage)
+            result = write_results(Path(args.report), study, meta["params"], meta["config"], meta["overrides"])
+            print(f"{result['summary']}\n\n" + markdown(result["table"]), end="")
+            return result
+        return run_sweep(args)
+    except (SweepError, ConfigError) as e:
+        print(f"dist_resnet.sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def check_args(args) -> list:
+    """The sweep's arguments and base config, checked before anything is written; the parameters."""
+    if not args.study or not args.out:
+        raise SweepError("--study NAME and --out SWEEP_DIR are required (or --report SWEEP_DIR)")
+    if args.trials < 1 or args.gpus_per_trial < 1:
+        raise SweepError("--trials and --gpus-per-trial must be >= 1")
+    if any(o.startswith("run.dir=") for o in args.overrides):
+        raise SweepError("run.dir is set per trial (SWEEP_DIR/trial-NNNN); leave it out")
+    if not merged(args.config, [*args.overrides]).data.val_fraction:
+        raise SweepError("a sweep selects on validation accuracy, never on test: hold out a validation split with "
+                         "data.val_fraction (e.g. data.val_fraction=0.1)")
+    load_config(args.config, [*args.overrides, "run.dir=unused"])  # the base config is valid
+    return parse_space(args.space, set(flatten(to_dict(load_config(None, ["data.dir=x", "run.dir=x"])))))
+
+
+def run_sweep(args) -> dict:
+    import optuna
+
+    params = check_args(args)
+    sweep_dir = Path(args.out)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"study": args.study, "storage": safe_url(args.storage) if args.storage else None, "config": args.config,
+            "overrides": args.overrides, "params": [q.key for q in params],
+            "space": {q.key: [q.kind, list(q.values)] for q in params}, "sampler": args.sampler,
+            "pruner": args.pruner, "trials": args.trials}
+    write_json(sweep_dir / META, meta)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines and table say what happened
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = open_study(args.study, make_storage(args.storage, sweep_dir, args.heartbeat),
+                       make_sampler(args.sampler, params, args.seed), make_pruner(args.pruner))
+    sweep = Sweep(args, params)
+    if args.sampler == "grid":  # a grid has so many points: more trials would only repeat them
+        args.trials = min(args.trials, args.trials - sweep.remaining(study) + grid_size(params))
+    stop_on_signals(sweep)
+    print(f"sweep {args.study}: {args.trials} trials, {sweep.parallel} at a time, sampler {args.sampler}, pruner "
+          f"{args.pruner}, storage {meta['storage'] or sweep_dir / 'study.journal'}", flush=True)
+    sweep.optimize(study)
+    result = write_results(sweep_dir, study, meta["params"], args.config, args.overrides)
+    print(f"{result['summary']}\n\n" + markdown(result["table"]), end="", flush=True)
+    if sweep.stop.is_set():
+        raise SystemExit(EXIT_STOPPED)
+    if args.final and "best_overrides" in result:
+        result["final"] = final(args, sweep_dir, result["best_overrides"])
+    return result
+
+
+def stop_on_signals(sweep: Sweep) -> None:
+    """SIGUSR1/SIGTERM (slurm/sweep.sh): running trials checkpoint and stop, and are queued to resume."""
+    def on_signal(signum, frame):
+        print(f"dist_resnet.sweep: got {signal.Signals(signum).name}: running trials checkpoint and stop, and are "
+              "queued to resume", file=sys.stderr, flush=True)
+        sweep.stop.set()
+
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+
+def final(args, sweep_dir: Path, best_overrides: list[str]) -> dict:
+    """The best config, retrained on the whole train split; its test accuracy, reported once."""
+    run_dir = sweep_dir / "final"
+    cmd = [sys.executable, "-m", "dist_resnet.train", *(["--config", args.config] if args.config else []),
+           *best_overrides, "data.val_fraction=0", f"run.dir={run_dir}", "run.progress=false", "train.resume=true"]
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise SweepError(f"the final run of the best config failed (exit code {code}); see {run_dir}")
+    m = rundir.read_metrics(run_dir)
+    print(f"final: the best config on the whole train split: test acc {m['test_acc']:.4f} on {m['test_count']} "
+          f"images -> {run_dir}", flush=True)
+    return {"test_acc": m["test_acc"], "test_count": m["test_count"], "run_dir": str(run_dir)}

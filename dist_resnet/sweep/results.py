@@ -1,0 +1,69 @@
+"""A sweep's results: one row per trial (parameters, validation accuracy, state, epochs, time), as
+results.csv and results.md with the best marked, and best.yaml, the winning config as a preset."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..config import load_config, to_yaml
+from ..fileio import write_text
+
+
+def rows(study, params: list[str]) -> tuple[list[dict], int | None]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(done, key=lambda t: t.value).number if done else None
+    out = []
+    for t in trials:
+        seconds = t.user_attrs.get("seconds")
+        if seconds is None and t.datetime_complete and t.datetime_start:
+            seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        note = t.user_attrs.get("error", "")
+        state = "interrupted" if t.state == TrialState.FAIL and note.startswith("interrupted") else t.state.name.lower()
+        out.append({"trial": t.number, "best": "*" if t.number == best else "", "state": state,
+                    "val_acc": t.value if t.value is not None else (t.intermediate_values[last] if last else None),
+                    "epochs": last, **{k: t.params.get(k) for k in params}, "seconds": seconds,
+                    "run_dir": t.user_attrs.get("run_dir", ""), "note": note})
+    return out, best
+
+
+def markdown(table: list[dict]) -> str:
+    if not table:
+        return "(no trials yet)\n"
+    cols = list(table[0])
+
+    def cell(v):
+        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]).replace("|", "/") for c in cols) + " |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(sweep_dir: Path, study, params: list[str], config: str | None, overrides: list[str]) -> dict:
+    table, best = rows(study, params)
+    buf = io.StringIO()
+    if table:
+        writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    write_text(sweep_dir / "results.csv", buf.getvalue())
+    states = [r["state"] for r in table]
+    summary = (f"{len(table)} trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
+               f"{states.count('fail')} failed" + (f", {states.count('interrupted')} interrupted and resumed"
+                                                   if "interrupted" in states else ""))
+    write_text(sweep_dir / "results.md", f"# Sweep {study.study_name}\n\n{summary}; selection on validation "
+                                         f"accuracy (best marked *).\n\n" + markdown(table))
+    out = {"table": table, "best": best, "summary": summary}
+    if best is not None:
+        t = study.trials[best]
+        best_overrides = [*overrides, *(f"{k}={v}" for k, v in t.params.items())]
+        cfg = load_config(config, [*best_overrides, f"run.dir={sweep_dir / 'final'}"])
+        write_text(sweep_dir / "best.yaml", f"# best trial {best} of study {study.study_name}: val_acc "
+                                            f"{t.value:.4f}\n" + to_yaml(cfg))
+        out.update({"best_value": t.value, "best_params": t.params, "best_overrides": best_overrides})
+    return out

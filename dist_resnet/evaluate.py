@@ -14,7 +14,6 @@ change it (data.dir, train.device, ...).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -27,14 +26,11 @@ from .data.manifest import Betons, DataError
 from .engine.evaluation import evaluate, per_class
 from .fileio import write_json
 from .precision import Amp
-from .trained import open_trained, placed
+from .trained import arguments, open_trained, placed
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="dist_resnet.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights (train.ema=true runs)")
+    p = arguments("dist_resnet.evaluate", __doc__, "evaluate the EMA weights (train.ema=true runs)")
     p.add_argument("--out", help="also write the result as JSON here")
     p.add_argument("--confusion", metavar="PNG", help="draw the confusion matrix into this PNG")
     p.add_argument("--attack", choices=["none", "pgd"], default="none", help="also evaluate under this attack")
@@ -59,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = placed(mf, trained, cfg, len(classes), env.device)
         mean, std = mf.mean or betons.manifest["mean"], mf.std or betons.manifest["std"]  # the checkpoint's
         check_partition(env.world_size, betons.count("test"), "test")
-        feed = Feed(env.device, amp.dtype, cfg.model.channels_last, mean, std, env.rank, env.world_size)
+        feed = Feed(env.device, amp.dtype, cfg.model.channels_last, mean, std, env.rank, env.world_size, env.threads)
         data = TestData(betons, cfg.data, feed, max(1, cfg.train.batch_size // env.world_size))
         a = cfg.adv
         attack = None if args.attack == "none" else RobustEval(

@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from .data.loader import read_resident
 from .data.manifest import Betons, DataError
 from .fileio import atomic_write, sha256
 from .models import PixelInput, files
-from .trained import build_trained, open_trained
+from .trained import arguments, build_trained, open_trained
 
 TOLERANCE = 1e-3  # largest logit difference allowed between onnxruntime and PyTorch (timm's tolerance)
 CHECK_IMAGES = 256
@@ -117,12 +116,9 @@ def check(model: PixelInput, data: bytes, x: torch.Tensor) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="dist_resnet.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. data.dir=DIR)")
+    p = arguments("dist_resnet.export", __doc__, "export the EMA weights")
     p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--verify-test-set", action="store_true",
                    help="onnx: run the whole test beton through onnxruntime and PyTorch, print both accuracies")
     args = p.parse_intermixed_args(argv)

@@ -205,3 +205,17 @@ def test_print_config_shows_the_resolved_config(capsys):
         parse_args(["--config", str(ROOT / "configs" / "cpu.yaml"), "--print-config", "data.dir=/d", "run.dir=/r",
                     "train.seed=-1"])
     assert e.value.code == 2 and "train.seed" in capsys.readouterr().err
+
+
+def test_every_range_rule_names_a_config_key_once():
+    import dataclasses
+
+    from dist_resnet.config import SECTIONS
+    from dist_resnet.config.checks import RULES
+
+    keys = {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    named = [k for _, _, ks in RULES for k in ks]
+    assert set(named) <= keys and len(named) == len(set(named)), set(named) - keys
+    for key in named:  # each is checked: its section's check refuses a value far out of range
+        with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
+            load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + [f"{key}=-1000"])

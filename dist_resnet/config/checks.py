@@ -1,7 +1,7 @@
 """Config validation, one function per section, run by `load_config` before anything starts.
 
-Each section's value ranges are a table of rules (key, test, what it must be); the few checks that
-relate two keys follow the table. Checks that need the machine, the world size or the data (the
+The value ranges are one table (`RULES`: a test, what the values must be, the keys it applies to);
+each section's function applies its keys, then the few checks that relate two keys. Checks that need the machine, the world size or the data (the
 batch against the train images, bf16 on this GPU, ...) are made once, when the trainer is built
 (dist_resnet.engine.build).
 """
@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .. import models
 from .schema import AdvConfig, Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
-Rule = tuple[str, Callable[[Any], bool], str]  # key, ok(value), what the value must be
+Rule = tuple[Callable[[Any], bool], str, tuple[str, ...]]  # test, what the values must be, the dotted keys
 
 
 def at_least(n: float) -> Callable[[Any], bool]:
@@ -27,60 +27,39 @@ def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -
     return lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
 
 
-DATA: list[Rule] = [
-    ("val_fraction", within(0, 1, hi_open=True), "in [0, 1)"),
-    ("val_seed", at_least(0), ">= 0"),
-    ("resize", at_least(0), ">= 0 (0 = off)"),
-    ("batches_ahead", at_least(1), ">= 1"),
-    ("num_workers", at_least(1), ">= 1"),
-    ("translate", at_least(0), ">= 0"),
-    ("cutout", at_least(0), ">= 0 (0 = off)"),
-]
-MODEL: list[Rule] = [
-    ("width", at_least(1), ">= 1"),
-    ("whiten_bias_epochs", at_least(0), ">= 0 (0 = off)"),
-]
-OPTIM: list[Rule] = [
-    ("lr", above(0), "> 0"),
-    ("momentum", at_least(0), ">= 0"),
-    ("weight_decay", at_least(0), ">= 0"),
-    ("label_smoothing", within(0, 1, hi_open=True), "in [0, 1)"),
-    ("head_lr_scale", above(0), "> 0"),
-    ("layer_decay", within(0, 1, lo_open=True), "in (0, 1] (1 = off)"),
-    ("lr_start", within(0, 1), "in [0, 1] (a factor of optim.lr)"),
-    ("lr_end", within(0, 1), "in [0, 1] (a factor of optim.lr)"),
-    ("norm_bias_lr_scale", above(0), "> 0"),
-    ("lookahead_every", at_least(0), ">= 0 (0 = off)"),
-    ("lookahead_decay", within(0, 1, True, True), "in (0, 1)"),
-]
-TRAIN: list[Rule] = [
-    *((k, at_least(1), ">= 1") for k in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every",
-                                          "stop_check_every", "keep_last")),
-    ("seed", at_least(0), ">= 0"),
-    *((k, at_least(0), ">= 0 (0 = off)") for k in ("eval_test_every", "max_steps", "loss_scale", "warmup_steps")),
-    ("timeout_s", above(0), "> 0"),
-    ("max_rollbacks", at_least(0), ">= 0"),
-    ("ema_decay", within(0, 1, True, True), "in (0, 1)"),
-]
-ADV: list[Rule] = [
-    ("eps", within(0, 255, lo_open=True), "in (0, 255] pixel levels (0-255) of the [0, 1] image"),
-    ("alpha", at_least(0), ">= 0 (0 = automatic)"),
-    ("eval_alpha", above(0), "> 0"),
-    ("check_images", at_least(0), ">= 0 (0 = off)"),
-    *((k, at_least(1), ">= 1") for k in ("steps", "eval_steps", "eval_restarts", "check_steps")),
+# every key with a range, grouped by what it must be
+RULES: list[Rule] = [
+    (at_least(1), ">= 1", ("data.batches_ahead", "data.num_workers", "model.width", "train.epochs",
+                           "train.batch_size", "train.accum_steps", "train.eval_every", "train.log_every",
+                           "train.stop_check_every", "train.keep_last", "adv.steps", "adv.eval_steps",
+                           "adv.eval_restarts", "adv.check_steps")),
+    (at_least(0), ">= 0", ("data.val_seed", "data.translate", "optim.momentum", "optim.weight_decay",
+                           "train.seed", "train.max_rollbacks")),
+    (at_least(0), ">= 0 (0 = off)", ("data.resize", "data.cutout", "model.whiten_bias_epochs",
+                                     "optim.lookahead_every", "train.eval_test_every", "train.max_steps",
+                                     "train.loss_scale", "train.warmup_steps", "adv.check_images")),
+    (above(0), "> 0", ("optim.lr", "optim.head_lr_scale", "optim.norm_bias_lr_scale", "train.timeout_s",
+                       "adv.eval_alpha")),
+    (within(0, 1, hi_open=True), "in [0, 1)", ("data.val_fraction", "optim.label_smoothing")),
+    (within(0, 1, True, True), "in (0, 1)", ("optim.lookahead_decay", "train.ema_decay")),
+    (within(0, 1), "in [0, 1] (a factor of optim.lr)", ("optim.lr_start", "optim.lr_end")),
+    (within(0, 1, lo_open=True), "in (0, 1] (1 = off)", ("optim.layer_decay",)),
+    (within(0, 255, lo_open=True), "in (0, 255] pixel levels (0-255) of the [0, 1] image", ("adv.eps",)),
+    (at_least(0), ">= 0 (0 = automatic)", ("adv.alpha",)),
 ]
 
 
-def _apply(section: str, values: object, rules: list[Rule]) -> None:
-    for key, ok, requirement in rules:
-        v = getattr(values, key)
-        if not ok(v):
-            shown = f"{v:g}" if isinstance(v, float) else v
-            raise ConfigError(f"bad value for '{section}.{key}': {shown}; it must be {requirement}")
+def _apply(section: str, values: object) -> None:
+    for ok, requirement, keys in RULES:
+        for key in keys:
+            name = key.split(".", 1)[1]
+            if key.startswith(section + ".") and not ok(v := getattr(values, name)):
+                shown = f"{v:g}" if isinstance(v, float) else v
+                raise ConfigError(f"bad value for '{key}': {shown}; it must be {requirement}")
 
 
 def check_data(d: DataConfig) -> None:
-    _apply("data", d, DATA)
+    _apply("data", d)
     if d.flip_alternate and not d.flip:
         raise ConfigError("data.flip_alternate=true needs data.flip=true")
 
@@ -90,7 +69,7 @@ def check_model(m: ModelConfig) -> None:
         models.check_model(m.name, m.norm.value, m.width, m.freeze)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _apply("model", m, MODEL)
+    _apply("model", m)
     if m.pretrained == "torchvision" and not m.name.startswith("tv_"):
         raise ConfigError(f"model.pretrained=torchvision needs a torchvision model (tv_resnet18, tv_resnet34, "
                           f"tv_resnet50), not model.name={m.name}; pass a weights file instead")
@@ -99,18 +78,18 @@ def check_model(m: ModelConfig) -> None:
 
 
 def check_optim(o: OptimConfig) -> None:
-    _apply("optim", o, OPTIM)
+    _apply("optim", o)
     if o.nesterov and o.momentum <= 0:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (it is {o.momentum}); "
                           "set optim.nesterov=false for plain SGD")
 
 
 def check_train(t: TrainConfig) -> None:
-    _apply("train", t, TRAIN)
+    _apply("train", t)
 
 
 def check_adv(a: AdvConfig) -> None:
-    _apply("adv", a, ADV)
+    _apply("adv", a)
 
 
 def check(cfg: Config) -> None:

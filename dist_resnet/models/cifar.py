@@ -14,37 +14,44 @@ from torch import nn
 from .layers import Norm, Residual, conv_bn
 
 
-class BasicBlock(nn.Module):
+class Block(nn.Module):
+    """relu(body(x) + shortcut(x)); the shortcut is a strided 1x1 conv + norm where the shape changes.
+    A subclass gives the body's `layers` and its `expansion` (output channels per plane)."""
+
     expansion = 1
 
     def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
         super().__init__()
         cout = planes * self.expansion
-        self.body = nn.Sequential(*conv_bn(cin, planes, norm, stride), nn.ReLU(inplace=True),
-                                  *conv_bn(planes, cout, norm))
+        self.body = nn.Sequential(*self.layers(cin, planes, cout, norm, stride))
         self.shortcut = (nn.Identity() if stride == 1 and cin == cout
                          else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
+
+    @staticmethod
+    def layers(cin: int, planes: int, cout: int, norm: Norm, stride: int) -> list[nn.Module]:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
+class BasicBlock(Block):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    @staticmethod
+    def layers(cin: int, planes: int, cout: int, norm: Norm, stride: int) -> list[nn.Module]:
+        return [*conv_bn(cin, planes, norm, stride), nn.ReLU(inplace=True), *conv_bn(planes, cout, norm)]
+
+
+class Bottleneck(Block):
+    """1x1 down, 3x3, 1x1 up to 4x the planes (ResNet-50)."""
+
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, norm: Norm, stride: int = 1):
-        super().__init__()
-        cout = planes * self.expansion
-        self.body = nn.Sequential(
-            *conv_bn(cin, planes, norm, 1, 1), nn.ReLU(inplace=True),
-            *conv_bn(planes, planes, norm, stride), nn.ReLU(inplace=True),
-            *conv_bn(planes, cout, norm, 1, 1),
-        )
-        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
-                         else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+    @staticmethod
+    def layers(cin: int, planes: int, cout: int, norm: Norm, stride: int) -> list[nn.Module]:
+        return [*conv_bn(cin, planes, norm, 1, 1), nn.ReLU(inplace=True), *conv_bn(planes, planes, norm, stride),
+                nn.ReLU(inplace=True), *conv_bn(planes, cout, norm, 1, 1)]
 
 
 class CifarResNet(nn.Module):
@@ -66,7 +73,7 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for m in self.modules():  # zero-init the last BN of each block: each block starts as identity
-            if isinstance(m, (BasicBlock, Bottleneck)) and m.body[-1].weight is not None:
+            if isinstance(m, Block) and m.body[-1].weight is not None:
                 nn.init.zeros_(m.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,18 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def threads(self) -> int:
+        """CPU threads for this rank's torch ops: $OMP_NUM_THREADS when it is set (as PyTorch itself reads
+        it; torchrun sets 1 for several processes per node unless told otherwise), else the cores this
+        process may run on, shared among the node's ranks. FFCV changes torch's count; the loaders put
+        this one back."""
+        requested = os.environ.get("OMP_NUM_THREADS", "")
+        if requested.isdigit() and int(requested) > 0:
+            return int(requested)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.local_world_size)
+
 
 class SetupError(RuntimeError):
     """The machine cannot run what was asked (no CUDA, too few GPUs); the message says what to do."""
@@ -96,7 +108,7 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-# Exit codes of every entry point (documented in README.md and docs/RELIABILITY.md)
+# Exit codes of every entry point (documented in docs/TRAINING.md and docs/RELIABILITY.md)
 EXIT_OK = 0
 EXIT_ERROR = 1  # an unexpected error (with its traceback), or another rank failed or hung
 EXIT_BAD_INPUT = 2  # a bad config, data or checkpoint file, or a setting the machine cannot run

@@ -13,6 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# pytest-xdist workers share the cores: each worker's runs (and the ranks they start) take its share, as a
+# rank reads $OMP_NUM_THREADS (distributed.DistEnv.threads). Two workers that each ran 2 threads on 2 cores
+# trained 2.2x slower than with 1 each (docs/BENCHMARKS.md).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ROOT / "tests" / "data" / "cifar10-subset.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -42,6 +49,17 @@ def source_images(subset_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 labels.append(label)
         out[split] = (np.stack(images), np.array(labels))
     return out
+
+
+# The files that hold the suite's longest fixtures and runs, longest first: pytest-xdist (--dist loadfile)
+# hands files to its workers in collection order, so these start first and the short ones fill the gaps.
+LONGEST_FIRST = ["test_adversarial_training.py", "test_train.py", "test_distributed.py", "test_reliability.py",
+                 "test_sweep.py", "test_adversarial.py", "test_finetune.py", "test_loader.py"]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: order within a file kept
 
 
 def shared(tmp_path_factory, name: str, build) -> Path:

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 _ctx = None
-# torch._dynamo: torch.optim imports it at the first optimizer (2.6 s here); tensorboard: the SummaryWriter
-PRELOAD = ["torch._dynamo", "torch.utils.tensorboard", "dist_resnet.train", "dist_resnet.evaluate"]
+# torch._dynamo: torch.optim imports it at the first optimizer (2.6 s here); tensorboard: the SummaryWriter;
+# matplotlib: every run draws its curves at the end; ffcv: the runs with data.pipeline=ffcv (its import
+# compiles numba code, 8 s here; the trainer imports it only for that pipeline)
+PRELOAD = ["torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot", "ffcv", "dist_resnet.train",
+           "dist_resnet.evaluate"]
 
 
 def context():

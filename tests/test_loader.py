@@ -304,3 +304,30 @@ def test_the_validation_split_is_stratified_fixed_and_exact_across_ranks(betons)
     seen = np.concatenate([np.concatenate([y.numpy() for _, y in part]) for part in parts])
     assert sum(p.count for p in parts) == 1500 and len(seen) == 500  # each rank knows the whole count
     assert np.bincount(seen).tolist() == [50] * 10
+
+
+def test_the_betons_tables_read_without_ffcv_are_ffcvs_own(betons, tmp_path):
+    """dist_resnet.data.beton reads prepare's betons with numpy alone (no FFCV import, no pipeline compile):
+    its metadata equals FFCV's Reader's, and the raw images it copies are those FFCV decodes."""
+    from ffcv.reader import Reader
+
+    from dist_resnet.data.beton import read_raw, table
+
+    for split in ("train", "test"):
+        path = str(betons / f"{split}.beton")
+        ours, theirs = table(path), Reader(path).metadata
+        assert np.array_equal(ours["image"], theirs["f0"]) and np.array_equal(ours["label"], theirs["f1"])
+    idx = np.array([999, 3, 500])
+    images, labels = read_raw(str(betons / "test.beton"), idx)
+    data = test_data(DataConfig(dir=str(betons), num_workers=1), 1000, CPU, torch.float32, False)  # FFCV decodes
+    x, y = next(iter(data.loader))
+    assert np.array_equal(images, as_uint8(x)[idx]) and np.array_equal(labels, y.numpy()[idx])
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    rows = [(images[i], int(labels[i])) for i in range(3)]  # what read_raw leaves to FFCV: JPEG, other fields
+    for name, fields in (("jpeg", {"image": RGBImageField(write_mode="jpg"), "label": IntField()}),
+                         ("other", {"image": RGBImageField(write_mode="raw"), "target": IntField()})):
+        DatasetWriter(str(tmp_path / f"{name}.beton"), fields, num_workers=1).from_indexed_dataset(rows)
+        assert read_raw(str(tmp_path / f"{name}.beton"), np.arange(3)) is None
+    assert table(str(tmp_path / "jpeg.beton"))["image"]["mode"].tolist() == [0, 0, 0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dist_resnet import sweep
-from dist_resnet.config import ConfigError, load_config
+from dist_resnet.config import load_config
 from dist_resnet.sweep import SweepError, parse_param
 from tests.conftest import ROOT, TINY
 

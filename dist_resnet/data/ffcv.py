@@ -2,7 +2,9 @@
 and an epoch left before its end joins that thread.
 
 FFCV decodes, batches and copies to the device (in the AMP dtype, channels_last); normalisation and
-the seeded augmentations run afterwards on the device (dist_resnet.data.augment).
+the seeded augmentations run afterwards on the device (dist_resnet.data.augment). This is the only
+module that imports FFCV, which compiles numba code at import: dist_resnet.data.loader imports it only
+for `data.pipeline=ffcv` and for betons that dist_resnet.data.beton cannot read.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ffcv.loader import Loader as FFCVLoader
 from ffcv.loader import OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.compiler import Compiler
+from ffcv.traversal_order.base import TraversalOrder
 
 from .manifest import DataError
 
@@ -83,6 +86,29 @@ class Loader(FFCVLoader):
         if self.code is None or self.recompile:
             self.generate_code()
         return _EpochIterator(self, selected_order)
+
+
+class Order(TraversalOrder):
+    """One of our sample orders (dist_resnet.data.loader.GlobalBatchOrder) as the TraversalOrder that
+    FFCV's Loader takes: FFCV calls it with the loader, then asks it for each epoch's indices."""
+
+    def __init__(self, order):
+        self.order = order  # not TraversalOrder.__init__, which needs the loader: FFCV passes it in __call__
+
+    def __call__(self, loader) -> "Order":
+        self.loader = loader
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order.sample_order(epoch)
+
+
+def shuffled(path: str, order, batch_size: int, num_workers: int, os_cache: bool, batches_ahead: int, seed: int,
+             device: torch.device, dtype: torch.dtype) -> Loader:
+    """A loader of `order`'s samples (drop_last): the train split, in the world-size-invariant order."""
+    return Loader(path, batch_size=batch_size, num_workers=workers(num_workers), os_cache=os_cache,
+                  order=Order(order), seed=seed, pipelines=pipelines(device, dtype), drop_last=True,
+                  batches_ahead=batches_ahead)
 
 
 def sequential(path: str, indices: np.ndarray, batch_size: int, num_workers: int, os_cache: bool,

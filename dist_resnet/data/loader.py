@@ -21,12 +21,18 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from ffcv.traversal_order.base import TraversalOrder
 
 from ..config import DataConfig, Pad, Pipeline
 from .augment import AlternateFlips, Augment, Normalize, derive_seed
-from .ffcv import Loader, iterate, pipelines, sequential, workers
+from .beton import read_raw
 from .manifest import Betons, DataError
+
+
+def _ffcv():
+    """FFCV's side (dist_resnet.data.ffcv), imported only where FFCV decodes: its import costs seconds."""
+    from . import ffcv
+
+    return ffcv
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def to_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-class GlobalBatchOrder(TraversalOrder):
+class GlobalBatchOrder:
     """A sample order that does not depend on the world size.
 
     Each epoch draws one permutation from (seed, epoch) and cuts it into global
@@ -71,10 +77,6 @@ class GlobalBatchOrder(TraversalOrder):
         self.indices = indices  # the beton index of each of the n positions (None: the identity)
         self.steps = n // global_batch
         self.skip: tuple[int, int] | None = None  # (epoch, steps): resume mid-epoch
-
-    def __call__(self, loader) -> "GlobalBatchOrder":  # FFCV instantiates orders with the loader
-        self.loader = loader
-        return self
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The epoch's global order: step s takes samples [s * global_batch, (s + 1) * global_batch)."""
@@ -117,10 +119,14 @@ def read_resident(betons: Betons, cfg: DataConfig, split: str, indices: np.ndarr
         where = "the GPU has" if device.type == "cuda" else "this machine has"
         raise DataError(f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but {where} "
                         f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv")
-    threads = torch.get_num_threads()  # FFCV's Loader changes it
-    loader = sequential(betons.path(split), indices, 1000, cfg.num_workers, cfg.os_cache, cfg.batches_ahead,
-                        device, dtype)
-    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in iterate(loader, threads)])
+    raw = read_raw(betons.path(split), indices)
+    if raw is not None:  # the beton's bytes as they are: FFCV's decoder would only copy them
+        images, labels = (torch.from_numpy(a).to(device) for a in raw)
+        return to_format(images.permute(0, 3, 1, 2).to(dtype), channels_last), labels
+    ffcv, threads = _ffcv(), torch.get_num_threads()  # FFCV's Loader changes the thread count
+    loader = ffcv.sequential(betons.path(split), indices, 1000, cfg.num_workers, cfg.os_cache, cfg.batches_ahead,
+                             device, dtype)
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in ffcv.iterate(loader, threads)])
     torch.set_num_threads(threads)
     return to_format(torch.cat(xs), channels_last), torch.cat(ys)
 
@@ -146,10 +152,8 @@ class TrainData:
             self.resident = read_resident(betons, cfg, "train", self.indices, feed.device, feed.dtype,
                                           feed.channels_last)
         else:
-            self.loader = Loader(betons.path("train"), batch_size=self.micro, num_workers=workers(cfg.num_workers),
-                                 os_cache=cfg.os_cache, order=self.order, seed=seed,
-                                 pipelines=pipelines(feed.device, feed.dtype), drop_last=True,
-                                 batches_ahead=cfg.batches_ahead)
+            self.loader = _ffcv().shuffled(betons.path("train"), self.order, self.micro, cfg.num_workers, cfg.os_cache,
+                                           cfg.batches_ahead, seed, feed.device, feed.dtype)
         self.normalize = feed.normalizer()
         side = min(betons.image_shape)
         translate, cutout = round(cfg.translate * side / 32), round(cfg.cutout * side / 32)
@@ -199,7 +203,7 @@ class TrainData:
         """This rank's micro-batches of the epoch, before normalisation and augmentation."""
         if self.resident is None:
             self.loader.next_epoch = epoch  # FFCV asks self.order for the epoch's indices
-            yield from iterate(self.loader, self.feed.threads)
+            yield from _ffcv().iterate(self.loader, self.feed.threads)
             return
         images, labels = self.resident
         order = torch.from_numpy(self.order.positions(epoch).astype(np.int64)).to(images.device)
@@ -229,14 +233,14 @@ class TestData:
         if cfg.pipeline == Pipeline.device:
             self.resident = read_resident(betons, cfg, split, mine, feed.device, feed.dtype, feed.channels_last)
         else:
-            self.loader = sequential(betons.path(split), mine, batch_size, cfg.num_workers, cfg.os_cache,
-                                     cfg.batches_ahead, feed.device, feed.dtype)
+            self.loader = _ffcv().sequential(betons.path(split), mine, batch_size, cfg.num_workers, cfg.os_cache,
+                                             cfg.batches_ahead, feed.device, feed.dtype)
         self.normalize = feed.normalizer()
         feed.restore_threads()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.resident is None:
-            for x, y in iterate(self.loader, self.feed.threads):
+            for x, y in _ffcv().iterate(self.loader, self.feed.threads):
                 yield to_format(self.normalize(x), self.feed.channels_last), y
             return
         images, labels = self.resident

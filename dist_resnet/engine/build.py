@@ -107,9 +107,8 @@ def normalization(cfg: Config, betons: Betons, pretrained: files.ModelFile | Non
 
 def make_feed(cfg: Config, env: DistEnv, amp: Amp, mean: list[float], std: list[float]) -> Feed:
     """How the loaders hand batches over: in the AMP dtype (fp32 with data.fp32_input), on this rank."""
-    threads = max(1, (os.cpu_count() or 1) // env.local_world_size)  # FFCV would set its worker count
     return Feed(env.device, torch.float32 if cfg.data.fp32_input else amp.dtype, cfg.model.channels_last, mean,
-                std, env.rank, env.world_size, threads)
+                std, env.rank, env.world_size, env.threads)
 
 
 @dataclass

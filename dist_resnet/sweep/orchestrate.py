@@ -64,7 +64,7 @@ class Sweep:
                 "run.progress=false", "train.resume=true"]
         gpus = self.slots.get()
         try:
-            run = TrialRun(trial, run_dir, argv, gpus, cfg.train.epochs, self.stop)
+            run = TrialRun(trial, run_dir, argv, gpus, cfg, self.stop)
             return run.outcome(run.watch(), values)
         finally:
             self.slots.put(gpus)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .. import rundir
+from ..config import Config, Pipeline
 from ..distributed import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED
 
 _forkserver = None
@@ -38,15 +39,17 @@ def _train_in_child(argv: list[str], env: dict, log: str) -> None:
 
 class Forked:
     """`python -m dist_resnet.train ARGV`, forked by a multiprocessing forkserver that has imported torch,
-    FFCV and dist_resnet once (and never touched CUDA), with Popen's poll()/returncode."""
+    dist_resnet (and FFCV, for trials that decode with it) once and never touched CUDA, with Popen's
+    poll()/returncode."""
 
-    def __init__(self, argv: list[str], env: dict, log: Path):
+    def __init__(self, argv: list[str], env: dict, log: Path, ffcv: bool):
         import multiprocessing as mp
 
         global _forkserver
         if _forkserver is None:
             _forkserver = mp.get_context("forkserver")
-            _forkserver.set_forkserver_preload(["torch._dynamo", "torch.utils.tensorboard", "dist_resnet.train"])
+            _forkserver.set_forkserver_preload(["torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot",
+                                                *(["ffcv"] if ffcv else []), "dist_resnet.train"])
         self.process = _forkserver.Process(target=_train_in_child, args=(argv, env, str(log)))
         self.process.start()
 
@@ -59,12 +62,13 @@ class Forked:
         return self.process.exitcode
 
 
-def start(argv: list[str], gpus: list[str], log: Path):
+def start(argv: list[str], gpus: list[str], log: Path, ffcv: bool):
     """The trial's training, started: torchrun for several GPUs; else a process forked by a forkserver that
-    imported torch, FFCV and dist_resnet once (~10 s a trial saved). Its output goes to `log`."""
+    imported torch, dist_resnet and, with `ffcv` (data.pipeline=ffcv), FFCV once (2-10 s a trial saved).
+    Its output goes to `log`."""
     env = {"PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     if len(gpus) <= 1:
-        return Forked(argv, env, log)
+        return Forked(argv, env, log, ffcv)
     with open(log, "a") as f:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc_per_node={len(gpus)}", "-m", "dist_resnet.train", *argv],
@@ -75,11 +79,11 @@ def start(argv: list[str], gpus: list[str], log: Path):
 class TrialRun:
     """A started trial's process and folder, watched until it ends (`watch`), then judged (`outcome`)."""
 
-    def __init__(self, trial, run_dir: Path, argv: list[str], gpus: list[str], epochs: int, stop: threading.Event):
-        self.trial, self.run_dir, self.epochs, self.stop = trial, run_dir, epochs, stop
+    def __init__(self, trial, run_dir: Path, argv: list[str], gpus: list[str], cfg: Config, stop: threading.Event):
+        self.trial, self.run_dir, self.epochs, self.stop = trial, run_dir, cfg.train.epochs, stop
         run_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
-        self.proc = start(argv, gpus, run_dir / "train.log")
+        self.proc = start(argv, gpus, run_dir / "train.log", cfg.data.pipeline == Pipeline.ffcv)
         self.reported: set[int] = set()
         self.pruned = self.stopping = False
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import rundir
 from ..attacks import Adversary, RobustEval, default_alpha
 from ..config import Adversarial, Config, ConfigError, EvalAttack, NonFinite, Normalization, Precision, to_dict
 from ..data.augment import derive_seed
@@ -190,8 +191,8 @@ def model_chain(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.Mod
     return model, loaded
 
 
-def wrap(cfg: Config, env: DistEnv, model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(net: the model behind its input adapter, forward: net compiled, ddp: what a batch goes through).
+def wrap(cfg: Config, env: DistEnv, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(forward: the model behind its input adapter (data.resize), compiled; ddp: what a batch goes through).
     broadcast_buffers=False: BatchNorm statistics are used only in evaluation, which broadcasts rank 0's
     first; DDP's default would broadcast them before every forward."""
     net = with_input(model, cfg.data.resize)
@@ -199,7 +200,7 @@ def wrap(cfg: Config, env: DistEnv, model: nn.Module) -> tuple[nn.Module, nn.Mod
     cuda = env.device.type == "cuda"
     ddp = (nn.parallel.DistributedDataParallel(forward, device_ids=[env.device] if cuda else None,
                                                broadcast_buffers=False) if env.distributed else forward)
-    return net, forward, ddp
+    return forward, ddp
 
 
 def attacks(cfg: Config, env: DistEnv, mean: list[float], std: list[float], scale) -> tuple:
@@ -258,8 +259,8 @@ class Components:
 
 def optimisation(cfg: Config, env: DistEnv, amp: Amp, model: nn.Module, forward: nn.Module, ddp: nn.Module,
                  state: RunState, mean: list[float], std: list[float], report: Report):
-    """The step (SGD, its schedule and loss scale, the adversary, EMA and lookahead) and the attacks of
-    evaluation; the EMA's copy of the net (or None)."""
+    """The step (SGD, its schedule and loss scale, the adversary, EMA and lookahead); the EMA (or None) and
+    the attacks of evaluation (the test-time one, the collapse check's), for the evaluator."""
     o, t = cfg.optim, cfg.train
     optimizer = build_optimizer(model, o)
     scheduler = build_scheduler(optimizer, o, state.steps_per_epoch, t.epochs, state.total_steps)
@@ -282,6 +283,34 @@ def nonfinite_policy(cfg: Config, env: DistEnv, state: RunState, step: Step, rep
     return StopOnNonFinite(state, step.scheduler)
 
 
+def evaluation(cfg: Config, amp: Amp, model: nn.Module, forward: nn.Module, ema: EMA | None, data: Data,
+               robust: RobustEval | None, check_attack: RobustEval | None, report: Report) -> Evaluator:
+    """The evaluations after an epoch: the model's, the EMA's copy, robust accuracy, the collapse check."""
+    t = cfg.train
+    check = (RobustnessCheck(forward, model, data.check, check_attack, amp, report.say) if data.check is not None
+             else NoRobustnessCheck())
+    averages = [("ema", with_input(ema.module, cfg.data.resize))] if ema is not None else []
+    buffers = [model] + ([ema.module] if ema is not None else [])
+    return Evaluator(forward, buffers, averages, data.val, data.test, amp, t.tta, robust, check, t.epochs,
+                     t.eval_every, t.eval_test_every)
+
+
+def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], std: list[float], model: nn.Module,
+                 step: Step, state: RunState, evaluator: Evaluator, nonfinite: StopOnNonFinite,
+                 report: Report) -> Checkpointer:
+    """The Checkpointer over every component that holds state, in restore order, and the run's facts."""
+    meta = {"config": to_dict(cfg), "world_size": env.world_size, "data": betons.sha256, "classes": betons.classes,
+            "normalize": {"mean": mean, "std": std}, "image_shape": list(betons.image_shape)}
+    parts = [ModelWeights(model), Keyed("optimizer", step.optimizer), Keyed("scheduler", step.scheduler),
+             step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check]
+    return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say)
+
+
+def epoch_hooks(cfg: Config, model: nn.Module, forward: nn.Module) -> list:
+    return [TrainMode(forward)] + ([WhitenBias(model.stem, cfg.model.whiten_bias_epochs)]
+                                   if cfg.model.whiten_bias_epochs else [])
+
+
 def build(cfg: Config, env: DistEnv) -> Components:
     """Every component of the run, in the run's RNG order, with the checkpoint restored (or the run folder
     started) last. Raises ConfigError, DataError or CheckpointError before anything is written."""
@@ -297,29 +326,19 @@ def build(cfg: Config, env: DistEnv) -> Components:
     data = build_data(cfg, env, betons, feed)
     state = RunState(len(data.train), cfg.train.epochs, total_steps(cfg, len(data.train)))
     model, loaded = model_chain(cfg, env, betons, pretrained, data.train, resume is None, report, clock)
-    net, forward, ddp = wrap(cfg, env, model)
+    forward, ddp = wrap(cfg, env, model)
     torch.manual_seed(derive_seed(cfg.train.seed, env.rank))  # per-rank stream for anything random after init
     step, ema, robust, check_attack = optimisation(cfg, env, amp, model, forward, ddp, state, mean, std, report)
-    check = (RobustnessCheck(forward, model, data.check, check_attack, amp, report.say) if data.check is not None
-             else NoRobustnessCheck())
-    t = cfg.train
-    averages = [("ema", with_input(ema.module, cfg.data.resize))] if ema is not None else []
-    evaluator = Evaluator(forward, [model] + ([ema.module] if ema is not None else []), averages, data.val,
-                          data.test, amp, t.tta, robust, check, t.epochs, t.eval_every, t.eval_test_every)
+    evaluator = evaluation(cfg, amp, model, forward, ema, data, robust, check_attack, report)
     nonfinite = nonfinite_policy(cfg, env, state, step, report)
-    meta = {"config": to_dict(cfg), "world_size": env.world_size, "data": betons.sha256, "classes": betons.classes,
-            "normalize": {"mean": mean, "std": std}, "image_shape": list(betons.image_shape)}
-    parts = [ModelWeights(model), Keyed("optimizer", step.optimizer), Keyed("scheduler", step.scheduler),
-             step.loss_scale, *step.hooks, state, evaluator, nonfinite, check]
-    checkpointer = Checkpointer(Path(cfg.run.dir), t.keep_last, env.is_main, parts, meta, state, report.say)
-    stop = StopRequest(Path(cfg.run.dir) / "STOP")
-    hooks = [TrainMode(forward)] + ([WhitenBias(model.stem, cfg.model.whiten_bias_epochs)]
-                                    if cfg.model.whiten_bias_epochs else [])
-    warmup = (WarmUp(t.warmup_steps, step, forward, hooks, checkpointer, clock, example_batch(cfg, env, betons, feed),
+    saver = checkpointer(cfg, env, betons, mean, std, model, step, state, evaluator, nonfinite, report)
+    hooks, t = epoch_hooks(cfg, model, forward), cfg.train
+    warmup = (WarmUp(t.warmup_steps, step, forward, hooks, saver, clock, example_batch(cfg, env, betons, feed),
                      t.accum_steps, amp, t.tta, report.say) if t.warmup_steps else no_warm_up)
-    start(cfg, resume, checkpointer, nonfinite, report, loaded, data.split)
-    return Components(model, data.train, step, state, evaluator, checkpointer, report, clock, nonfinite, stop,
-                      warmup, hooks, betons.classes, feed)
+    stop = StopRequest(Path(cfg.run.dir) / rundir.STOP)
+    start(cfg, resume, saver, nonfinite, report, loaded, data.split)
+    return Components(model, data.train, step, state, evaluator, saver, report, clock, nonfinite, stop, warmup,
+                      hooks, betons.classes, feed)
 
 
 def start(cfg: Config, resume: tuple[Path, dict] | None, checkpointer: Checkpointer, nonfinite: StopOnNonFinite,

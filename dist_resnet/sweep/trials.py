@@ -56,6 +56,13 @@ class Forked:
     def poll(self) -> int | None:
         return self.process.exitcode
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Popen.wait: the exit code, or TimeoutExpired if the process still runs after `timeout` s."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired("dist_resnet.train", timeout)
+        return self.process.exitcode
+
     @property
     def returncode(self) -> int | None:
         self.process.join()
@@ -109,7 +116,10 @@ class TrialRun:
                 rundir.request_stop(self.run_dir)
             if done:
                 break
-            time.sleep(1.0)
+            try:  # a second, or less when the process ends sooner
+                self.proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                pass
         self.trial.set_user_attr("seconds", round(time.time() - self.t0, 1))
         return self.proc.returncode
 

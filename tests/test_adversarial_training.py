@@ -105,9 +105,9 @@ def test_an_adversarial_run_stopped_mid_epoch_resumes_bit_identically(tiny_beton
 ])
 def test_adversarial_training_runs_under_amp_channels_last_and_compile(tiny_betons, tmp_path, precision, pipeline,
                                                                         compiled):
-    # width 4 and a small collapse check: fp16's convolution backward has no fast kernel on a CPU (75x bf16's
+    # width 2 and a small collapse check: fp16's convolution backward has no fast kernel on a CPU (75x bf16's
     # time here), and what is checked is that the loss-scaled attack trains and evaluates, not the accuracy
-    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", "train.epochs=1", "model.width=4",
+    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", "train.epochs=1", "model.width=2",
             f"train.precision={precision}", f"data.pipeline={pipeline}", f"model.compile={str(compiled).lower()}",
             "train.adversarial=fgsm", "train.eval_attack=pgd", "adv.eval_steps=3", "adv.check_images=20",
             "adv.check_steps=2"]

@@ -201,9 +201,9 @@ def test_a_fixed_fp16_loss_scale_trains_without_a_grad_scaler(tiny_betons, tmp_p
     from tests.conftest import TINY
 
     def update(name: str, *overrides: str) -> torch.Tensor:
-        # width 4: fp16's convolution backward has no fast kernel on a CPU (75x bf16's time here)
+        # width 2: fp16's convolution backward has no fast kernel on a CPU (75x bf16's time here)
         t = Trainer(load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / name}",
-                                          "train.epochs=1", "model.width=4", *overrides]),
+                                          "train.epochs=1", "model.width=2", *overrides]),
                     DistEnv(0, 1, 0, 1, torch.device("cpu")))
         before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
         t.train_step(next(t.batches()))

@@ -1,4 +1,4 @@
-"""The README's "any image folder" example: 3 classes of the CIFAR-10 test split, upscaled to 64x48.
+"""docs/TRAINING.md's "any image folder" example: 3 classes of the CIFAR-10 test split, upscaled to 64x48.
 
     python docs/three_classes.py ../shared/data/cifar10-jpeg.tar.gz data/three-src
 

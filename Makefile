@@ -29,9 +29,8 @@ $(BIN)/.installed: pyproject.toml
 	fi
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# --no-compile: Python compiles only the modules a process imports, once (torch alone has thousands)
-	$(BIN)/python -m pip install -q --no-compile $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q --no-compile -e '.[test,export,sweep]'
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[test,export,sweep]'
 	touch $@
 
 data: setup

@@ -254,7 +254,6 @@ class Components:
     warmup: object
     hooks: list
     classes: list[str]
-    feed: Feed
 
 
 def optimisation(cfg: Config, env: DistEnv, amp: Amp, model: nn.Module, forward: nn.Module, ddp: nn.Module,
@@ -338,7 +337,7 @@ def build(cfg: Config, env: DistEnv) -> Components:
     stop = StopRequest(Path(cfg.run.dir) / rundir.STOP)
     start(cfg, resume, saver, nonfinite, report, loaded, data.split)
     return Components(model, data.train, step, state, evaluator, saver, report, clock, nonfinite, stop, warmup,
-                      hooks, betons.classes, feed)
+                      hooks, betons.classes)
 
 
 def start(cfg: Config, resume: tuple[Path, dict] | None, checkpointer: Checkpointer, nonfinite: StopOnNonFinite,

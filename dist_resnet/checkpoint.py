@@ -107,8 +107,9 @@ def load(path: str | Path, device: torch.device | str = "cpu", required: tuple[s
 
 
 def candidates(run_dir: Path) -> list[Path]:
-    """Checkpoints to resume from, newest first: last.pt, then ckpt-*.pt by step (each file once)."""
-    paths = [run_dir / "last.pt", *sorted(run_dir.glob("ckpt-*.pt"), key=step_of, reverse=True)]
+    """Checkpoints to resume from, newest first: ckpt-*.pt by step, then last.pt (each file once). A kill
+    between a save and its link leaves a ckpt-*.pt newer than last.pt: that one is where the run was."""
+    paths = [*sorted(run_dir.glob("ckpt-*.pt"), key=step_of, reverse=True), run_dir / "last.pt"]
     seen, out = set(), []
     for p in paths:
         try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_resnet import checkpoint
-from dist_resnet.checkpoint import FORMAT_VERSION, CheckpointError, load, load_latest, save
+from dist_resnet.checkpoint import FORMAT_VERSION, CheckpointError, load, load_latest, save, save_atomic
 from dist_resnet.fileio import clean_stale_tmp, write_json
 
 
@@ -93,11 +93,21 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     newest.write_bytes(newest.read_bytes()[:100])  # damaged in place: last.pt is the same file
     path, st, notes = load_latest(tmp_path)
     assert path.name == "ckpt-00000010.pt" and st["step"] == 10
-    assert len(notes) == 1 and "last.pt is truncated" in notes[0]
+    assert len(notes) == 1 and "ckpt-00000020.pt is truncated" in notes[0]
     (tmp_path / "ckpt-00000010.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="no checkpoint in .* loads"):
         load_latest(tmp_path)
     assert load_latest(tmp_path / "empty") is None
+
+
+def test_resume_prefers_a_newer_checkpoint_to_last_pt(tmp_path):
+    """A kill between writing ckpt-<step>.pt and linking last.pt to it leaves last.pt one save behind:
+    resume takes the newest step, not the link."""
+    save(state(10), tmp_path, keep_last=3)
+    save_atomic({"format_version": FORMAT_VERSION, **state(20)}, tmp_path / "ckpt-00000020.pt")  # written, never linked
+    path, st, notes = load_latest(tmp_path)
+    assert path.name == "ckpt-00000020.pt" and st["step"] == 20 and not notes
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "ckpt-00000010.pt")
 
 
 def test_a_kill_leaves_no_torn_file_and_stale_temp_files_are_cleaned(tmp_path):

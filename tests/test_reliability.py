@@ -10,6 +10,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,9 +65,10 @@ def kill_reference(tiny_betons, tmp_path_factory):
 
 def kill_plan(seed: int, kills: int) -> list[tuple[str, int, int]]:
     """`kills` (point, n, rank) drawn from the seed: always one inside a step, one in an evaluation and
-    one during a checkpoint save, then any. n counts from the start of each launch."""
+    one during a checkpoint save, then any. n counts from the start of each launch: a step within the first
+    epoch of a launch, which every launch but the last reaches (a kill can leave one epoch to go)."""
     rng = random.Random(seed)
-    draws = {"step": lambda: (rng.randint(1, 2 * STEPS_PER_EPOCH), rng.randrange(2)),
+    draws = {"step": lambda: (rng.randint(1, STEPS_PER_EPOCH), rng.randrange(2)),
              "eval": lambda: (rng.randint(1, 2), rng.randrange(2)),  # 2 test batches per rank and evaluation
              "write": lambda: (rng.randint(2, 6), 0),  # rank 0 writes config.yaml, then metrics and checkpoints
              "link": lambda: (rng.randint(1, 2), 0)}   # a checkpoint is written, last.pt not yet pointed at it
@@ -351,6 +354,33 @@ def test_a_crafted_checkpoint_never_runs_through_any_entry_point(tiny_betons, st
         err = capsys.readouterr().err
         assert e.value.code == 2 and "could run code" in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- one trainer per run folder
+def test_a_second_trainer_in_a_run_folder_in_use_stops_and_writes_nothing(tiny_betons, tmp_path, capsys):
+    """What a sweep's retry of a trial whose trainer still runs would do (an RDB heartbeat outage): the
+    folder is held by its trainer (a flock, released when that process ends), so the second one fails
+    at once, naming the holder, and leaves the folder as it was."""
+    from dist_resnet import train as train_module
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dist_resnet import rundir; "
+                               f"held = rundir.lock({str(run_dir)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            train_module.main(argv(tiny_betons, run_dir, "train.epochs=1", "train.resume=true"))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"is in use by pid {holder.pid} on " in err and "one trainer writes to a run folder at a time" in err
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    train_module.main(argv(tiny_betons, run_dir, "train.epochs=1", "train.resume=true"))  # free again
+    assert metrics(run_dir)["completed"]
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2

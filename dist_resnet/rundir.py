@@ -9,6 +9,7 @@ script asks a run to stop by creating STOP.
   `*_robust_acc` under an attack, `check_*` in adversarial training); then the summary: `completed`,
   `stopped`, `failure`, `test_acc`, `val_acc`, `best_val_acc`, times, ...
 - `STOP`: its existence asks the run to checkpoint and stop (exit 75); the run removes it once handled.
+- `.lock`: held (flock) by the one trainer that writes here, with its host, pid and start time inside.
 - `last.pt`, `best.pt`, `ckpt-<step>.pt`: checkpoints (dist_resnet.checkpoint).
 - `curves.png`, `confusion.png`, `per_class.json`, `split.json`, `pretrained.json`: written at the end
   or at the start of a run.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import IO
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -26,6 +28,35 @@ SPLIT = "split.json"
 PRETRAINED = "pretrained.json"
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
+LOCK = ".lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another trainer writes to this run folder."""
+
+
+def lock(run_dir: str | Path) -> IO:
+    """Hold the run folder for this process (an exclusive flock on `.lock`, released when the file is
+    closed or the process ends); FolderBusy, naming the holder, if another process holds it."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    path = Path(run_dir) / LOCK
+    f = open(path, "a+")  # noqa: SIM115 - kept open for as long as the lock is held
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FolderBusy(f"run.dir={run_dir} is in use by {holder}: one trainer writes to a run folder at a time; "
+                         "wait for that run to end, or stop it (touch run.dir/STOP), or choose another run.dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def read_metrics(run_dir: str | Path) -> dict | None:

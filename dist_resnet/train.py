@@ -134,10 +134,10 @@ class Trainer:
     def finish(self, stopped: bool = False) -> dict:
         """End the run on every rank: the stop request handled, files closed, the pictures drawn."""
         s = self.summary(stopped=stopped and self.nonfinite.failure is None)
-        self.close()
         if s["stopped"]:
             self.report.write_metrics(s)
         self.report.pictures(s, self.evaluator.confusion, self.classes)
+        self.close()  # the run folder is released once everything is written
         if not stopped and s["test_acc"] is not None:
             self.report.say(f"done: test acc {s['test_acc']:.4f} on {s['test_count']} images, "
                             f"train time {s['train_time_s']:.1f}s -> {self.cfg.run.dir}")

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .. import plot, rundir
-from ..config import Config, to_yaml
+from ..config import Config, ConfigError, to_yaml
 from ..distributed import DistEnv, all_reduce_sum
 from ..fileio import clean_stale_tmp, write_json, write_text
 from .evaluation import per_class
@@ -101,6 +101,7 @@ class Report:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.dir)
         self.writer = NullWriter()
+        self.held = None  # rank 0's lock on the run folder, from open() to close()
         cuda = env.device.type == "cuda"
         self.device_name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
         self.memory = self._memory if cuda else dict  # the GPU's high-water mark; nothing on CPU
@@ -121,6 +122,10 @@ class Report:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.held = rundir.lock(self.run_dir)  # one trainer per folder: a second one stops here, having written nothing
+        except rundir.FolderBusy as e:
+            raise ConfigError(str(e)) from None
         for p in clean_stale_tmp(self.run_dir):
             self.say(f"removed {p.name}, left by a writer that was killed")
         write_text(self.run_dir / rundir.CONFIG, to_yaml(self.cfg))
@@ -210,3 +215,6 @@ class Report:
     def close(self) -> None:
         self.writer.close()
         self.writer = NullWriter()
+        if self.held is not None:
+            self.held.close()  # releases the run folder
+            self.held = None

@@ -80,6 +80,27 @@ def test_a_torchvision_file_loads_every_backbone_tensor_and_the_head_is_rebuilt(
         t.finish()
 
 
+def test_fine_tuning_fastnet_keeps_the_pretrained_whitening_stem(tiny_betons, tmp_path):
+    """fastnet's stem is fitted to the training images on a fresh start; from pretrained weights it is
+    the file's, as every other loaded tensor is."""
+    torch.manual_seed(2)
+    net = build_model("fastnet", 10, 16)
+    with torch.no_grad():
+        net.stem.weight.normal_()  # a stem no fit to these images would give
+    torch.save(net.state_dict(), tmp_path / "fastnet.pth")
+    t = trainer(tiny_betons, tmp_path / "run", "model.name=fastnet", "model.width=16",
+                f"model.pretrained={tmp_path / 'fastnet.pth'}")
+    try:
+        assert torch.equal(t.model.state_dict()["stem.weight"], net.stem.weight)
+    finally:
+        t.finish()
+    fresh = trainer(tiny_betons, tmp_path / "fresh", "model.name=fastnet", "model.width=16")
+    try:  # a fresh start still fits it to the data
+        assert not torch.equal(fresh.model.state_dict()["stem.weight"], net.stem.weight)
+    finally:
+        fresh.finish()
+
+
 def test_freezing_up_to_a_stage_keeps_it_and_its_statistics(tiny_betons, tmp_path):
     t = trainer(tiny_betons, tmp_path / "run", "model.freeze=layer1", "train.epochs=1")
     try:
@@ -128,6 +149,31 @@ def test_torchvision_weights_offline_say_to_pass_a_file(tiny_betons, tmp_path, c
     err = capsys.readouterr().err
     assert e.value.code == 2 and "downloading torchvision's ResNet18_Weights" in err
     assert "Without internet, pass a file instead: model.pretrained=PATH" in err
+
+
+def test_a_planted_file_in_the_hub_cache_never_runs(tiny_betons, tmp_path, capsys, monkeypatch):
+    """torch hub's cache ($TORCH_HOME/hub/checkpoints) is often shared on a cluster. A file planted under
+    the name torchvision downloads to is read weights-only, and checked against the hash in its name: a
+    crafted pickle is refused without running, a state dict that is not torchvision's is refused too."""
+    from tests.test_checkpoint import crafted_checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    marker = tmp_path / "PWNED"
+    crafted_checkpoint(cache / "resnet18-f37072fd.pth", marker)
+    args = [*TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", "model.name=tv_resnet18",
+            "model.width=64", "model.pretrained=torchvision"]
+    with pytest.raises(SystemExit) as e:
+        train_module.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "could run code" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+    torch.save(build_model("tv_resnet18", 1000).state_dict(), cache / "resnet18-f37072fd.pth")  # not theirs
+    with pytest.raises(SystemExit) as e:
+        train_module.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "does not match the sha256 prefix in its name" in err, err
 
 
 def test_weights_of_another_model_are_refused_naming_the_keys(tiny_betons, imagenet_like_pth, tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_predict_reports_bad_files_and_still_predicts_the_rest(trained_run, subs
     assert err.count("resized to the model's 32x32") == 1 and "2 of 6 files could not be read" in err
 
 
-def test_predict_and_export_refuse_what_they_cannot_use(trained_run, tmp_path, capsys):
+def test_predict_and_export_refuse_what_they_cannot_use(trained_run, exported, betons, tmp_path, capsys):
     """(A crafted pickle, through every entry point: test_reliability.py.)"""
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     (tmp_path / "empty").mkdir()
@@ -136,10 +136,19 @@ def test_predict_and_export_refuse_what_they_cannot_use(trained_run, tmp_path, c
             (predict.main, [str(trained_run / "last.pt"), str(tmp_path / "empty")], "no image files found"),
             (predict.main, [str(trained_run / "last.pt"), str(tmp_path), "--device", "cuda"], "CUDA is not available"),
             (export.main, [str(trained_run / "last.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
-                           "data.dir=/nowhere"], "checking the export needs real test images")):
+                           "data.dir=/nowhere"], "checking the export needs real test images"),
+            (predict.main, [str(exported["safetensors"]), str(tmp_path), "--ema"], "--ema applies to checkpoints"),
+            (evaluate.main, [str(exported["safetensors"]), f"data.dir={betons}", "--ema"],
+             "holds one set of weights, not a checkpoint's raw and EMA weights")):
         if "cuda" in args and torch.cuda.is_available():
             continue
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_export_into_a_folder_not_made_yet(trained_run, tmp_path):
+    out = tmp_path / "not" / "yet" / "model.safetensors"
+    export.main([str(trained_run / "last.pt"), "--format", "safetensors", "--out", str(out)])
+    assert out.stat().st_size > 100_000

@@ -12,6 +12,7 @@ none can run code. `load_pretrained` then fits the weights to a model whose head
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load
+from ..fileio import sha256
 from . import HEAD
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -64,6 +66,9 @@ def read(path: str | Path, ema: bool = False) -> ModelFile:
     """Open `path` safely; CheckpointError, naming it, for anything that is not a model file."""
     path = str(path)
     if path.endswith(".safetensors"):
+        if ema:
+            raise CheckpointError(f"{path} holds one set of weights, not a checkpoint's raw and EMA weights: --ema "
+                                  "applies to checkpoints (.pt); export the EMA weights with export --ema")
         return _read_safetensors(path)
     state = load(path, required=())
     if "model" in state and "config" in state:  # one of our checkpoints
@@ -104,23 +109,46 @@ def _read_safetensors(path: str) -> ModelFile:
 
 
 def torchvision_weights(model_name: str) -> ModelFile:
-    """torchvision's default ImageNet weights for a tv_* model, through its weights enum (a download)."""
+    """torchvision's default ImageNet weights for a tv_* model, from torch's hub cache ($TORCH_HOME/hub/
+    checkpoints, downloaded there if missing), read like any other file: weights-only, then checked against
+    the sha256 prefix in its name. torchvision's own loader unpickles the cached file fully, and that cache
+    is often a shared folder, so it is not used."""
     from . import torchvision as tv
 
     if model_name not in tv.ARCHS:
         raise CheckpointError(f"model.pretrained=torchvision needs a torchvision model ({', '.join(tv.ARCHS)}), "
                               f"not model.name={model_name}; for it, pass a file: model.pretrained=PATH")
     weights = tv.default_weights(model_name)
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad cache: all mean "pass a file"
-        raise CheckpointError(
-            f"downloading torchvision's {weights} for {model_name} failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:120] if str(e) else ''}). Without internet, pass a file instead: "
-            f"model.pretrained=PATH (a torchvision .pth state dict, one of our .pt checkpoints or a .safetensors)"
-        ) from None
-    return ModelFile(f"torchvision:{weights}", "torchvision", _strip(state),
+    path = _hub_file(weights.url, f"torchvision's {weights} for {model_name}")
+    state = load(path, required=())  # weights-only: a planted pickle is refused, never run
+    if not sha256(path).startswith(_HASH.search(path.name).group(1)):
+        raise CheckpointError(f"{path} does not match the sha256 prefix in its name: it is damaged or was replaced; "
+                              "delete it to download it again, or pass a file: model.pretrained=PATH")
+    return ModelFile(f"torchvision:{weights}", "torchvision", _tensors_only(str(path), state),
                      classes=list(weights.meta.get("categories") or []), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+_HASH = re.compile(r"-([a-f0-9]+)\.")  # torch hub's file names carry a prefix of their sha256
+
+
+def _hub_file(url: str, what: str) -> Path:
+    """torch hub's cached copy of `url`, downloaded (hash-checked) if it is not there yet."""
+    from urllib.parse import urlparse
+
+    from torch.hub import download_url_to_file, get_dir
+
+    path = Path(get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        download_url_to_file(url, str(path), _HASH.search(path.name).group(1), progress=False)
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad download: all mean "pass a file"
+        raise CheckpointError(
+            f"downloading {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}). "
+            "Without internet, pass a file instead: model.pretrained=PATH (a torchvision .pth state dict, one of "
+            "our .pt checkpoints or a .safetensors)") from None
+    return path
 
 
 def load_pretrained(model: nn.Module, mf: ModelFile, classes: list[str]) -> dict:

@@ -183,7 +183,8 @@ def model_chain(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.Mod
     if frozen:
         report.say(f"frozen (no training, BatchNorm statistics kept): {', '.join(frozen)}")
     model = to_device(model, env.device, m.channels_last)
-    if hasattr(model, "init_from_data") and fresh:  # same images on every rank: same weights
+    fitted = pretrained is not None and "stem.weight" in pretrained.weights  # fine-tuning keeps a pretrained stem
+    if hasattr(model, "init_from_data") and fresh and not fitted:  # same images on every rank: same weights
         t0 = time.perf_counter()
         model.init_from_data(train.sample_images(WHITENING_IMAGES))
         clock.sync()
@@ -291,7 +292,7 @@ def evaluation(cfg: Config, amp: Amp, model: nn.Module, forward: nn.Module, ema:
     averages = [("ema", with_input(ema.module, cfg.data.resize))] if ema is not None else []
     buffers = [model] + ([ema.module] if ema is not None else [])
     return Evaluator(forward, buffers, averages, data.val, data.test, amp, t.tta, robust, check, t.epochs,
-                     t.eval_every, t.eval_test_every)
+                     t.eval_every, t.eval_test_every, cfg.adv.eval_every)
 
 
 def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], std: list[float], model: nn.Module,

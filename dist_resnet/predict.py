@@ -69,12 +69,13 @@ class TorchModel:
         self.classes, self.size = mf.classes, tuple(mf.image_shape or (32, 32))
         self.device, self.cl = device, cfg.model.channels_last
         self.amp = Amp.on(cfg.train.precision, device)
+        self.dtype = torch.float32 if cfg.data.fp32_input else self.amp.dtype  # normalised as training normalised
         self.model = placed(mf, trained, cfg, len(mf.classes), device)
-        self.normalize = Normalize(mf.mean, mf.std, device, self.amp.dtype)
+        self.normalize = Normalize(mf.mean, mf.std, device, self.dtype)
         self.batch_size = cfg.train.batch_size
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).to(self.amp.dtype)  # as the loader does
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).to(self.dtype)  # as the loader does
         x = self.normalize(x)
         return x.contiguous(memory_format=torch.channels_last if self.cl else torch.contiguous_format)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,28 @@ def test_evaluate_cli_reports_accuracy_under_pgd(trained_run, betons, tmp_path, 
         evaluate_cli.main([str(trained_run / "last.pt"), f"data.dir={betons}", "--attack", "pgd", "--eps", "0"])
     err = capsys.readouterr().err
     assert bad.value.code == 2 and "'adv.eps': 0; it must be in (0, 255]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_repeats_the_runs_own_final_evaluation_exactly(tiny_betons, tmp_path):
+    """A bf16 run that normalises in fp32 (data.fp32_input), attacked at evaluation with its own seed:
+    `evaluate --attack pgd` on its checkpoint gives the very numbers of the run's last evaluation. The
+    robust check's cadence (adv.eval_every=0): the attack runs at the end only."""
+    from dist_resnet import train
+    from tests.conftest import TINY
+
+    run_dir = tmp_path / "run"
+    train.main([*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "train.precision=bf16",
+                "data.fp32_input=true", "train.eval_attack=pgd", "adv.eval_steps=1", "adv.eval_restarts=1",
+                "adv.eps=2", "train.seed=5", "adv.eval_every=0"])  # 1 step from a random start: the seed shows
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert "test_robust_acc" not in history[0] and "test_robust_acc" in history[1]
+    r = evaluate_cli.main([str(run_dir / "last.pt"), f"data.dir={tiny_betons}", "--attack", "pgd",
+                           "--out", str(tmp_path / "not" / "yet" / "r.json")])  # a folder made for it
+    last = history[-1]
+    assert (r["test_loss"], r["test_acc"], r["test_robust_acc"]) == (
+        last["test_loss"], last["test_acc"], last["test_robust_acc"])
+    assert json.loads((tmp_path / "not" / "yet" / "r.json").read_text())["test_robust_acc"] == last["test_robust_acc"]
+    from dist_resnet.predict import TorchModel
+
+    m = TorchModel(str(run_dir / "last.pt"), CPU, ema=False)  # predict normalises as the run did: in fp32
+    assert m.inputs(np.zeros((2, 32, 32, 3), np.uint8)).dtype == torch.float32 and m.amp.dtype == torch.bfloat16

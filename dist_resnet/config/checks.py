@@ -46,6 +46,7 @@ RULES: list[Rule] = [
     (within(0, 1, lo_open=True), "in (0, 1] (1 = off)", ("optim.layer_decay",)),
     (within(0, 255, lo_open=True), "in (0, 255] pixel levels (0-255) of the [0, 1] image", ("adv.eps",)),
     (at_least(0), ">= 0 (0 = automatic)", ("adv.alpha",)),
+    (at_least(0), ">= 0 (0 = at the end only)", ("adv.eval_every",)),
 ]
 
 

@@ -14,7 +14,7 @@ RESUME_HARMLESS = (
     "model.pretrained",  # only the first start reads it: a resume takes the weights from the checkpoint
     "data.pipeline",  # ffcv and device give the very same batches (tests/test_loader.py)
     "train.warmup_steps",  # restores the state exactly (tests/test_train.py)
-    "train.eval_attack", "adv.eval_alpha", "adv.eval_steps", "adv.eval_restarts",  # evaluation only
+    "train.eval_attack", "adv.eval_alpha", "adv.eval_steps", "adv.eval_restarts", "adv.eval_every",  # evaluation
     "adv.check_images", "adv.check_steps",  # the collapse check reads the weights; it changes none
 )
 # Allowed too, but the resumed run is then no longer bit-identical to an uninterrupted one.

@@ -173,6 +173,7 @@ class AdvConfig:
     eval_alpha: float = 2.0  # step size of the evaluation PGD, in pixel levels
     eval_steps: int = 20  # steps of the evaluation PGD (train.eval_attack=pgd)
     eval_restarts: int = 1  # random restarts of the evaluation PGD; an image counts if it withstands all
+    eval_every: int = 1  # epochs between the test set's attacks (at its evaluations); 0 = at the end only
     check_images: int = 512  # adversarial training: train images PGD-attacked every epoch to catch a collapse
     check_steps: int = 10  # steps of that check's PGD (alpha = adv.eval_alpha)
 

@@ -89,10 +89,10 @@ class Evaluator:
 
     def __init__(self, forward: nn.Module, buffers: list[nn.Module], averages: list[tuple[str, nn.Module]],
                  val: TestData | None, test: TestData, amp: Amp, tta: TTA, robust: RobustEval | None,
-                 check: "RobustnessCheck", epochs: int, every: int, test_every: int):
+                 check: "RobustnessCheck", epochs: int, every: int, test_every: int, robust_every: int = 1):
         self.forward, self.buffers, self.averages = forward, buffers, averages
         self.val, self.test, self.amp, self.tta, self.robust, self.check = val, test, amp, tta, robust, check
-        self.epochs, self.every, self.test_every = epochs, every, test_every
+        self.epochs, self.every, self.test_every, self.robust_every = epochs, every, test_every, robust_every
         self.monitor = "val_acc" if val is not None else "test_acc"
         self.best_acc = -1.0
         self.confusion: list[list[int]] | None = None  # of the last test evaluation: per_class.json at the end
@@ -106,11 +106,13 @@ class Evaluator:
             return False, last or due
         return last or due, last or bool(self.test_every and epoch % self.test_every == 0)
 
-    def run(self, val: bool = False, test: bool = True) -> dict:
+    def run(self, val: bool = False, test: bool = True, robust: bool = True) -> dict:
+        """The due splits' loss and accuracy (the test set's under attack too, with `robust`), the
+        averaged copies' as `ema_*`."""
         with_rank0_buffers(self.buffers)
         result = {}
-        for name, data, attack in (("val", self.val if val else None, None), ("test", self.test if test else None,
-                                                                              self.robust)):
+        for name, data, attack in (("val", self.val if val else None, None),
+                                   ("test", self.test if test else None, self.robust if robust else None)):
             if data is None:
                 continue
             r = evaluate(self.forward, data, self.amp, self.tta, prefix=name, attack=attack)
@@ -127,7 +129,8 @@ class Evaluator:
         val, test = self.due(epoch)
         if val or test:
             t0 = time.perf_counter()
-            record.update(self.run(val, test))
+            record.update(self.run(val, test, epoch == self.epochs or bool(self.robust_every and
+                                                                          epoch % self.robust_every == 0)))
             record["eval_time_s"] = time.perf_counter() - t0  # run() ends in a host sync
         links = self.check.after_epoch(record, epoch)
         value = record.get(self.monitor, -1.0)

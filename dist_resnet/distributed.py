@@ -5,6 +5,7 @@ LOCAL_RANK and LOCAL_WORLD_SIZE; a plain `python -m dist_resnet.train` is rank 0
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -255,6 +256,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # "checkpoint and stop": Slurm's time-limit warning, scancel
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """The stop signals held back in this thread while it starts helper processes (a forkserver,
+    torchrun): they inherit the mask and outlive a stop that Slurm sends to every process of a job step.
+    A process that acts on the signals unblocks them (StopRequest); one held back meanwhile is delivered
+    then, not lost. Other threads, the main one included, still receive them."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class StopRequest:
     """Ask a run to stop cleanly: SIGUSR1 (Slurm's --signal warning), SIGTERM (scancel, the
     end of wall time, torchrun shutting its workers down) or a file `stop_file` (what
@@ -263,13 +280,14 @@ class StopRequest:
     `agreed()` all-reduces the request, so every rank stops after the same step.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, stop_file: Path):
         self.stop_file = stop_file
         self.reason: str | None = None
         for s in self.SIGNALS:
             signal.signal(s, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)  # started by a sweep, they came blocked
 
     def _on_signal(self, signum: int, frame) -> None:
         self.reason = signal.Signals(signum).name

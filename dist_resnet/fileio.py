@@ -41,6 +41,7 @@ def fsync_dir(folder: Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """`write(f)` into a temp file beside `path`, then fsync, replace and fsync the folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # an --out into a folder not made yet
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:

@@ -8,7 +8,7 @@ written atomically, by rank 0, never from the hot loop.
   every training run writes its own into run.dir/curves.png at the end.
 - `confusion`: the confusion matrix, rows = true class, columns = predicted, each row normalised to 1,
   with the counts written in.
-- `sweep`: optuna's optimisation history and slice plots, in one figure.
+- `sweep`: the validation accuracy of each trial, the best so far, and each searched parameter against it.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import rundir
 from .fileio import atomic_write
+from .sweep.space import SweepError
 
 
 def _pyplot():
@@ -101,51 +102,75 @@ def curves(path: str | Path, run_dirs: list[str | Path]) -> Path:
 
 
 def sweep(path: str | Path, sweep_dir: str | Path, storage: str | None = None) -> Path:
-    """A sweep's optimisation history and each parameter against validation accuracy (optuna's plots)."""
-    import optuna.visualization.matplotlib as ov
-    from optuna.trial import TrialState
-
+    """A sweep's history (each trial's validation accuracy and the best so far) and each searched parameter
+    against validation accuracy; complete trials as dots, pruned ones as crosses at their last epoch."""
     from .sweep.storage import load_study
 
-    plt = _pyplot()
     study, meta = load_study(Path(sweep_dir), storage)
-    if not [t for t in study.trials if t.state == TrialState.COMPLETE]:
-        raise PlotError(f"{sweep_dir}: no trial has completed yet")
+    return save_figure(sweep_figure(study, meta, str(sweep_dir)), path)
+
+
+def sweep_figure(study, meta: dict, where: str = "the sweep"):
+    from matplotlib.ticker import MaxNLocator
+
+    from .sweep.results import rows
+
+    plt = _pyplot()
     params = meta["params"]
-    fig, axes = plt.subplots(1, 1 + len(params), figsize=(5 * (1 + len(params)), 4.5), squeeze=False)
-    import warnings
-
-    import matplotlib
-
-    with warnings.catch_warnings(), matplotlib.rc_context():  # optuna switches the global style to ggplot
-        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
-        history = ov.plot_optimization_history(study)
-        slices = ov.plot_slice(study, params=params)
-    for ax, src in zip(axes[0], [history, *([slices] if len(params) == 1 else list(slices))]):
-        _copy_axes(src, ax)
-    axes[0][0].set_title(f"{study.study_name}: validation accuracy per trial")
+    table = [r for r in rows(study, params)[0] if r["state"] in ("complete", "pruned") and r["val_acc"] is not None]
+    done = [r for r in table if r["state"] == "complete"]
+    if not done:
+        raise PlotError(f"{where}: no trial has completed yet")
+    fig, axes = plt.subplots(1, 1 + len(params), figsize=(5 * (1 + len(params)), 4.5), squeeze=False, sharey=True,
+                             layout="constrained")
+    fig.suptitle(f"sweep {study.study_name}: validation accuracy of each trial")
+    ax = axes[0][0]
+    _points(ax, table, "trial")
+    best, xs = [], [r["trial"] for r in done]
+    for r in done:
+        best.append(max(r["val_acc"], best[-1]) if best else r["val_acc"])
+    ax.step(xs, best, where="post", color="C3", label="best so far")  # flat until a trial beats it
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trial", ylabel="validation accuracy", title="history")
+    for ax, key in zip(axes[0][1:], params):
+        kind, values = meta.get("space", {}).get(key, ["float", []])
+        if kind == "choice":  # one place per choice, labelled with its value (numbers and names alike)
+            where = {str(v): i for i, v in enumerate(values)}
+            _points(ax, [{**r, "x": where.get(str(r[key]), -1)} for r in table], "x")
+            ax.set_xticks(range(len(values)), [str(v) for v in values], rotation=30 if len(values) > 4 else 0)
+            ax.set_xlim(-0.5, len(values) - 0.5)
+        else:
+            _points(ax, table, key)
+            if kind == "log":
+                _log_axis(ax)
+            elif kind == "int":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel=f"{key} ({kind})", title=key)
     for ax in axes[0]:
-        ax.set_ylabel("validation accuracy")
-    plt.close(history.figure)
-    plt.close(slices.figure if len(params) == 1 else slices[0].figure)
-    return save_figure(fig, path)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)  # the markers mean the same in every panel
+    return fig
 
 
-def _copy_axes(src, dst) -> None:
-    """Redraw optuna's axes (lines and scatter points) into one shared figure."""
-    for line in src.get_lines():
-        dst.plot(line.get_xdata(), line.get_ydata(), line.get_linestyle(), color=line.get_color(),
-                 marker=line.get_marker(), label=line.get_label() if not line.get_label().startswith("_") else None)
-    for coll in src.collections:
-        offsets = coll.get_offsets()
-        if len(offsets):
-            dst.scatter(offsets[:, 0], offsets[:, 1], s=20, alpha=0.8)
-    dst.set_xlabel(src.get_xlabel())
-    dst.set_xscale(src.get_xscale())
-    dst.set_title(src.get_title())
-    dst.grid(alpha=0.3)
-    if any(line.get_label() and not line.get_label().startswith("_") for line in dst.get_lines()):
-        dst.legend(fontsize=7)
+def _points(ax, table: list[dict], x: str) -> None:
+    for state, marker, color in (("complete", "o", "C0"), ("pruned", "x", "0.5")):
+        pts = [(r[x], r["val_acc"]) for r in table if r["state"] == state]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, color=color, s=28, label=state, zorder=3)
+
+
+def _log_axis(ax) -> None:
+    """A log axis labelled at its decades only when it spans one or more; within one decade, at a few plain
+    numbers: matplotlib's minor labels (3e-1, 4e-1, ...) otherwise run into each other."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_xlim()
+    if hi / lo < 10:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -162,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
         if bool(args.sweep) == bool(args.run_dirs):
             raise PlotError("give run folders, or --sweep SWEEP_DIR")
         out = sweep(args.out, args.sweep, args.storage) if args.sweep else curves(args.out, args.run_dirs)
-    except PlotError as e:
+    except (PlotError, SweepError) as e:
         print(f"dist_resnet.plot: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {out}")

@@ -1,16 +1,16 @@
 """Sweeps on Optuna: the search-space syntax, trials that are normal runs (validation-selected, pruned,
-failed), the results, a real PostgreSQL server shared by two workers, and the Slurm array script."""
+failed), what a study counts, the results and pictures, and a real PostgreSQL server shared by two workers
+(slurm/sweep.sh on a real Slurm: tests/test_slurm.py)."""
 from __future__ import annotations
 
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dist_resnet import sweep
@@ -100,7 +100,68 @@ def test_report_and_sweep_plot(local_sweep, capsys, tmp_path):
     assert "4 trials: 2 complete, 1 pruned, 1 failed" in printed and "| trial |" in printed
     png = plot.main(["--sweep", str(out), "--out", str(tmp_path / "sweep.png")])
     with Image.open(png) as im:
-        assert im.size[0] > 800 and len(set(im.convert("L").getdata())) > 20  # drawn, not blank
+        assert im.size[0] > 800 and len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not blank
+
+
+def test_plot_of_what_is_not_a_readable_sweep_says_so_in_one_line(local_sweep, tmp_path, capsys):
+    from dist_resnet import plot
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "sweep.json").write_text(json.dumps({"study": "s", "storage": "postgresql://bob:***@db/sweeps",
+                                                   "params": ["optim.lr"]}))
+    for folder, message in ((tmp_path, "holds no sweep"), (locked, "pass --storage URL with its password")):
+        with pytest.raises(SystemExit) as e:
+            plot.main(["--sweep", str(folder), "--out", str(tmp_path / "s.png")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    png = plot.main([str(local_sweep[0] / "trial-0000"), "--out", str(tmp_path / "new" / "folder" / "c.png")])
+    assert png.read_bytes()[:4] == b"\x89PNG"  # --out into a folder that does not exist yet
+
+
+def shown_tick_labels(ax) -> list:
+    lo, hi = sorted(ax.get_xlim())
+    ticks = [*ax.xaxis.get_major_ticks(), *ax.xaxis.get_minor_ticks()]
+    return [t.label1 for t in ticks if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+
+
+def test_the_sweep_picture_names_choices_steps_the_best_and_keeps_labels_apart(local_sweep, grid_sweep):
+    """Choices are drawn at their own labelled places, the best so far is a step, trials are whole
+    numbers, and no two tick labels run into each other, on a log axis either."""
+    from dist_resnet import plot
+    from dist_resnet.sweep.storage import load_study
+
+    fig = plot.sweep_figure(*load_study(grid_sweep[0]))  # optim.lr=[0.3,0.4]
+    fig.canvas.draw()
+    history, lr = fig.axes[:2]
+    assert [t.get_text() for t in shown_tick_labels(lr)] == ["0.3", "0.4"]
+    assert [line.get_drawstyle() for line in history.get_lines() if line.get_label() == "best so far"] == ["steps-post"]
+    assert all(float(t.get_text().replace("\u2212", "-")).is_integer() for t in shown_tick_labels(history))
+    for lo, hi in ((1e-5, 2e5), (0.3, 0.4)):  # a log axis over ten decades, and within one
+        fig = plot.sweep_figure(*study_of({"optim.lr": ("log", (lo, hi))}, [{"optim.lr": min(hi, lo * (hi / lo) ** (i / 5))}
+                                                                          for i in range(6)]))
+        fig.canvas.draw()
+        ax = fig.axes[1]
+        boxes = sorted((t.get_window_extent() for t in shown_tick_labels(ax)), key=lambda b: b.x0)
+        assert ax.get_xscale() == "log" and len(boxes) >= 2
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in shown_tick_labels(ax)]
+    fig = plot.sweep_figure(*study_of({"model.name": ("choice", ("resnet9", "resnet18"))},
+                                      [{"model.name": n} for n in ("resnet18", "resnet9", "resnet18")]))
+    fig.canvas.draw()
+    assert [t.get_text() for t in shown_tick_labels(fig.axes[1])] == ["resnet9", "resnet18"]
+    assert sorted(fig.axes[1].collections[0].get_offsets()[:, 0].tolist()) == [0, 1, 1]
+
+
+def study_of(space: dict, points: list[dict]):
+    """An in-memory study of completed trials at `points`, with the sweep.json a sweep would write."""
+    import optuna
+
+    dists = {k: optuna.distributions.CategoricalDistribution(v) if kind == "choice"
+             else optuna.distributions.FloatDistribution(*v, log=kind == "log") for k, (kind, v) in space.items()}
+    study = optuna.create_study(direction="maximize")
+    for i, point in enumerate(points):
+        study.add_trial(optuna.trial.create_trial(params=point, distributions=dists, value=0.5 + 0.1 * (i % 3)))
+    return study, {"params": list(space), "space": {k: [kind, list(v)] for k, (kind, v) in space.items()}}
 
 
 def test_curves_png_of_runs(local_sweep, tmp_path):
@@ -112,14 +173,121 @@ def test_curves_png_of_runs(local_sweep, tmp_path):
     png = plot.main([str(out / "trial-0000"), str(out / "trial-0001"), "--out", str(tmp_path / "c.png")])
     with Image.open(png) as im:
         assert im.size[0] > 1000 and im.size[1] > 300
-        pixels = list(im.convert("RGB").getdata())
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int).tolist()
 
     def near(color):  # matplotlib's C0 (blue) and C1 (orange): each run has its colour
         return sum(1 for p in pixels if sum(abs(a - b) for a, b in zip(p, color)) < 40)
 
     assert near((31, 119, 180)) > 200 and near((255, 127, 14)) > 200
     with Image.open(out / "trial-0000" / "curves.png") as im:  # what every run writes
-        assert len(set(im.convert("L").getdata())) > 20
+        assert len(np.unique(np.asarray(im.convert("L")))) > 20
+
+
+# ---------------------------------------------------------------- what a study counts, and where it lives
+@pytest.fixture(scope="module")
+def grid_sweep(tiny_betons, tmp_path_factory) -> tuple[Path, dict, dict]:
+    """A 2-point grid with --trials 10, run twice with the same command (a requeued task, a second array
+    worker, a rerun), its --config given relative to the folder it ran from."""
+    out = tmp_path_factory.mktemp("grid") / "g"
+    args = ["--config", os.path.relpath(TINY[1]), "--study", "g", "--out", str(out), "--sampler", "grid",
+            "--trials", "10", "--pruner", "none", "--space", "optim.lr=[0.3,0.4]", f"data.dir={tiny_betons}", *BASE,
+            "train.epochs=1"]
+    return out, sweep.main(args), sweep.main(args)
+
+
+def test_a_grid_trains_each_point_once_however_often_it_runs(grid_sweep):
+    out, first, second = grid_sweep
+    assert [r["state"] for r in first["table"]] == ["complete", "complete"]
+    assert [r["state"] for r in second["table"]] == ["complete", "complete"], second["table"]  # no new trial
+    assert sorted(r["optim.lr"] for r in second["table"]) == [0.3, 0.4]
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0000", "trial-0001"]
+
+
+def test_the_report_needs_nothing_outside_the_sweep_folder(grid_sweep, tmp_path, monkeypatch, capsys):
+    out, _, second = grid_sweep
+    (out / "best.yaml").unlink()
+    monkeypatch.chdir(tmp_path)  # where the relative --config does not exist
+    sweep.main(["--report", str(out)])
+    assert "2 trials: 2 complete" in capsys.readouterr().out
+    cfg = load_config(out / "best.yaml")
+    assert cfg.optim.lr == second["best_params"]["optim.lr"] and cfg.model.width == 8 and cfg.train.epochs == 1
+
+
+def test_a_second_study_in_the_same_folder_is_refused(grid_sweep, tiny_betons, capsys):
+    out, *_ = grid_sweep
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--config", TINY[1], "--study", "other", "--out", str(out), "--space", "optim.lr=[0.1]",
+                    f"data.dir={tiny_betons}", *BASE])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{out} holds the sweep of study 'g': give this study its own --out folder" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, no trial folder reused
+
+
+def test_trials_begun_after_the_study_is_full_or_the_stop_never_train_nor_count(tmp_path):
+    """Two slots (or workers) that read the count at once each begin a trial: the later one is surplus.
+    A trial begun as the sweep stops is not a failure either. Neither trains, counts or shows."""
+    import optuna
+    from types import SimpleNamespace
+
+    from dist_resnet.sweep.orchestrate import Sweep
+    from dist_resnet.sweep.results import rows
+    from dist_resnet.sweep.trials import TrialInterrupted
+
+    params = sweep.parse_space(["optim.lr=log(0.1,1)"], {"optim.lr"})
+    storage = sweep.make_storage(None, tmp_path, 60)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for value in (0.3, 0.4):
+        t = study.ask()
+        params[0].suggest(t)
+        study.tell(t, value)
+    args = SimpleNamespace(out=str(tmp_path), trials=2, gpus_per_trial=1, heartbeat=60, overrides=[], config=None)
+    s = Sweep(args, params, storage)
+    study.optimize(s.objective, n_trials=1, catch=(TrialInterrupted,))  # a slot that saw 1 to go
+    s.stop.set()
+    study.optimize(s.objective, n_trials=1, catch=(TrialInterrupted,))
+    notes = [t.user_attrs.get("error", "") for t in study.trials[2:]]
+    assert notes[0].startswith("surplus: the study already holds --trials 2") and notes[1].startswith("unstarted")
+    assert s.remaining(study) == 0 and not list(tmp_path.glob("trial-*"))
+    assert [r["state"] for r in rows(study, ["optim.lr"])[0]] == ["complete", "complete"]
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("postgresql://bob:hunter2@db/sweeps", "hunter2"),
+    ("postgresql://bob@db/sweeps?password=hunter2", "hunter2"),
+    ("postgresql://bob:p%40ss%3Aword@db/sweeps", "40ss"),
+    ("mysql+pymysql://bob@db/sweeps?passwd=hunter2&charset=utf8mb4", "hunter2"),
+    ("postgresql://db/sweeps?user=bob&password=hunter2&sslmode=require", "hunter2"),
+])
+def test_the_storage_password_is_masked_in_every_form(url, secret):
+    from dist_resnet.sweep.storage import masked, safe_url
+
+    shown = safe_url(url)
+    assert secret not in shown and "***" in shown and masked(shown), shown
+    assert "db/sweeps" in shown and ("bob" in shown)
+
+
+def test_the_optuna_floor_is_the_version_the_code_needs(tmp_path):
+    """pyproject's `optuna>=X`: the sweep works on X itself, and not on the release before it."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["sweep"]
+    floor = next(re.match(r"optuna>=([\d.]+)", d).group(1) for d in deps if d.startswith("optuna"))
+    major, minor = (int(x) for x in floor.split(".")[:2])
+    before = f"{major}.{minor - 1}.0"
+    for version in (floor, before):
+        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                            str(tmp_path / version), f"optuna=={version}"], capture_output=True, text=True)
+        if p.returncode:
+            pytest.skip(f"cannot download optuna {version} from the package index: {p.stderr.strip()[-200:]}")
+    probe = [sys.executable, str(ROOT / "tests" / "optuna_probe.py")]
+    ok = subprocess.run(probe, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / floor)})
+    assert ok.returncode == 0 and ok.stdout.startswith(f"optuna {floor}") and "ok" in ok.stdout, ok.stderr[-2000:]
+    old = subprocess.run(probe, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / before)})
+    assert old.returncode != 0, f"optuna {before} works too: lower the floor in pyproject.toml"
+    print(f"optuna {floor}: ok; {before}: {old.stderr.strip().splitlines()[-1]}")
 
 
 def test_two_workers_share_one_study_on_postgresql(tiny_betons, tmp_path):
@@ -148,34 +316,3 @@ def test_two_workers_share_one_study_on_postgresql(tiny_betons, tmp_path):
     for d in run_dirs:  # each trial's folder holds exactly one run, started once, from scratch
         log = (tmp_path / "sw" / d / "train.log").read_text()
         assert log.count("holds no checkpoint yet: starting from scratch") == 1 and log.count("done: test acc") == 1
-
-
-def test_slurm_sweep_array_task_stops_requeues_and_resumes_its_trial(tiny_betons, tmp_path):
-    """slurm/sweep.sh with fake srun/scontrol: USR1 makes the running trial checkpoint and queues it to
-    resume; the task is requeued; the requeued task resumes that trial from its checkpoint."""
-    from tests.runs import finish, start
-    from tests.test_distributed import fake_slurm
-
-    log = tmp_path / "scontrol.log"
-    fake_slurm(tmp_path / "bin", log)
-    env = {"PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "91", "SLURM_JOB_NAME": "sw", "CONFIG": TINY[1], "DATA_DIR": str(tiny_betons)}
-    job = ["bash", str(ROOT / "slurm" / "sweep.sh"), "--trials", "1", "--sampler", "grid", "--space",
-           "optim.lr=[0.4]", *BASE, "train.epochs=4"]
-    trial = tmp_path / "sweeps" / "sw-91" / "trial-0000"
-    p = start(job, env, cwd=tmp_path)
-    deadline = time.time() + 300
-    while not (trial / "ckpt-00000008.pt").exists() and time.time() < deadline:  # epoch 1 is checkpointed
-        time.sleep(0.5)
-    p.send_signal(signal.SIGUSR1)
-    out = finish(p)
-    assert p.returncode == 0 and "requeueing task 91" in out and "scontrol requeue 91" in log.read_text(), out
-    stopped_at = json.loads((trial / "metrics.json").read_text())["epochs"]
-    assert 1 <= stopped_at < 4
-    p = start(job, {**env, "SLURM_RESTART_COUNT": "1"}, cwd=tmp_path)
-    out = finish(p)
-    assert p.returncode == 0, out
-    train_log = (trial / "train.log").read_text()
-    assert "resumed from" in train_log and json.loads((trial / "metrics.json").read_text())["completed"]
-    assert "1 complete" in (tmp_path / "sweeps" / "sw-91" / "results.md").read_text()
-    assert log.read_text().count("requeue") == 1

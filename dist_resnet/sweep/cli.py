@@ -3,6 +3,7 @@ retrain the best config on the whole train split (--final)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -11,14 +12,15 @@ import warnings
 from pathlib import Path
 
 from .. import rundir
-from ..config import ConfigError, flatten, load_config, merged, to_dict
+from ..config import ConfigError, flatten, load_config, merged, to_dict, to_yaml
 from ..distributed import EXIT_BAD_INPUT, EXIT_STOPPED
-from ..fileio import write_json
+from ..fileio import write_json, write_text
 from . import __doc__ as DOC
 from .orchestrate import Sweep
 from .results import markdown, write_results
-from .space import SweepError, grid_size, parse_space
-from .storage import META, PRUNERS, SAMPLERS, load_study, make_pruner, make_sampler, make_storage, open_study, safe_url
+from .space import SweepError, parse_space
+from .storage import (BASE, META, PRUNERS, SAMPLERS, load_study, make_pruner, make_sampler, make_storage, open_study,
+                      safe_url)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.report:
             study, meta = load_study(Path(args.report), args.storage)
-            result = write_results(Path(args.report), study, meta["params"], meta["config"], meta["overrides"])
+            result = write_results(Path(args.report), study, meta["params"], meta["overrides"])
             print(f"{result['summary']}\n\n" + markdown(result["table"]), end="")
             return result
         return run_sweep(args)
@@ -70,6 +72,12 @@ def check_args(args) -> list:
         raise SweepError("a sweep selects on validation accuracy, never on test: hold out a validation split with "
                          "data.val_fraction (e.g. data.val_fraction=0.1)")
     load_config(args.config, [*args.overrides, "run.dir=unused"])  # the base config is valid
+    meta = Path(args.out) / META
+    if meta.is_file():
+        held = json.loads(meta.read_text()).get("study")
+        if held != args.study:  # trial folders are numbered per study: a second study would reuse them
+            raise SweepError(f"{args.out} holds the sweep of study '{held}': give this study its own --out "
+                             f"folder, or --study {held} to extend that one")
     return parse_space(args.space, set(flatten(to_dict(load_config(None, ["data.dir=x", "run.dir=x"])))))
 
 
@@ -84,18 +92,21 @@ def run_sweep(args) -> dict:
             "space": {q.key: [q.kind, list(q.values)] for q in params}, "sampler": args.sampler,
             "pruner": args.pruner, "trials": args.trials}
     write_json(sweep_dir / META, meta)
+    # the base config itself, so that --report and --final need nothing outside the sweep folder
+    write_text(sweep_dir / BASE, to_yaml(load_config(args.config, [*args.overrides, "run.dir=unused"])))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines and table say what happened
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = open_study(args.study, make_storage(args.storage, sweep_dir, args.heartbeat),
-                       make_sampler(args.sampler, params, args.seed), make_pruner(args.pruner))
-    sweep = Sweep(args, params)
+    storage = make_storage(args.storage, sweep_dir, args.heartbeat)
+    study = open_study(args.study, storage, make_sampler(args.sampler, params, args.seed), make_pruner(args.pruner))
+    sweep = Sweep(args, params, storage)
+    sweep.reap(study)  # before the counts: a trial of a dead worker would be counted as running
     if args.sampler == "grid":  # a grid has so many points: more trials would only repeat them
-        args.trials = min(args.trials, args.trials - sweep.remaining(study) + grid_size(params))
+        args.trials = min(args.trials, args.trials - sweep.remaining(study) + sweep.unvisited(study))
     stop_on_signals(sweep)
     print(f"sweep {args.study}: {args.trials} trials, {sweep.parallel} at a time, sampler {args.sampler}, pruner "
           f"{args.pruner}, storage {meta['storage'] or sweep_dir / 'study.journal'}", flush=True)
     sweep.optimize(study)
-    result = write_results(sweep_dir, study, meta["params"], args.config, args.overrides)
+    result = write_results(sweep_dir, study, meta["params"], args.overrides)
     print(f"{result['summary']}\n\n" + markdown(result["table"]), end="", flush=True)
     if sweep.stop.is_set():
         raise SystemExit(EXIT_STOPPED)
@@ -118,8 +129,8 @@ def stop_on_signals(sweep: Sweep) -> None:
 def final(args, sweep_dir: Path, best_overrides: list[str]) -> dict:
     """The best config, retrained on the whole train split; its test accuracy, reported once."""
     run_dir = sweep_dir / "final"
-    cmd = [sys.executable, "-m", "dist_resnet.train", *(["--config", args.config] if args.config else []),
-           *best_overrides, "data.val_fraction=0", f"run.dir={run_dir}", "run.progress=false", "train.resume=true"]
+    cmd = [sys.executable, "-m", "dist_resnet.train", "--config", str(sweep_dir / BASE), *best_overrides,
+           "data.val_fraction=0", f"run.dir={run_dir}", "run.progress=false", "train.resume=true"]
     code = subprocess.run(cmd).returncode
     if code != 0:
         raise SweepError(f"the final run of the best config failed (exit code {code}); see {run_dir}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from .space import Param, SweepError
-from .trials import TrialFailed, TrialInterrupted, TrialRun
+from .trials import TrialFailed, TrialInterrupted, TrialRun, counts, stale
 
 
 def visible_gpus() -> list[str]:
@@ -25,8 +25,8 @@ def visible_gpus() -> list[str]:
 
 
 class Sweep:
-    def __init__(self, args, params: list[Param]):
-        self.args, self.params = args, params
+    def __init__(self, args, params: list[Param], storage):
+        self.args, self.params, self.storage = args, params, storage
         self.dir = Path(args.out)
         self.stop = threading.Event()
         self.slots: queue.Queue = queue.Queue()
@@ -50,7 +50,11 @@ class Sweep:
 
     def objective(self, trial) -> float:
         if self.stop.is_set():
-            raise TrialInterrupted("the sweep was asked to stop before this trial started")
+            trial.set_user_attr("error", "unstarted: the sweep was asked to stop before this trial started")
+            raise TrialInterrupted("stopped before the start")
+        if self.surplus(trial):
+            trial.set_user_attr("error", f"surplus: the study already holds --trials {self.args.trials} trials")
+            raise TrialInterrupted("surplus")
         run_dir = self.folder_of(trial)
         values = {p.key: p.suggest(trial) for p in self.params}
         overrides = [*self.args.overrides, *(f"{k}={v}" for k, v in values.items())]
@@ -70,17 +74,55 @@ class Sweep:
             self.slots.put(gpus)
 
     def remaining(self, study) -> int:
+        return self.args.trials - sum(counts(t) for t in study.get_trials(deepcopy=False))
+
+    def unvisited(self, study) -> int:
+        """Grid points no counted trial has trained yet (--sampler grid)."""
+        import itertools
+
+        grid = set(itertools.product(*(q.values for q in self.params)))
+        seen = {tuple(t.params.get(q.key) for q in self.params) for t in study.get_trials(deepcopy=False) if counts(t)}
+        return len(grid - seen)
+
+    def surplus(self, trial) -> bool:
+        """Whether `trial` started after the study was full: slots and workers that checked the count at
+        once each started one. The lowest-numbered trials keep their place."""
+        earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number and counts(t)]
+        return len(earlier) >= self.args.trials
+
+    def reap(self, study) -> None:
+        """Journal storage has no heartbeat: a RUNNING trial whose worker is gone (killed, out of memory, its
+        node lost) would stay RUNNING forever, counted and never finished. Such a trial is marked failed as
+        stale, which does not count, and queued to resume from its checkpoint. (RDB storage: Optuna's
+        heartbeat does this, with RetryHeartbeatStaleTrialCallback.)"""
+        from optuna.storages import RDBStorage
         from optuna.trial import TrialState
 
-        counted = [t for t in study.get_trials(deepcopy=False)
-                   if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                   or (t.state == TrialState.FAIL and "interrupted" not in str(t.user_attrs.get("error", "")))]
-        return self.args.trials - len(counted)
+        if isinstance(self.storage, RDBStorage):
+            return
+        study_id = self.storage.get_study_id_from_name(study.study_name)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            folder = self.dir / t.user_attrs.get("run_dir", f"trial-{t.number:04d}")
+            why = stale(folder, 2 * self.args.heartbeat, t.datetime_start.timestamp())
+            if why is None:
+                continue
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            try:
+                self.storage.set_trial_user_attr(trial_id, "error", f"stale: {why}; retried from its checkpoint")
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - another worker reaped it first
+                continue
+            study.enqueue_trial(t.params, user_attrs={"resume_of": int(folder.name.split("-")[1])})
+            print(f"trial {t.number} ({folder.name}) is stale: {why}; queued to resume from its checkpoint",
+                  flush=True)
 
     def work(self, study) -> None:
         """One slot's loop: a trial at a time, until the study holds --trials trials or a stop."""
         try:
-            while not self.stop.is_set() and self.remaining(study) > 0:
+            while not self.stop.is_set():
+                self.reap(study)  # a peer that died meanwhile
+                if self.remaining(study) <= 0:
+                    break
                 study.optimize(self.objective, n_trials=1, catch=(TrialFailed, TrialInterrupted),
                                gc_after_trial=False, show_progress_bar=False)
         except BaseException as e:  # noqa: BLE001 - a bug, or the storage gone: stop every slot, report it

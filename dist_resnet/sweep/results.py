@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import load_config, to_yaml
 from ..fileio import write_text
+from .storage import BASE
 
 
 def rows(study, params: list[str]) -> tuple[list[dict], int | None]:
@@ -18,12 +19,16 @@ def rows(study, params: list[str]) -> tuple[list[dict], int | None]:
     best = max(done, key=lambda t: t.value).number if done else None
     out = []
     for t in trials:
+        note = t.user_attrs.get("error", "")
+        if t.state == TrialState.FAIL and note.startswith(("surplus", "unstarted")):
+            continue  # never trained: started after the study was full, or as the sweep stopped
         seconds = t.user_attrs.get("seconds")
         if seconds is None and t.datetime_complete and t.datetime_start:
             seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
         last = max(t.intermediate_values) if t.intermediate_values else None
-        note = t.user_attrs.get("error", "")
-        state = "interrupted" if t.state == TrialState.FAIL and note.startswith("interrupted") else t.state.name.lower()
+        labels = {"interrupted": "interrupted", "stale": "retried"}  # queued again: not a failure of their own
+        state = next((v for k, v in labels.items() if note.startswith(k)), None) if t.state == TrialState.FAIL else None
+        state = state or t.state.name.lower()
         out.append({"trial": t.number, "best": "*" if t.number == best else "", "state": state,
                     "val_acc": t.value if t.value is not None else (t.intermediate_values[last] if last else None),
                     "epochs": last, **{k: t.params.get(k) for k in params}, "seconds": seconds,
@@ -44,7 +49,7 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(sweep_dir: Path, study, params: list[str], config: str | None, overrides: list[str]) -> dict:
+def write_results(sweep_dir: Path, study, params: list[str], overrides: list[str]) -> dict:
     table, best = rows(study, params)
     buf = io.StringIO()
     if table:
@@ -55,14 +60,16 @@ def write_results(sweep_dir: Path, study, params: list[str], config: str | None,
     states = [r["state"] for r in table]
     summary = (f"{len(table)} trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
                f"{states.count('fail')} failed" + (f", {states.count('interrupted')} interrupted and resumed"
-                                                   if "interrupted" in states else ""))
+                                                   if "interrupted" in states else "")
+               + (f", {states.count('retried')} retried after their worker died" if "retried" in states else ""))
     write_text(sweep_dir / "results.md", f"# Sweep {study.study_name}\n\n{summary}; selection on validation "
                                          f"accuracy (best marked *).\n\n" + markdown(table))
     out = {"table": table, "best": best, "summary": summary}
     if best is not None:
         t = study.trials[best]
         best_overrides = [*overrides, *(f"{k}={v}" for k, v in t.params.items())]
-        cfg = load_config(config, [*best_overrides, f"run.dir={sweep_dir / 'final'}"])
+        searched = [f"{k}={v}" for k, v in t.params.items()]  # base.yaml holds the preset and the overrides
+        cfg = load_config(sweep_dir / BASE, [*searched, f"run.dir={sweep_dir / 'final'}"])
         write_text(sweep_dir / "best.yaml", f"# best trial {best} of study {study.study_name}: val_acc "
                                             f"{t.value:.4f}\n" + to_yaml(cfg))
         out.update({"best_value": t.value, "best_params": t.params, "best_overrides": best_overrides})

@@ -1,7 +1,6 @@
 """The search space: `KEY=SPEC` entries (or a YAML file of `KEY: SPEC`), checked against the config's keys."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,3 @@ def parse_space(entries: list[str], base_keys: set[str]) -> list[Param]:
         raise SweepError("an empty search space: give --space KEY=SPEC (e.g. --space 'optim.lr=log(0.05,2)')")
     return params
 
-
-def grid_size(params: list[Param]) -> int:
-    """The number of points of a grid over choice parameters."""
-    return math.prod(len(q.values) for q in params)

@@ -14,6 +14,7 @@ from .space import Param, SweepError
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "asha", "none")
 META = "sweep.json"  # what a sweep folder records about its study (the storage's password masked)
+BASE = "base.yaml"  # every trial's config before the searched keys: what best.yaml and --final start from
 
 
 def make_storage(url: str | None, sweep_dir: Path, heartbeat: int):
@@ -50,8 +51,25 @@ def _driver(url: str) -> str:
     return url
 
 
+SECRETS = ("password", "passwd", "pwd", "pass", "secret", "token", "sslpassword")  # query keys that hold one
+
+
 def safe_url(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", url)
+    """The storage URL to print or write: the password masked in every form an SQLAlchemy URL allows
+    (user:password@host, ?password=..., a URL-encoded one)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not an SQLAlchemy URL: mask what looks like user:password@
+        return re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", url)
+    query = {k: ("***" if k.lower() in SECRETS else v) for k, v in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def masked(url: str | None) -> bool:
+    return bool(url) and "***" in url
 
 
 def make_sampler(name: str, params: list[Param], seed: int | None):
@@ -98,7 +116,7 @@ def load_study(sweep_dir: Path, url: str | None = None):
     except (OSError, json.JSONDecodeError):
         raise SweepError(f"{sweep_dir} holds no sweep (no readable {META})") from None
     url = url or meta["storage"]
-    if url and "***" in url:
+    if masked(url):
         raise SweepError(f"{sweep_dir}'s study lives in {url}: pass --storage URL with its password")
     storage = make_storage(url, sweep_dir, 60)
     return optuna.load_study(study_name=meta["study"], storage=storage), meta

@@ -3,7 +3,10 @@ accuracy goes to Optuna after every epoch (read from metrics.json, dist_resnet.r
 the sweep's stop becomes a STOP file, and its exit becomes a value, a prune, an interruption or a failure."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +15,8 @@ from pathlib import Path
 
 from .. import rundir
 from ..config import Config, Pipeline
-from ..distributed import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED
+from ..distributed import EXIT_BAD_INPUT, EXIT_DIVERGED, STOP_SIGNALS, stop_signals_blocked
+from ..fileio import write_json
 
 _forkserver = None
 
@@ -25,7 +29,32 @@ class TrialInterrupted(Exception):
     pass
 
 
+# Failed trials that do not count against --trials, by the start of their note: stopped by the sweep and
+# queued to resume, found with a dead worker and retried; or never trained: started after the study was
+# full, or as the sweep was stopping
+NOT_COUNTED = ("interrupted", "stale", "surplus", "unstarted")
+
+
+def counts(t) -> bool:
+    """Whether a trial counts against --trials: it ran, runs, or failed for a reason of its own."""
+    from optuna.trial import TrialState
+
+    note = str(t.user_attrs.get("error", ""))
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
+        t.state == TrialState.FAIL and not note.startswith(NOT_COUNTED))
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the forkserver ends, as it does when the sweep dies (Ctrl-C, OOM, a kill): the trainer
+    checkpoints and stops instead of training on, orphaned, in a folder that a retry will resume."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _train_in_child(argv: list[str], env: dict, log: str) -> None:
+    _die_with_parent()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -51,7 +80,12 @@ class Forked:
             _forkserver.set_forkserver_preload(["torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot",
                                                 *(["ffcv"] if ffcv else []), "dist_resnet.train"])
         self.process = _forkserver.Process(target=_train_in_child, args=(argv, env, str(log)))
-        self.process.start()
+        with stop_signals_blocked():  # the forkserver, started now, must outlive a stop; the trainer unblocks
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()  # first, as it unblocks SIGTERM in this thread once it has started
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            self.process.start()
 
     def poll(self) -> int | None:
         return self.process.exitcode
@@ -76,11 +110,43 @@ def start(argv: list[str], gpus: list[str], log: Path, ffcv: bool):
     env = {"PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     if len(gpus) <= 1:
         return Forked(argv, env, log, ffcv)
-    with open(log, "a") as f:
+    with open(log, "a") as f, stop_signals_blocked():  # torchrun dies of USR1: only its workers act on it
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc_per_node={len(gpus)}", "-m", "dist_resnet.train", *argv],
                                 stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                 start_new_session=True)
+
+
+LEASE = "worker.json"  # in a running trial's folder: which sweep worker watches it, renewed every second
+
+
+def renew_lease(run_dir: Path) -> None:
+    write_json(run_dir / LEASE, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale(run_dir: Path, grace: float, started: float) -> str | None:
+    """Why the worker of a RUNNING trial is gone (None while it lives): its process ended on this host,
+    or its lease is older than `grace` seconds (or was never written, `grace` after the trial started)."""
+    try:
+        lease = json.loads((run_dir / LEASE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"no worker has watched it since it started, {time.time() - started:.0f} s ago" \
+            if time.time() - started > grace else None
+    if lease["host"] == socket.gethostname() and not _alive(lease["pid"]):
+        return f"its worker (pid {lease['pid']} on {lease['host']}) is gone"
+    age = time.time() - lease["time"]
+    return f"its worker ({lease['host']}, pid {lease['pid']}) last renewed its lease {age:.0f} s ago" \
+        if age > grace else None
 
 
 class TrialRun:
@@ -89,6 +155,7 @@ class TrialRun:
     def __init__(self, trial, run_dir: Path, argv: list[str], gpus: list[str], cfg: Config, stop: threading.Event):
         self.trial, self.run_dir, self.epochs, self.stop = trial, run_dir, cfg.train.epochs, stop
         run_dir.mkdir(parents=True, exist_ok=True)
+        renew_lease(run_dir)
         self.t0 = time.time()
         self.proc = start(argv, gpus, run_dir / "train.log", cfg.data.pipeline == Pipeline.ffcv)
         self.reported: set[int] = set()
@@ -116,6 +183,7 @@ class TrialRun:
                 rundir.request_stop(self.run_dir)
             if done:
                 break
+            renew_lease(self.run_dir)
             try:  # a second, or less when the process ends sooner
                 self.proc.wait(1.0)
             except subprocess.TimeoutExpired:
@@ -123,14 +191,21 @@ class TrialRun:
         self.trial.set_user_attr("seconds", round(time.time() - self.t0, 1))
         return self.proc.returncode
 
+    def stopped(self, metrics: dict | None) -> bool:
+        """Whether this attempt ended stopped with a checkpoint (the sweep's stop, or a signal to the trainer):
+        read from the run's own record, since torchrun's exit code does not say."""
+        path = self.run_dir / rundir.METRICS
+        return bool((metrics or {}).get("stopped")) and path.stat().st_mtime >= self.t0
+
     def outcome(self, code: int, values: dict) -> float:
         """The trial's value; or optuna.TrialPruned, TrialInterrupted (queued to resume) or TrialFailed."""
         import optuna
 
-        history = rundir.val_history(rundir.read_metrics(self.run_dir))
+        metrics = rundir.read_metrics(self.run_dir)
+        history = rundir.val_history(metrics)
         if self.pruned:
             raise optuna.TrialPruned(f"pruned at epoch {max(self.reported)}")
-        if code == EXIT_STOPPED and self.stop.is_set():
+        if self.stopped(metrics):
             self.trial.study.enqueue_trial(values, user_attrs={"resume_of": int(self.run_dir.name.split("-")[1])})
             self.trial.set_user_attr("error", "interrupted: queued to resume from its checkpoint")
             raise TrialInterrupted("interrupted")

@@ -41,16 +41,9 @@ train: data
 	PATH=$(abspath $(BIN)):$$PATH DATA_DIR=$(DATA_DIR) RUN_DIR=$(RUN_DIR) CONFIG=$(CONFIG) launch/single_node.sh $(ARGS)
 
 test: setup
-	@# shellcheck for the launch scripts, PostgreSQL for the multi-node sweep test (it starts its own server)
-	@missing=""; command -v shellcheck >/dev/null || missing="shellcheck"; \
-	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	  if [ -n "$$missing" ]; then \
-	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	      echo "installing for the tests: $$missing"; apt-get update -qq && \
-	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || \
-	      echo "could not install $$missing: the tests that need it will be skipped"; \
-	    else echo "not installed: $$missing (apt-get install $$missing); the tests that need it will be skipped"; fi; \
-	  fi
-	@# 2 workers taking whole files (module fixtures built once). pytest exits 5 when no test ran:
-	@# that fails here too, so CI cannot pass on an empty run
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	@bash tests/services.sh  # shellcheck, PostgreSQL, munge + Slurm: the suite's real services, as root
+	@# 3 workers on 2 cores (a third of the suite's time is spent waiting: on Slurm, timeouts, process
+	@# start-ups), each taking whole files (module fixtures built once), the longest first, in the order
+	@# tests/conftest.py gives them. pytest exits 5 when no test ran: that fails here too, so CI cannot pass
+	@# on an empty run
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=25

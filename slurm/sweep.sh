@@ -51,7 +51,9 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-srun --ntasks=1 python -m dist_resnet.sweep --config "$CONFIG" --study "$STUDY" --out "$SWEEP_DIR" \
+# --cpus-per-task: srun no longer inherits sbatch's value on every Slurm version (the step would get 1 CPU)
+srun --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" python -m dist_resnet.sweep --config "$CONFIG" \
+  --study "$STUDY" --out "$SWEEP_DIR" \
   data.dir="$DATA_DIR" "$@" &
 pid=$!
 while true; do

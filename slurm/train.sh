@@ -51,7 +51,8 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-srun --kill-on-bad-exit=1 torchrun \
+# --cpus-per-task: srun no longer inherits sbatch's value on every Slurm version (the step would get 1 CPU)
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" torchrun \
   --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
   -m dist_resnet.train --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" train.resume=true "$@" &

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# pytest-xdist workers share the cores: each worker's runs (and the ranks they start) take its share, as a
-# rank reads $OMP_NUM_THREADS (distributed.DistEnv.threads). Two workers that each ran 2 threads on 2 cores
-# trained 2.2x slower than with 1 each (docs/BENCHMARKS.md).
+# pytest-xdist workers share the cores: each worker's runs (and the ranks they start) take its share, at
+# least one thread, as a rank reads $OMP_NUM_THREADS (distributed.DistEnv.threads). Two workers that each
+# ran 2 threads on 2 cores trained 2.2x slower than with 1 each (docs/BENCHMARKS.md).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
@@ -51,10 +51,11 @@ def source_images(subset_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-# The files that hold the suite's longest fixtures and runs, longest first: pytest-xdist (--dist loadfile)
-# hands files to its workers in collection order, so these start first and the short ones fill the gaps.
-LONGEST_FIRST = ["test_adversarial_training.py", "test_train.py", "test_distributed.py", "test_reliability.py",
-                 "test_sweep.py", "test_adversarial.py", "test_finetune.py", "test_loader.py"]
+# The files that hold the suite's longest fixtures and runs, longest first: pytest-xdist (--dist loadfile
+# --no-loadscope-reorder) hands files to its workers in collection order, so these start first and the
+# short ones fill the gaps. test_slurm.py waits on Slurm much of its time: it starts early, beside them.
+LONGEST_FIRST = ["test_adversarial_training.py", "test_slurm.py", "test_train.py", "test_reliability.py",
+                 "test_sweep.py", "test_distributed.py", "test_finetune.py", "test_loader.py", "test_adversarial.py"]
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -150,3 +151,28 @@ def run(args: list[str], timeout: float = 600, env: dict | None = None, check: b
 
 def python_module(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", module, *args], **kw)
+
+
+# the resume tests carry the state that is easiest to lose: lookahead's slow weights (every 3 steps, so a
+# stop falls between two syncs) and the derandomised flip; tiny data, so several epochs are cheap
+RESUME = [*TINY[2:], "train.epochs=4", "optim.lookahead_every=3", "data.flip_alternate=true",
+          "data.translate_pad=reflect", "train.stop_check_every=2"]
+
+
+def resume_argv(tiny_betons, run_dir, *overrides) -> list[str]:
+    return [*TINY[:2], *RESUME, f"data.dir={tiny_betons}", f"run.dir={run_dir}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def reference_2rank(tiny_betons, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank, 4-epoch run: what every interrupted run (torchrun, Slurm) must reproduce.
+    Built once per session and shared by the xdist workers. Read-only."""
+    from tests.launch import launch
+
+    def build(path: Path) -> None:
+        path.mkdir(parents=True)
+        codes = launch("dist_resnet.train", resume_argv(tiny_betons, path / "run"), path / "log", 2)
+        assert codes == [0, 0], (path / "log").read_text()
+
+    return shared(tmp_path_factory, "reference_2rank", build) / "run"
+

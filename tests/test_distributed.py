@@ -1,5 +1,5 @@
 """Distributed behaviour on CPU with gloo: DDP equals one big batch, exact sharded eval, and the
-launchers (torchrun, the Slurm script with fake srun/scontrol, elastic restart, accelerate).
+launchers (torchrun, elastic restart, accelerate; slurm/*.sh on a real Slurm: tests/test_slurm.py).
 
 Runs that are about what the ranks compute start through tests/launch.py (the same environment
 torchrun exports, without its start-up cost); runs that are about a launcher use that launcher."""
@@ -9,13 +9,12 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dist_resnet.checkpoint import load
-from tests.conftest import ROOT, TINY, run
+from tests.conftest import ROOT, resume_argv, run
 from tests.launch import free_port, launch
 from tests.runs import assert_same_run, children, finish, metrics, read_until, relative_distance, start
 
@@ -23,18 +22,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # the cpu preset at half its width: these tests are about what the ranks do, not the accuracy
 COMMON = ["--config", str(ROOT / "configs" / "cpu.yaml"), "run.progress=false", "train.stop_check_every=2",
           "model.width=8"]
-# the launcher tests carry the state that is easiest to lose: lookahead's slow weights (every 3 steps,
-# so a stop falls between two syncs) and the derandomised flip; tiny data, so several epochs are cheap
-RESUME = [*TINY[2:], "train.epochs=4", "optim.lookahead_every=3", "data.flip_alternate=true",
-          "data.translate_pad=reflect", "train.stop_check_every=2"]
-
-
 def train_argv(betons, run_dir, *overrides) -> list[str]:
     return [*COMMON, f"data.dir={betons}", f"run.dir={run_dir}", *overrides]
-
-
-def resume_argv(tiny_betons, run_dir, *overrides) -> list[str]:
-    return [*TINY[:2], *RESUME, f"data.dir={tiny_betons}", f"run.dir={run_dir}", *overrides]
 
 
 # ---------------------------------------------------------------- DDP equivalence
@@ -96,15 +85,6 @@ def test_evaluating_ema_weights_of_a_run_without_ema_is_a_clear_error(equivalenc
 
 
 # ---------------------------------------------------------------- launchers: torchrun, Slurm, accelerate
-@pytest.fixture(scope="module")
-def reference_2rank(tiny_betons, tmp_path_factory):
-    """An uninterrupted 2-rank, 4-epoch run: what every interrupted run below must reproduce."""
-    d = tmp_path_factory.mktemp("ref2") / "run"
-    codes = launch("dist_resnet.train", resume_argv(tiny_betons, d), d.with_name("log"), 2)
-    assert codes == [0, 0], d.with_name("log").read_text()
-    return d
-
-
 def test_two_gloo_ranks_train_and_count_every_test_image_once(reference_2rank):
     m = metrics(reference_2rank)
     assert m["world_size"] == 2 and m["completed"] and m["test_count"] == 200
@@ -129,60 +109,6 @@ def test_signal_mid_epoch_then_resume_is_bit_exact(tiny_betons, reference_2rank,
     out = tmp_path.with_name("log").read_text()
     assert codes == [0, 0] and "resumed from" in out and (position is None or f"step {position['step']} of" in out)
     assert_same_run(reference_2rank, tmp_path)
-
-
-def fake_slurm(bin_dir: Path, log: Path) -> None:
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\n# fake srun: drop options, run the command\n'
-                                  'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "scontrol $*" >> {log}\n'
-                                      'if [ "$1 $2" = "show hostnames" ]; then echo localhost; fi\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-
-
-def slurm_env(tmp_path, job_id: str, name: str, tiny_betons) -> dict:
-    return {"PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": name, "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_NNODES": "1", "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
-            "CONFIG": TINY[1], "DATA_DIR": str(tiny_betons)}
-
-
-def test_slurm_script_checkpoints_requeues_and_resumes(tiny_betons, reference_2rank, tmp_path):
-    log = tmp_path / "scontrol.log"
-    fake_slurm(tmp_path / "bin", log)
-    env = slurm_env(tmp_path, "4242", "cifar", tiny_betons)
-    job = ["bash", str(ROOT / "slurm" / "train.sh"), *RESUME]
-    t0 = time.time()
-    p = start(job, env, cwd=tmp_path)
-    read_until(p, "epoch   1 train loss")
-    p.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 does: only the batch shell gets it
-    out = finish(p)
-    assert p.returncode == 0, out
-    assert "requeueing job 4242" in out and "scontrol requeue 4242" in log.read_text()
-    run_dir = tmp_path / "runs" / "cifar-4242"  # derived from the job id: stable across requeues
-    assert load(run_dir / "last.pt")["epoch"] >= 1
-    out = run(job, env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=tmp_path).stdout  # the requeued job
-    assert "restart 1" in out and "resumed from" in out
-    assert log.read_text().count("requeue") == 1
-    assert_same_run(reference_2rank, run_dir)
-    print(f"slurm simulation: {time.time() - t0:.1f} s")
-
-
-def test_scancel_checkpoints_and_does_not_requeue(tiny_betons, tmp_path):
-    """scancel sends TERM (to the batch shell as well as to the job's steps): the run checkpoints and
-    the job ends. Only USR1, the time-limit warning, requeues (the test above)."""
-    log = tmp_path / "scontrol.log"
-    fake_slurm(tmp_path / "bin", log)
-    env = {**slurm_env(tmp_path, "77", "cancel", tiny_betons), "GPUS_PER_NODE": "1"}
-    job = ["bash", str(ROOT / "slurm" / "train.sh"), *RESUME, "train.epochs=40"]
-    p = start(job, env, cwd=tmp_path)
-    read_until(p, "epoch   1 train loss")
-    p.send_signal(signal.SIGTERM)
-    out = finish(p)
-    assert p.returncode == 143 and "cancelled or preempted" in out and "not requeueing" in out, out
-    assert "requeue" not in log.read_text()
-    assert 1 <= load(tmp_path / "runs" / "cancel-77" / "last.pt")["epoch"] < 40
 
 
 def test_shellcheck_is_clean_on_every_launch_script():

@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,9 @@ def _sbin(name: str) -> str | None:
 class Cluster:
     def __init__(self, root: Path):
         self.root = root
-        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+        # jobs run this interpreter's python and torchrun, as a user's job runs its activated environment's
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"), "PATH": path}
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         p = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=60)
@@ -61,6 +64,18 @@ class Cluster:
         """The job's record (JobState, Restarts, ExitCode, ...), as `scontrol show job` gives it."""
         out = self.run("scontrol", "-o", "show", "job", job_id, check=False).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def await_file(self, job_id: str, ready, what: str, timeout: float = 300) -> None:
+        """Wait until `ready()` (a file the job writes, a line in its output); fail at once, with the job's
+        record, if the job ends first."""
+        deadline = time.time() + timeout
+        while not ready():
+            rec = self.job(job_id)
+            if ended(rec) or time.time() > deadline:
+                out = Path(rec.get("StdOut", "/nonexistent"))
+                raise AssertionError(f"job {job_id} never got to {what}: {rec.get('JobState')}, exit "
+                                     f"{rec.get('ExitCode')}; its output:\n" + (out.read_text()[-2000:] if out.is_file() else ""))
+            time.sleep(0.3)
 
     def wait(self, job_id: str, until, timeout: float = 300, what: str = "") -> dict[str, str]:
         deadline = time.time() + timeout

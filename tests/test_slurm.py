@@ -54,13 +54,8 @@ def submit_train(slurm, tmp_path, tiny_betons, name: str, *args: str) -> str:
                         env=env, cwd=tmp_path)
 
 
-def await_text(path: Path, text: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"'{text}' never appeared in {path}:\n" + (path.read_text()[-3000:] if path.exists() else ""))
+def output_has(path: Path, text: str):
+    return lambda: path.exists() and text in path.read_text(errors="replace")
 
 
 def test_slurm_script_checkpoints_requeues_and_resumes(slurm, tiny_betons, reference_2rank, tmp_path):
@@ -70,7 +65,7 @@ def test_slurm_script_checkpoints_requeues_and_resumes(slurm, tiny_betons, refer
     t0 = time.time()
     job = submit_train(slurm, tmp_path, tiny_betons, "cifar")
     out = tmp_path / f"slurm-cifar-{job}.out"
-    await_text(out, "epoch   1 train loss")
+    slurm.await_file(job, output_has(out, "epoch   1 train loss"), "epoch 1")
     slurm.run("scancel", "-s", "USR1", "-b", job)
     slurm.requeued(job)
     rec = slurm.wait(job, ended, what="the end of the requeued job")
@@ -86,10 +81,10 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm, tiny_betons, tmp_path):
     the ranks checkpoint and the job ends, cancelled. Only USR1, the time-limit warning, requeues."""
     job = submit_train(slurm, tmp_path, tiny_betons, "cancel", "train.epochs=40")
     out = tmp_path / f"slurm-cancel-{job}.out"
-    await_text(out, "epoch   1 train loss")
+    slurm.await_file(job, output_has(out, "epoch   1 train loss"), "epoch 1")
     slurm.run("scancel", job)
     rec = slurm.wait(job, ended)
-    await_text(out, "not requeueing", timeout=60)
+    assert "not requeueing" in out.read_text(), out.read_text()
     assert rec["JobState"] == "CANCELLED" and rec["Restarts"] == "0", rec
     assert 1 <= load(tmp_path / "runs" / f"cancel-{job}" / "last.pt")["epoch"] < 40
 
@@ -101,13 +96,6 @@ def submit_sweep(slurm, tmp_path, tiny_betons, study: str) -> str:
     return slurm.sbatch(ROOT / "slurm" / "sweep.sh", "--trials", "1", "--sampler", "grid", "--space",
                         "optim.lr=[0.4]", *SWEEP, "train.epochs=4", options=(f"--job-name={study}",), env=env,
                         cwd=tmp_path)
-
-
-def await_file(path: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.3)
 
 
 def job_output(folder: Path, study: str) -> str:
@@ -128,7 +116,7 @@ def test_slurm_sweep_task_stops_requeues_and_resumes_its_trial(slurm, tiny_beton
     counted once."""
     job = submit_sweep(slurm, tmp_path, tiny_betons, "sw")
     trial = tmp_path / "sweeps" / "sw" / "trial-0000"
-    await_file(trial / "ckpt-00000008.pt")  # epoch 1 is checkpointed
+    slurm.await_file(job, (trial / "ckpt-00000008.pt").exists, "epoch 1's checkpoint")
     slurm.run("scancel", "-s", "USR1", "-b", job)
     slurm.requeued(job)
     rec = slurm.wait(job, ended, what="the end of the requeued task")
@@ -152,13 +140,13 @@ def test_scancel_queues_the_trial_and_a_hard_killed_worker_leaves_it_to_the_next
     resumes it from its checkpoint to the end."""
     sweep_dir, trial = tmp_path / "sweeps" / "hk", tmp_path / "sweeps" / "hk" / "trial-0000"
     job = submit_sweep(slurm, tmp_path, tiny_betons, "hk")
-    await_file(trial / "ckpt-00000008.pt")
+    slurm.await_file(job, (trial / "ckpt-00000008.pt").exists, "epoch 1's checkpoint")
     slurm.run("scancel", job)
     rec = slurm.wait(job, ended)
     assert rec["JobState"] == "CANCELLED" and rec["Restarts"] == "0", rec
     assert trial_states(sweep_dir, "hk") == [("FAIL", "trial-0000", "interrupted"), ("WAITING", "", "")]
     job = submit_sweep(slurm, tmp_path, tiny_betons, "hk")  # another task of the study, or the same one again
-    await_file(trial / "ckpt-00000016.pt")  # resumed, and on
+    slurm.await_file(job, (trial / "ckpt-00000016.pt").exists, "epoch 2's checkpoint")  # resumed, and on
     worker = json.loads((trial / "worker.json").read_text())["pid"]  # the sweep process that watches the trial
     os.killpg(os.getpgid(worker), signal.SIGKILL)
     assert slurm.wait(job, ended)["JobState"] == "FAILED"

@@ -89,7 +89,8 @@ def link_atomic(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -107,7 +108,7 @@ def clean_stale_tmp(folder: str | Path) -> list[Path]:
     removed = []
     for p in folder.iterdir():
         m = TMP.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -24,13 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sbin(name: str) -> str | None:
@@ -157,7 +153,7 @@ def cluster():
     shutil.copy("/etc/munge/munge.key", root / "munge.key")
     os.chmod(root / "munge.key", 0o400)
     host = socket.gethostname().split(".")[0]
-    (root / "slurm.conf").write_text(CONF.format(host=host, root=root, ctld_port=_port(), d_port=_port(),
+    (root / "slurm.conf").write_text(CONF.format(host=host, root=root, ctld_port=free_port(), d_port=free_port(),
                                                  cpus=os.cpu_count() or 2))
     procs: list[subprocess.Popen] = []
     c = Cluster(root)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import rundir
 from ..config import Config, Pipeline
 from ..distributed import EXIT_BAD_INPUT, EXIT_DIVERGED, STOP_SIGNALS, stop_signals_blocked
-from ..fileio import write_json
+from ..fileio import alive, write_json
 
 _forkserver = None
 
@@ -124,16 +124,6 @@ def renew_lease(run_dir: Path) -> None:
     write_json(run_dir / LEASE, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale(run_dir: Path, grace: float, started: float) -> str | None:
     """Why the worker of a RUNNING trial is gone (None while it lives): its process ended on this host,
     or its lease is older than `grace` seconds (or was never written, `grace` after the trial started)."""
@@ -142,7 +132,7 @@ def stale(run_dir: Path, grace: float, started: float) -> str | None:
     except (OSError, json.JSONDecodeError):
         return f"no worker has watched it since it started, {time.time() - started:.0f} s ago" \
             if time.time() - started > grace else None
-    if lease["host"] == socket.gethostname() and not _alive(lease["pid"]):
+    if lease["host"] == socket.gethostname() and not alive(lease["pid"]):
         return f"its worker (pid {lease['pid']} on {lease['host']}) is gone"
     age = time.time() - lease["time"]
     return f"its worker ({lease['host']}, pid {lease['pid']}) last renewed its lease {age:.0f} s ago" \

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import zipfile
@@ -120,6 +121,14 @@ def candidates(run_dir: Path) -> list[Path]:
             seen.add((st.st_dev, st.st_ino))
             out.append(p)
     return out
+
+
+def adopt(path: Path, run_dir: Path) -> None:
+    """Point last.pt at `path`, the checkpoint a run resumed from, if it is not already: then a run that
+    ends without saving again (it was already finished) leaves last.pt at its real end."""
+    last = run_dir / "last.pt"
+    if path.name != last.name and not (last.exists() and os.path.samefile(path, last)):
+        link_atomic(path, last)
 
 
 def load_latest(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Path, dict, list[str]] | None:

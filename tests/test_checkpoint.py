@@ -107,7 +107,9 @@ def test_resume_prefers_a_newer_checkpoint_to_last_pt(tmp_path):
     save_atomic({"format_version": FORMAT_VERSION, **state(20)}, tmp_path / "ckpt-00000020.pt")  # written, never linked
     path, st, notes = load_latest(tmp_path)
     assert path.name == "ckpt-00000020.pt" and st["step"] == 20 and not notes
-    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "ckpt-00000010.pt")
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "ckpt-00000010.pt")  # loading changes nothing
+    checkpoint.adopt(path, tmp_path)  # what the resuming run's rank 0 does
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "ckpt-00000020.pt")
 
 
 def test_a_kill_leaves_no_torn_file_and_stale_temp_files_are_cleaned(tmp_path):

@@ -180,6 +180,8 @@ class Checkpointer:
         for part in self.parts:
             part.load_state_dict(state, str(path))
         if not quiet:
+            if self.is_main:  # a kill between a save and its link left last.pt behind the file resumed from
+                checkpoint.adopt(path, self.run_dir)
             pos = self.state.position
             inside = f", step {pos['step']} of epoch {self.state.epoch + 1}" if pos else ""
             self.say(f"resumed from {path} at epoch {self.state.epoch}{inside} (global step {self.state.step})")

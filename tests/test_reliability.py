@@ -386,6 +386,7 @@ def test_a_second_trainer_in_a_run_folder_in_use_stops_and_writes_nothing(tiny_b
 # ---------------------------------------------------------------- bad input: one line, exit 2
 @pytest.mark.parametrize("bad, message", [
     ("train.seed=-1", "'train.seed': -1; it must be >= 0"),
+    ("adv.eval_every=-1", "'adv.eval_every': -1; it must be >= 0 (0 = at the end only)"),
     ("optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
     ("train.device=cuda", "train.device=cuda but CUDA is not available here; use train.device=cpu"),
 ])

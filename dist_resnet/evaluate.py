@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
 from . import distributed, plot
 from .attacks import RobustEval
 from .checkpoint import CheckpointError
@@ -57,8 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = placed(mf, trained, cfg, len(classes), env.device)
         mean, std = mf.mean or betons.manifest["mean"], mf.std or betons.manifest["std"]  # the checkpoint's
         check_partition(env.world_size, betons.count("test"), "test")
-        dtype = torch.float32 if cfg.data.fp32_input else amp.dtype  # normalised as training normalised
-        feed = Feed(env.device, dtype, cfg.model.channels_last, mean, std, env.rank, env.world_size, env.threads)
+        feed = Feed(env.device, amp.input_dtype(cfg.data.fp32_input), cfg.model.channels_last, mean, std, env.rank, env.world_size, env.threads)
         data = TestData(betons, cfg.data, feed, max(1, cfg.train.batch_size // env.world_size))
         a = cfg.adv
         attack = None if args.attack == "none" else RobustEval(  # the random starts of training's evaluation

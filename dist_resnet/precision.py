@@ -36,6 +36,11 @@ class Amp:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
 
+    def input_dtype(self, fp32_input: bool) -> torch.dtype:
+        """What images are normalised in and handed to the model: the AMP dtype, or fp32 with
+        `data.fp32_input`. Training, evaluate and predict all take it from here."""
+        return torch.float32 if fp32_input else self.dtype
+
     @property
     def enabled(self) -> bool:
         return self.precision != Precision.fp32

@@ -69,7 +69,7 @@ class TorchModel:
         self.classes, self.size = mf.classes, tuple(mf.image_shape or (32, 32))
         self.device, self.cl = device, cfg.model.channels_last
         self.amp = Amp.on(cfg.train.precision, device)
-        self.dtype = torch.float32 if cfg.data.fp32_input else self.amp.dtype  # normalised as training normalised
+        self.dtype = self.amp.input_dtype(cfg.data.fp32_input)  # normalised as training normalised
         self.model = placed(mf, trained, cfg, len(mf.classes), device)
         self.normalize = Normalize(mf.mean, mf.std, device, self.dtype)
         self.batch_size = cfg.train.batch_size

@@ -108,7 +108,7 @@ def normalization(cfg: Config, betons: Betons, pretrained: files.ModelFile | Non
 
 def make_feed(cfg: Config, env: DistEnv, amp: Amp, mean: list[float], std: list[float]) -> Feed:
     """How the loaders hand batches over: in the AMP dtype (fp32 with data.fp32_input), on this rank."""
-    return Feed(env.device, torch.float32 if cfg.data.fp32_input else amp.dtype, cfg.model.channels_last, mean,
+    return Feed(env.device, amp.input_dtype(cfg.data.fp32_input), cfg.model.channels_last, mean,
                 std, env.rank, env.world_size, env.threads)
 
 

@@ -39,20 +39,21 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
         t = self.cfg.train
-        if self.state.finished:
-            self.report.say(f"{self.cfg.run.dir} already finished its {t.epochs} epochs: nothing to train")
+        if self.done:
+            self.report.say(f"{self.cfg.run.dir} already finished ({self.state.epoch} of {t.epochs} epochs): "
+                            "nothing to train")
             return self.finish()
         self.report.say(f"{self.cfg.model.name} on {self.env.device} x{self.env.world_size} ({self.precision}), "
                         f"global batch {t.batch_size}, {len(self.data)} steps/epoch, "
                         f"epochs {self.state.epoch + 1}..{t.epochs}")
         self.warmup(self.state)
         try:
-            while not self.state.finished:
+            while not self.done:
                 record = self.guarded_epoch()
                 if record is None:  # stop requested: the checkpoint holds the position inside the epoch
                     return self.finish(stopped=True)
                 self.end_epoch(record)
-                if not self.state.finished and self.stop.agreed(self.env.control_group):
+                if not self.done and self.stop.agreed(self.env.control_group):
                     self.report.say(f"stopped ({self.stop.reason}) after epoch {self.state.epoch}; "
                                     "resume with train.resume=true")
                     return self.finish(stopped=True)
@@ -123,6 +124,8 @@ class Trainer:
         self.state.history.append(record)
         self.report.epoch(record, self.summary())
         self.checkpointer.save(links)
+        if self.evaluator.monitor.stopped:
+            self.report.say(self.evaluator.monitor.explain())
 
     # ---------------------------------------------------------------- the end
     def fail(self, d: Diverged) -> None:
@@ -147,6 +150,11 @@ class Trainer:
         facts = {"precision": self.precision, **self.nonfinite.summary(), **self.evaluator.summary(),
                  **self.clock.summary()}
         return {**self.report.summary(self.state.history, facts), "stopped": stopped}
+
+    @property
+    def done(self) -> bool:
+        """All epochs trained, or stopped early (train.early_stop_patience)."""
+        return self.state.finished or self.evaluator.monitor.stopped
 
     @property
     def precision(self) -> str:

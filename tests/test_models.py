@@ -124,3 +124,49 @@ def test_the_whitening_bias_freezes_by_a_forward_flag_and_the_stem_runs_in_fp32(
         assert model.stem(x.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="model.norm=batch"):
         build_model("fastnet", norm="group")
+
+
+@pytest.mark.parametrize("name, blocks", [("resnet18", 8), ("preact_resnet18", 8), ("resnet50", 16), ("resnet9", 2),
+                                          ("tv_resnet18", 8), ("tv_resnet50", 16)])
+def test_drop_path_rises_with_depth_acts_in_training_only_and_keeps_the_keys(name, blocks):
+    from dist_resnet.models import regularize
+    from dist_resnet.models.layers import DropPath
+
+    torch.manual_seed(0)
+    plain = build_model(name, 10, 8 if not name.startswith("tv_") else 64)
+    model = build_model(name, 10, 8 if not name.startswith("tv_") else 64)
+    model.load_state_dict(plain.state_dict())
+    rates = regularize(model, 0.5, 0.3)
+    assert len(rates) == blocks and rates[0] == 0 and rates[-1] == pytest.approx(0.3)
+    assert rates == sorted(rates) and len([m for m in model.modules() if isinstance(m, DropPath)]) == blocks
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(8, 3, 32, 32)
+    plain.eval(), model.eval()
+    assert torch.equal(model(x), plain(x))  # evaluation: neither dropout nor drop-path acts
+    model.train()
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(model(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])  # seeded by torch's generator
+
+
+def test_drop_path_drops_whole_branches_per_sample():
+    from dist_resnet.models.layers import DropPath
+
+    torch.manual_seed(0)
+    out = DropPath(0.25).train()(torch.ones(4000, 3, 2, 2))
+    kept = out[:, 0, 0, 0]
+    assert kept.unique().tolist() == [0.0, pytest.approx(4 / 3)] and (out == kept.view(-1, 1, 1, 1)).all()
+    assert abs((kept == 0).float().mean().item() - 0.25) < 0.03  # the rate, and the mean kept at 1
+
+
+def test_drop_path_needs_residual_branches():
+    from dist_resnet.config import ConfigError, load_config
+    from dist_resnet.models import regularize
+
+    with pytest.raises(ConfigError, match="model.name=fastnet has none: use model.dropout, or model.residual=true"):
+        load_config(None, ["model.name=fastnet", "model.drop_path=0.1", "data.dir=x", "run.dir=y"])
+    load_config(None, ["model.name=fastnet", "model.residual=true", "model.drop_path=0.1", "data.dir=x", "run.dir=y"])
+    with pytest.raises(ValueError, match="FastNet has no residual branches"):
+        regularize(build_model("fastnet", 10, 8), 0.0, 0.1)

@@ -68,7 +68,7 @@ def test_the_checkpoint_keeps_its_keys_and_format(cpu_run):
 
     keys = ["format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc",
             "history", "ema", "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data",
-            "classes", "normalize", "image_shape"]
+            "classes", "normalize", "image_shape", "monitor"]  # monitor: added with early stopping
     assert FORMAT_VERSION == 1 and list(KEYS) == keys[1:]
     ckpt = load(cpu_run[0] / "last.pt")
     assert list(ckpt) == keys and ckpt["ema"] is None and ckpt["lookahead"] is None and ckpt["rollbacks"] == []

@@ -33,14 +33,18 @@ RULES: list[Rule] = [
                            "train.batch_size", "train.accum_steps", "train.eval_every", "train.log_every",
                            "train.stop_check_every", "train.keep_last", "adv.steps", "adv.eval_steps",
                            "adv.eval_restarts", "adv.check_steps")),
+    (at_least(0), ">= 0 (0 = off)", ("data.mixup_alpha", "data.cutmix_alpha")),
+    (within(0, 1), "in [0, 1]", ("data.mix_prob", "data.switch_prob")),
     (at_least(0), ">= 0", ("data.val_seed", "data.translate", "optim.momentum", "optim.weight_decay",
-                           "train.seed", "train.max_rollbacks")),
+                           "train.seed", "train.max_rollbacks", "train.early_stop_min_delta")),
     (at_least(0), ">= 0 (0 = off)", ("data.resize", "data.cutout", "model.whiten_bias_epochs",
                                      "optim.lookahead_every", "train.eval_test_every", "train.max_steps",
-                                     "train.loss_scale", "train.warmup_steps", "adv.check_images")),
+                                     "train.loss_scale", "train.warmup_steps", "adv.check_images",
+                                     "train.early_stop_patience")),
     (above(0), "> 0", ("optim.lr", "optim.head_lr_scale", "optim.norm_bias_lr_scale", "train.timeout_s",
                        "adv.eval_alpha")),
-    (within(0, 1, hi_open=True), "in [0, 1)", ("data.val_fraction", "optim.label_smoothing")),
+    (within(0, 1, hi_open=True), "in [0, 1)", ("data.val_fraction", "optim.label_smoothing", "model.dropout",
+                                               "model.drop_path")),
     (within(0, 1, True, True), "in (0, 1)", ("optim.lookahead_decay", "train.ema_decay")),
     (within(0, 1), "in [0, 1] (a factor of optim.lr)", ("optim.lr_start", "optim.lr_end")),
     (within(0, 1, lo_open=True), "in (0, 1] (1 = off)", ("optim.layer_decay",)),
@@ -74,6 +78,9 @@ def check_model(m: ModelConfig) -> None:
     if m.pretrained == "torchvision" and not m.name.startswith("tv_"):
         raise ConfigError(f"model.pretrained=torchvision needs a torchvision model (tv_resnet18, tv_resnet34, "
                           f"tv_resnet50), not model.name={m.name}; pass a weights file instead")
+    if m.drop_path and not models.has_residual_branches(m.name, m.residual):
+        raise ConfigError(f"model.drop_path={m.drop_path:g} drops residual branches, and model.name={m.name} has none: "
+                          "use model.dropout, or model.residual=true (fastnet with a residual in each stage)")
     if m.name != "fastnet" and (m.residual or m.whiten_bias_epochs):
         raise ConfigError(f"model.residual and model.whiten_bias_epochs apply to model.name=fastnet, not {m.name}")
 
@@ -93,6 +100,18 @@ def check_adv(a: AdvConfig) -> None:
     _apply("adv", a)
 
 
+def check_across(cfg: Config) -> None:
+    """The checks that relate keys of two sections."""
+    t, d = cfg.train, cfg.data
+    if (d.mixup_alpha or d.cutmix_alpha) and t.adversarial.value != "none":
+        raise ConfigError(f"Mixup/CutMix (data.mixup_alpha, data.cutmix_alpha) and train.adversarial="
+                          f"{t.adversarial.value} do not combine here: the attack is made against one label per "
+                          "image, not a mixed one; train with one of them")
+    if t.early_stop_patience and not cfg.data.val_fraction:
+        raise ConfigError(f"train.early_stop_patience={t.early_stop_patience} needs a validation split to watch "
+                          "(early stopping never looks at the test set): set data.val_fraction, e.g. 0.1")
+
+
 def check(cfg: Config) -> None:
     """Every section's values; ConfigError naming the first bad key, its value and what it must be."""
     check_model(cfg.model)
@@ -100,3 +119,4 @@ def check(cfg: Config) -> None:
     check_optim(cfg.optim)
     check_train(cfg.train)
     check_adv(cfg.adv)
+    check_across(cfg)

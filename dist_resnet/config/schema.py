@@ -75,6 +75,11 @@ class AdvInit(str, Enum):
     zero = "zero"
 
 
+class Monitored(str, Enum):
+    val_acc = "val_acc"  # validation accuracy, higher is better
+    val_loss = "val_loss"  # validation loss, lower is better
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -93,6 +98,10 @@ class DataConfig:
     translate_pad: Pad = Pad.zeros  # what a translation shifts in: zeros (the mean) or the mirrored border
     flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
     cutout: int = 0  # side of a square (cutout x cutout, clipped at the border) zeroed at a random centre; 0 = off
+    mixup_alpha: float = 0.0  # Mixup: lam ~ Beta(alpha, alpha), per batch (timm --mixup; 0.8 is timm's usual); 0 = off
+    cutmix_alpha: float = 0.0  # CutMix: a box of 1 - lam of the image from its partner (timm --cutmix; 1.0 usual); 0 = off
+    mix_prob: float = 1.0  # the share of steps that mix (with Mixup or CutMix on)
+    switch_prob: float = 0.5  # with both on: the share of mixing steps that use CutMix rather than Mixup
     verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
     resize: int = 0  # upsample every batch to resize x resize on the device before the model; 0 = off
     normalize: Normalization = Normalization.auto  # whose mean/std the inputs are normalised with
@@ -113,6 +122,8 @@ class ModelConfig:
     pretrained: str = ""  # start from: our .pt checkpoint, a torchvision .pth, a .safetensors, or "torchvision"
     freeze: str = "none"  # none | backbone (a linear probe) | a stage name: it and every stage before it
     residual: bool = False  # fastnet: a residual around each stage's second conv (airbench's stage has none)
+    dropout: float = 0.0  # dropout before the classifier, in training only (timm --drop); 0 = off
+    drop_path: float = 0.0  # stochastic depth: the last residual block's drop rate, rising linearly from 0 (timm --drop-path)
     whiten_bias_epochs: int = 0  # fastnet: train the whitening bias this many epochs, then freeze it; 0 = always
 
 
@@ -160,6 +171,9 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels where torch has them (slower); sets CUBLAS_WORKSPACE_CONFIG
     loss_scale: float = 0.0  # fp16: 0 = dynamic (GradScaler, one host sync per step); > 0 = this fixed scale, no sync
     warmup_steps: int = 0  # untimed steps on throw-away data first (compile, autotune); the state is restored exactly
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement (needs data.val_fraction); 0 = off
+    early_stop_min_delta: float = 0.0  # an improvement smaller than this counts as none
+    early_stop_monitor: Monitored = Monitored.val_acc  # what early stopping and best.pt watch: val_acc | val_loss
     adversarial: Adversarial = Adversarial.none  # train on adversarial examples (adv.*): none | fgsm | pgd
     eval_attack: EvalAttack = EvalAttack.none  # also report accuracy under PGD (adv.eval_*) at each test evaluation
 

@@ -26,16 +26,19 @@ from ..config import Adversarial, Config, ConfigError, EvalAttack, NonFinite, No
 from ..data.augment import derive_seed
 from ..data.loader import Feed, TestData, TrainData, check_partition
 from ..data.manifest import Betons
+from ..data.mix import Mixer, no_mix
 from ..data.split import split_indices
 from ..distributed import DistEnv, StopRequest
-from ..models import build_model, check_input, files, freeze, to_device, with_input
+from ..models import build_model, check_input, files, freeze, regularize, to_device, with_input
 from ..optim import EMA, Lookahead, build_optimizer, build_scheduler
 from ..precision import Amp
 from .evaluation import Evaluator, NoRobustnessCheck, RobustnessCheck
+from .monitor import Monitor
 from .report import Clock, Report
 from .state import (Checkpointer, Keyed, ModelWeights, RollbackOnNonFinite, RunState, StopOnNonFinite,
                     agreed_checkpoint, find_resume_point)
-from .step import DynamicLossScale, EMAHook, FixedLossScale, LookaheadHook, NoLossScale, Step, no_attack
+from .step import (DynamicLossScale, EMAHook, FixedLossScale, LookaheadHook, NoLossScale, Step, StepSeed, no_attack,
+                   unseeded)
 from .warmup import TrainMode, WarmUp, WhitenBias, no_warm_up
 
 WHITENING_IMAGES = 5000  # train images that fit a model's data-dependent first layer (fastnet)
@@ -52,6 +55,12 @@ def runtime_checks(cfg: Config, env: DistEnv) -> Amp:
         raise ConfigError(f"train.batch_size={t.batch_size} (global) does not divide by the world size "
                           f"{env.world_size} x train.accum_steps {t.accum_steps}; use a multiple of "
                           f"{env.world_size * t.accum_steps}")
+    mixing = cfg.data.mixup_alpha or cfg.data.cutmix_alpha
+    if mixing and t.batch_size // (env.world_size * t.accum_steps) % 2:
+        raise ConfigError(f"Mixup/CutMix mixes each image with its neighbour, so every micro-batch must be even; "
+                          f"train.batch_size={t.batch_size} over {env.world_size} ranks x train.accum_steps "
+                          f"{t.accum_steps} gives {t.batch_size // (env.world_size * t.accum_steps)}: use a multiple "
+                          f"of {2 * env.world_size * t.accum_steps}")
     if cfg.model.sync_bn and env.distributed and not cuda:
         raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); "
                           "on CPU use model.norm=group for batch-independent normalisation")
@@ -171,6 +180,7 @@ def model_chain(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.Mod
     """pretrained -> (SyncBN) -> freeze -> device, channels_last -> a data-dependent first layer's fit."""
     m = cfg.model
     model = build_model(m.name, len(betons.classes), m.width, m.norm.value, m.residual)
+    regularize(model, m.dropout, m.drop_path)
     loaded = None
     if pretrained is not None:
         loaded = files.load_pretrained(model, pretrained, betons.classes)
@@ -272,7 +282,11 @@ def optimisation(cfg: Config, env: DistEnv, amp: Amp, model: nn.Module, forward:
         hooks.append(LookaheadHook(Lookahead(model, o.lookahead_decay, o.lookahead_every, state.total_steps),
                                    state.total_steps))
     adversary, robust, check = attacks(cfg, env, mean, std, scale.scale)
-    step = Step(ddp, forward, criterion, optimizer, scheduler, scale, adversary, hooks, amp, env.distributed)
+    seed = StepSeed(t.seed, env.rank) if cfg.model.dropout or cfg.model.drop_path else unseeded
+    d = cfg.data
+    mix = (Mixer(d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.switch_prob, t.seed)
+           if d.mixup_alpha or d.cutmix_alpha else no_mix)
+    step = Step(ddp, forward, criterion, optimizer, scheduler, scale, adversary, hooks, amp, env.distributed, seed, mix)
     return step, ema, robust, check
 
 
@@ -292,7 +306,7 @@ def evaluation(cfg: Config, amp: Amp, model: nn.Module, forward: nn.Module, ema:
     averages = [("ema", with_input(ema.module, cfg.data.resize))] if ema is not None else []
     buffers = [model] + ([ema.module] if ema is not None else [])
     return Evaluator(forward, buffers, averages, data.val, data.test, amp, t.tta, robust, check, t.epochs,
-                     t.eval_every, t.eval_test_every, cfg.adv.eval_every)
+                     t.eval_every, t.eval_test_every, cfg.adv.eval_every, Monitor.from_config(cfg, data.val is not None))
 
 
 def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], std: list[float], model: nn.Module,

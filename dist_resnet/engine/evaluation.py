@@ -20,6 +20,7 @@ from ..data.loader import TestData
 from ..distributed import all_reduce_sum, broadcast_buffers
 from ..faults import fault_point
 from ..precision import Amp
+from .monitor import Monitor
 
 
 def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Tensor:
@@ -84,17 +85,17 @@ def with_rank0_buffers(modules: list[nn.Module]) -> None:
 class Evaluator:
     """The evaluations after an epoch: the raw model (its test split under `robust` too) and any
     averaged copy (EMA: `ema_*` keys), on the validation split and/or the test set as they are due.
-    It owns the model selection: `best.pt` is the best by validation accuracy, or by test accuracy
-    without a validation split (selection never sees test when there is one)."""
+    Its `monitor` selects the model (`best.pt`) and stops the run early (dist_resnet.engine.monitor); an
+    early stop evaluates the test set at once, as the run's end would."""
 
     def __init__(self, forward: nn.Module, buffers: list[nn.Module], averages: list[tuple[str, nn.Module]],
                  val: TestData | None, test: TestData, amp: Amp, tta: TTA, robust: RobustEval | None,
-                 check: "RobustnessCheck", epochs: int, every: int, test_every: int, robust_every: int = 1):
+                 check: "RobustnessCheck", epochs: int, every: int, test_every: int, robust_every: int = 1,
+                 monitor: Monitor | None = None):
         self.forward, self.buffers, self.averages = forward, buffers, averages
         self.val, self.test, self.amp, self.tta, self.robust, self.check = val, test, amp, tta, robust, check
         self.epochs, self.every, self.test_every, self.robust_every = epochs, every, test_every, robust_every
-        self.monitor = "val_acc" if val is not None else "test_acc"
-        self.best_acc = -1.0
+        self.monitor = monitor or Monitor("val_acc" if val is not None else "test_acc")
         self.confusion: list[list[int]] | None = None  # of the last test evaluation: per_class.json at the end
 
     def due(self, epoch: int) -> tuple[bool, bool]:
@@ -127,25 +128,27 @@ class Evaluator:
     def after_epoch(self, record: dict, epoch: int) -> list[str]:
         """Evaluate what is due into `record` (with its time); the links the new checkpoint gets."""
         val, test = self.due(epoch)
+        robust = epoch == self.epochs or bool(self.robust_every and epoch % self.robust_every == 0)
+        t0 = time.perf_counter()
         if val or test:
-            t0 = time.perf_counter()
-            record.update(self.run(val, test, epoch == self.epochs or bool(self.robust_every and
-                                                                          epoch % self.robust_every == 0)))
+            record.update(self.run(val, test, robust))
+        improved = self.monitor.update(record, epoch)
+        if self.monitor.stopped and "test_acc" not in record:  # the run ends here: its final test evaluation
+            record.update(self.run(False, True, True))
+        if "test_acc" in record or "val_acc" in record:
             record["eval_time_s"] = time.perf_counter() - t0  # run() ends in a host sync
         links = self.check.after_epoch(record, epoch)
-        value = record.get(self.monitor, -1.0)
-        links += ["best.pt"] if value > self.best_acc else []
-        self.best_acc = max(self.best_acc, value)
-        return links
+        return links + (["best.pt"] if improved else [])
 
     def summary(self) -> dict:
-        return {"robust_eval": self.robust.describe() if self.robust is not None else None, **self.check.summary()}
+        return {"robust_eval": self.robust.describe() if self.robust is not None else None, **self.check.summary(),
+                **self.monitor.summary()}
 
     def state_dict(self) -> dict:
-        return {"best_acc": self.best_acc}
+        return self.monitor.state_dict()
 
     def load_state_dict(self, state: dict, source: str = "") -> None:
-        self.best_acc = state["best_acc"]
+        self.monitor.load_state_dict(state, source)
 
 
 class RobustnessCheck:

@@ -180,7 +180,8 @@ class Report:
         return {
             "model": self.cfg.model.name, "world_size": self.env.world_size,
             "global_batch_size": self.cfg.train.batch_size, "device": self.device_name,
-            "precision": facts["precision"], "epochs": len(history), "completed": len(history) == self.cfg.train.epochs,
+            "precision": facts["precision"], "epochs": len(history),
+            "completed": len(history) == self.cfg.train.epochs or facts["stopped_early"],
             "stopped": False, "failure": facts["failure"], "rollbacks": facts["rollbacks"],
             "test_acc": last(evals, "test_acc"), "test_count": last(evals, "test_count"),
             "best_test_acc": max((r["test_acc"] for r in evals), default=None),
@@ -196,6 +197,7 @@ class Report:
             "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in history),
             "steady_img_per_s": (sum(r["img_per_s"] for r in history[1:]) / (len(history) - 1)
                                  if len(history) > 1 else None),
+            **{k: facts[k] for k in ("monitor", "monitor_best", "monitor_best_epoch", "stopped_early", "stop_epoch")},
             "history": history,
         }
 

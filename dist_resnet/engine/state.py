@@ -25,7 +25,7 @@ from ..models import load_weights
 
 KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc", "history", "ema",
         "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data", "classes", "normalize",
-        "image_shape")
+        "image_shape", "monitor")  # monitor: since early stopping; older checkpoints, without it, resume too
 OPTIONAL = {"ema": None, "lookahead": None}  # features a run may not have: None in its checkpoints
 
 

@@ -3,6 +3,9 @@
 - the loss scale: none (bf16, fp32), a fixed one (`train.loss_scale`, no host sync) or torch's dynamic
   GradScaler (fp16: skips a step whose gradients overflowed, one host sync per step);
 - the adversary (`train.adversarial`), or the identity;
+- Mixup/CutMix (`data.mixup_alpha`, `data.cutmix_alpha`: dist_resnet.data.mix), or none; with it the
+  targets own the loss and the label train accuracy counts;
+- the reseeding of torch's generator for dropout and drop-path (`model.dropout`, `model.drop_path`), or none;
 - the after-step hooks, in order: EMA, then lookahead. They, and the LR schedule, count applied steps
   only: a step the loss scale skips advances none of them.
 
@@ -16,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data.augment import derive_seed
+from ..data.mix import no_mix
 from ..optim import EMA, Lookahead
 from ..precision import Amp
 
@@ -84,6 +89,22 @@ def no_attack(forward: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, m
     return x
 
 
+def unseeded(step: int, micro: int) -> None:
+    """A model without random layers: nothing to seed."""
+
+
+class StepSeed:
+    """model.dropout / model.drop_path draw their masks from torch's generator, reseeded before each
+    micro-batch from (train.seed, rank, step, micro-batch): the same seed gives the same masks, and a
+    resumed run draws what the uninterrupted one drew."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, step: int, micro: int) -> None:
+        torch.manual_seed(derive_seed(self.seed, 0xD209, self.rank, step, micro))
+
+
 class EMAHook:
     """train.ema: after every applied step the average moves toward the weights (dist_resnet.optim.EMA)."""
 
@@ -127,10 +148,10 @@ class Step:
 
     def __init__(self, ddp: nn.Module, forward: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, loss_scale: NoLossScale, attack: Callable, hooks: list[Callable], amp: Amp,
-                 distributed: bool):
+                 distributed: bool, seed: Callable[[int, int], None] = unseeded, mix: Callable = no_mix):
         self.ddp, self.forward, self.criterion = ddp, forward, criterion
         self.optimizer, self.scheduler, self.loss_scale = optimizer, scheduler, loss_scale
-        self.attack, self.hooks, self.amp = attack, hooks, amp
+        self.attack, self.hooks, self.amp, self.seed, self.mix = attack, hooks, amp, seed, mix
         self.no_sync = ddp.no_sync if distributed else nullcontext  # all-reduce once, on the last micro-batch
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
@@ -150,14 +171,16 @@ class Step:
         return out
 
     def micro_batch(self, x: torch.Tensor, y: torch.Tensor, step: int, i: int, n: int, out: torch.Tensor) -> None:
+        self.seed(step, i)
         with self.amp.autocast():
             x = self.attack(self.forward, x, y, step, i)  # its gradients are the input's only: no all-reduce
+            x, target = self.mix(x, y, step)
             logits = self.ddp(x)
-            loss = self.criterion(logits, y)
+            loss = target.loss(self.criterion, logits)
         self.loss_scale.scale(loss / n).backward()
         k = y.numel()  # a host int: no host-to-device copy in the hot loop
         out[0] += loss.detach().double() * k
-        out[1] += (logits.detach().argmax(1) == y).sum()
+        out[1] += (logits.detach().argmax(1) == target.label).sum()  # the dominant label of a mixed image
         out[2] += k
 
     def apply(self, step: int) -> None:

@@ -20,10 +20,10 @@ from ..checkpoint import CheckpointError
 from . import torchvision as tv
 from .cifar import BasicBlock, Bottleneck, CifarResNet, PreActResNet, ResNet9
 from .fastnet import FastNet
-from .layers import NORMS, Norm, Residual
+from .layers import NORMS, DropPath, Norm, Residual
 
 __all__ = ["MODELS", "HEAD", "build_model", "check_model", "check_input", "freeze", "load_weights",
-           "parameter_depths", "Resized", "PixelInput", "Residual", "to_device", "with_input"]
+           "parameter_depths", "regularize", "Resized", "PixelInput", "Residual", "to_device", "with_input"]
 
 MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
     "resnet9": lambda classes, width, norm: ResNet9(classes, width, norm),
@@ -89,6 +89,38 @@ def parameter_depths(model: nn.Module) -> tuple[dict[int, int], int]:
     stages = model.stage_modules()
     depth = {id(p): d for d, (_, mods) in enumerate(stages) for m in mods for p in m.parameters()}
     return depth, len(stages)
+
+
+class DroppedLinear(nn.Linear):
+    """The head with dropout on its input (model.dropout), in training only; its keys are nn.Linear's."""
+
+    p = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.dropout(x, self.p, self.training), self.weight, self.bias)
+
+
+def has_residual_branches(name: str, residual: bool = False) -> bool:
+    return name != "fastnet" or residual  # airbench's fastnet stages have none; model.residual adds them
+
+
+def regularize(model: nn.Module, dropout: float, drop_path: float) -> list[float]:
+    """Dropout before the head (`model.dropout`) and stochastic depth on every residual branch
+    (`model.drop_path`), its rate rising linearly with depth from 0 at the first block to `drop_path` at
+    the last (timm's schedule). Neither adds a parameter or acts in eval mode. Returns the blocks' rates;
+    ValueError for a model without residual branches."""
+    if dropout:
+        head = getattr(model, HEAD)
+        head.__class__, head.p = DroppedLinear, dropout
+    if not drop_path:
+        return []
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "drop_path", None), nn.Module)]
+    if not blocks:
+        raise ValueError(f"model.drop_path={drop_path:g}: {type(model).__name__} has no residual branches to drop")
+    rates = [drop_path * i / max(1, len(blocks) - 1) for i in range(len(blocks))]
+    for block, rate in zip(blocks, rates):
+        block.drop_path = DropPath(rate)
+    return rates
 
 
 _frozen_classes: dict[type, type] = {}

@@ -26,13 +26,14 @@ class Block(nn.Module):
         self.body = nn.Sequential(*self.layers(cin, planes, cout, norm, stride))
         self.shortcut = (nn.Identity() if stride == 1 and cin == cout
                          else nn.Sequential(*conv_bn(cin, cout, norm, stride, 1)))
+        self.drop_path = nn.Identity()  # model.drop_path: DropPath on the branch
 
     @staticmethod
     def layers(cin: int, planes: int, cout: int, norm: Norm, stride: int) -> list[nn.Module]:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        return torch.relu(self.drop_path(self.body(x)) + self.shortcut(x))
 
 
 class BasicBlock(Block):
@@ -98,12 +99,13 @@ class PreActBlock(nn.Module):
         self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
         self.norm2, self.conv2 = norm(planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.shortcut = (nn.Conv2d(cin, planes, 1, stride, bias=False) if stride != 1 or cin != planes else None)
+        self.drop_path = nn.Identity()  # model.drop_path: DropPath on the branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        return self.conv2(torch.relu(self.norm2(out))) + skip
+        return self.drop_path(self.conv2(torch.relu(self.norm2(out)))) + skip
 
 
 class PreActResNet(CifarResNet):

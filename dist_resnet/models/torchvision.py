@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 
 from .layers import Norm
@@ -35,11 +36,35 @@ def resnet_class() -> type:
     return TVResNet
 
 
-def build(name: str, num_classes: int, norm: Norm) -> nn.Module:
+@functools.cache
+def block_classes() -> dict[str, type]:
+    """torchvision's BasicBlock and Bottleneck with a `drop_path` on the branch (model.drop_path): the same
+    modules and keys, so torchvision's weights load."""
     from torchvision.models import resnet
 
+    def branch_forward(last: str):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            if last == "bn3":
+                out = self.bn3(self.conv3(self.relu(out)))
+            return self.relu(self.drop_path(out) + identity)
+        return forward
+
+    def init(base: type):
+        def __init__(self, *args, **kwargs):
+            base.__init__(self, *args, **kwargs)
+            self.drop_path = nn.Identity()
+        return __init__
+
+    return {name: type(name, (base,), {"__init__": init(base), "forward": branch_forward(last)})
+            for name, base, last in (("BasicBlock", resnet.BasicBlock, "bn2"), ("Bottleneck", resnet.Bottleneck, "bn3"))}
+
+
+def build(name: str, num_classes: int, norm: Norm) -> nn.Module:
     block, layers, _ = ARCHS[name]
-    return resnet_class()(getattr(resnet, block), layers, num_classes=num_classes, norm_layer=norm)
+    return resnet_class()(block_classes()[block], layers, num_classes=num_classes, norm_layer=norm)
 
 
 def default_weights(name: str):

@@ -4,8 +4,9 @@ written atomically, by rank 0, never from the hot loop.
     python -m dist_resnet.plot RUN_DIR [RUN_DIR ...] --out curves.png     # loss, accuracy, LR vs epoch
     python -m dist_resnet.plot --sweep SWEEP_DIR --out sweep.png          # history, parameter vs val accuracy
 
-- `curves`: train/val/test loss and accuracy and the LR against epoch, from each run's metrics.json;
-  every training run writes its own into run.dir/curves.png at the end.
+- `curves`: the training loss and the LR at every logged step, train accuracy per epoch, validation and
+  test loss and accuracy per evaluation, from each run's metrics.json; every training run writes its own
+  into run.dir/curves.png at the end.
 - `confusion`: the confusion matrix, rows = true class, columns = predicted, each row normalised to 1,
   with the counts written in.
 - `sweep`: the validation accuracy of each trial, the best so far, and each searched parameter against it.
@@ -61,44 +62,69 @@ def confusion(path: str | Path, matrix: list[list[int]], classes: list[str], tit
     return save_figure(fig, path)
 
 
-def _history(run_dir: Path) -> tuple[str, list[dict]]:
+def _metrics(run_dir: Path) -> tuple[str, dict]:
     m = rundir.read_metrics(run_dir)
     if m is None:
         raise PlotError(f"{run_dir} has no readable {rundir.METRICS}: is it a run folder?")
-    return Path(run_dir).name, rundir.history(m)
+    return Path(run_dir).name, m
 
 
 class PlotError(ValueError):
     pass
 
 
+SPLITS = {"train": ("-", None), "val": ("--", "o"), "test": (":", "s")}  # line style, marker per evaluation
+
+
+def _per_step(m: dict) -> tuple[list, list, list]:
+    """(x in epochs, train loss, LR) at every logged step (the points TensorBoard gets); runs written before
+    they were kept have their epoch-end values instead."""
+    spe, hist = m.get("steps_per_epoch"), rundir.history(m)
+    points = [p for r in hist for p in r.get("steps", [])] if spe else []
+    if points:
+        return [p[0] / spe for p in points], [p[1] for p in points], [p[2] for p in points]
+    return [r["epoch"] for r in hist], [r["train_loss"] for r in hist], [r["lr"] for r in hist]
+
+
 def curves(path: str | Path, run_dirs: list[str | Path]) -> Path:
-    """Loss, accuracy and learning rate against epoch, from each run's metrics.json, runs overlaid."""
+    return save_figure(curves_figure(run_dirs), path)
+
+
+def curves_figure(run_dirs: list[str | Path]):
+    """Loss, accuracy and learning rate against epoch, runs overlaid (one colour each, named once in the
+    legend; the line style tells the split): the training loss and the LR at every logged step, train
+    accuracy per epoch, validation and test as points per evaluation, whole epochs on the axis."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    runs = [_history(d) for d in run_dirs]
-    if not any(h for _, h in runs):
+    runs = [_metrics(d) for d in run_dirs]
+    if not any(rundir.history(m) for _, m in runs):
         raise PlotError(f"no epoch is recorded yet in {', '.join(map(str, run_dirs))}")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    styles = {"train": "-", "val": "--", "test": ":"}
     palette = plt.get_cmap("tab10")  # fixed colours, whatever style another plot left behind
-    for i, (name, history) in enumerate(runs):
-        color = palette(i % 10)
-        for split, style in styles.items():
-            for ax, metric in ((axes[0], "loss"), (axes[1], "acc")):
-                points = [(r["epoch"], r[f"{split}_{metric}"]) for r in history if f"{split}_{metric}" in r]
-                if points:
-                    ax.plot(*zip(*points), style, color=color, marker="o" if len(points) < 30 else None,
-                            markersize=3, label=f"{name} {split}")
-        lr = [(r["epoch"], r["lr"]) for r in history if "lr" in r]
-        if lr:
-            axes[2].plot(*zip(*lr), "-", color=color, label=name)
-    for ax, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+    for i, (name, m) in enumerate(runs):
+        color, hist = palette(i % 10), rundir.history(m)
+        x, loss, lr = _per_step(m)
+        axes[0].plot(x, loss, "-", color=color, lw=1, label=name)  # the run's one legend entry
+        axes[2].plot(x, lr, "-", color=color, lw=1.2, marker="." if len(x) < 3 else None)
+        for ax, metric in ((axes[0], "loss"), (axes[1], "acc")):
+            for split, (style, marker) in SPLITS.items():
+                if split == "train" and metric == "loss":
+                    continue
+                pts = [(r["epoch"], r[f"{split}_{metric}"]) for r in hist if f"{split}_{metric}" in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, lw=1, marker=marker or "o", markersize=4)
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=7, title="run")
+    axes[1].legend(handles=[Line2D([], [], color="0.3", ls=style, marker=marker, label=split)
+                            for split, (style, marker) in SPLITS.items()], fontsize=7, title="split")
+    return fig
 
 
 def sweep(path: str | Path, sweep_dir: str | Path, storage: str | None = None) -> Path:

@@ -104,7 +104,7 @@ class Trainer:
         self.clock.sync()
         totals = meter.totals()
         self.nonfinite.check(totals[0])  # never checkpoint a diverged state
-        self.state.position = {"step": at, "stats": totals, "elapsed": meter.elapsed()}
+        self.state.position = {"step": at, "stats": totals, "elapsed": meter.elapsed(), **meter.carry()}
         self.checkpointer.save()
         self.report.say(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {at}/{len(self.data)}; "
                         "resume with train.resume=true")
@@ -115,7 +115,7 @@ class Trainer:
         loss_sum, correct, count = meter.totals()
         self.nonfinite.check(loss_sum)
         return {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
-                "epoch_time_s": elapsed, "img_per_s": count / elapsed, "lr": self.lr()}
+                "epoch_time_s": elapsed, "img_per_s": count / elapsed, "lr": self.lr(), "steps": meter.logged}
 
     def end_epoch(self, record: dict) -> None:
         """The evaluations that are due, the record in the history and metrics.json, a checkpoint."""
@@ -148,7 +148,7 @@ class Trainer:
 
     def summary(self, stopped: bool = False) -> dict:
         facts = {"precision": self.precision, **self.nonfinite.summary(), **self.evaluator.summary(),
-                 **self.clock.summary()}
+                 **self.clock.summary(), "steps_per_epoch": self.state.steps_per_epoch}
         return {**self.report.summary(self.state.history, facts), "stopped": stopped}
 
     @property

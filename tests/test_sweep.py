@@ -183,6 +183,27 @@ def test_curves_png_of_runs(local_sweep, tmp_path):
         assert len(np.unique(np.asarray(im.convert("L")))) > 20
 
 
+def test_curves_draw_every_logged_step_whole_epoch_ticks_and_name_each_run_once(local_sweep):
+    from dist_resnet import plot, rundir
+
+    out, *_ = local_sweep
+    trials = [out / "trial-0000", out / "trial-0001"]
+    fig = plot.curves_figure(trials)
+    loss, acc, lr = fig.axes[:3]
+    m = rundir.read_metrics(trials[0])
+    steps = [p[0] for r in m["history"] for p in r["steps"]]  # every train.log_every-th step
+    assert len(steps) == m["epochs"] * m["steps_per_epoch"] // 5 and len(steps) > m["epochs"]
+    assert list(loss.lines[0].get_xdata()) == [s / m["steps_per_epoch"] for s in steps]
+    assert list(lr.lines[0].get_ydata()) == [p[2] for r in m["history"] for p in r["steps"]]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["trial-0000", "trial-0001"]  # once each
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["train", "val", "test"]
+    for ax in (loss, acc, lr):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    val = [line for line in acc.lines if line.get_linestyle() == "--"][0]
+    assert list(val.get_xdata()) == [r["epoch"] for r in m["history"] if "val_acc" in r] and val.get_marker() == "o"
+
+
 # ---------------------------------------------------------------- what a study counts, and where it lives
 @pytest.fixture(scope="module")
 def grid_sweep(tiny_betons, tmp_path_factory) -> tuple[Path, dict, dict]:

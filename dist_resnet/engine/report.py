@@ -50,11 +50,14 @@ class Clock:
 
 class EpochMeter:
     """An epoch's loss sum, correct count and count on the device (a resumed epoch's partial sums, over
-    all ranks, restart on rank 0), the log window's, and the host's wait for the loader."""
+    all ranks, restart on rank 0), the log window's, the points logged (step, train loss, LR: the curves'
+    per-step points, kept in the epoch's record), and the host's wait for the loader."""
 
     def __init__(self, device: torch.device, position: dict, is_main: bool, step: int, bar: tqdm):
         self.stats = torch.tensor(position["stats"] if is_main else [0.0] * 3, dtype=torch.float64, device=device)
-        self.window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count since the last log
+        window = position.get("window", [0.0, 0.0]) if is_main else [0.0, 0.0]  # loss sum, count since the last log
+        self.window = torch.tensor(window, dtype=torch.float64, device=device)
+        self.logged: list[list[float]] = list(position.get("logged", []))
         self.elapsed0, self.bar = position["elapsed"], bar
         self.start = self.last_log = self.ready = time.perf_counter()
         self.waited, self.logged_step = 0.0, step  # host time spent waiting for the loader since the last log
@@ -72,7 +75,7 @@ class EpochMeter:
 
     def reduce_window(self) -> tuple[float, float]:
         """The window's loss sum and count over all ranks: the only host sync inside an epoch."""
-        loss_sum, count = all_reduce_sum(self.window).tolist()
+        loss_sum, count = all_reduce_sum(self.window.clone()).tolist()
         return loss_sum, count
 
     def window_scalars(self, loss_sum: float, count: float, step: int, lr: float) -> dict:
@@ -81,12 +84,18 @@ class EpochMeter:
                    "time/step_ms": 1000 * (now - self.last_log) / (step - self.logged_step),
                    "time/data_wait_pct": 100 * self.waited / (now - self.last_log)}
         self.bar.set_postfix(loss=f"{loss_sum / count:.3f}")
+        self.logged.append([step, loss_sum / count, lr])
         self.window.zero_()
         self.last_log, self.waited, self.logged_step = now, 0.0, step
         return scalars
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.start
+
+    def carry(self) -> dict:
+        """What a stop inside the epoch keeps of the log (a host sync): the open window over all ranks and the
+        points logged, so the resumed epoch logs what the uninterrupted one would."""
+        return {"window": list(self.reduce_window()), "logged": self.logged}
 
     def totals(self) -> list[float]:
         """The epoch's loss sum, correct and count over all ranks (a host sync)."""
@@ -178,7 +187,7 @@ class Report:
         last = lambda rs, k: rs[-1].get(k) if rs else None  # noqa: E731
         init = facts["init_time_s"]
         return {
-            "model": self.cfg.model.name, "world_size": self.env.world_size,
+            "model": self.cfg.model.name, "world_size": self.env.world_size, "steps_per_epoch": facts["steps_per_epoch"],
             "global_batch_size": self.cfg.train.batch_size, "device": self.device_name,
             "precision": facts["precision"], "epochs": len(history),
             "completed": len(history) == self.cfg.train.epochs or facts["stopped_early"],

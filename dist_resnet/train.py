@@ -122,7 +122,7 @@ class Trainer:
         self.state.epoch += 1
         links = self.evaluator.after_epoch(record, self.state.epoch)
         self.state.history.append(record)
-        self.report.epoch(record, self.summary())
+        self.report.epoch(record, self.summary(), self.state.step)
         self.checkpointer.save(links)
         if self.evaluator.monitor.stopped:
             self.report.say(self.evaluator.monitor.explain())
@@ -140,7 +140,7 @@ class Trainer:
         if s["stopped"]:
             self.report.write_metrics(s)
         self.report.pictures(s, self.evaluator.confusion, self.classes)
-        self.close()  # the run folder is released once everything is written
+        self.close("FINISHED" if s["completed"] else "FAILED" if s["failure"] else "KILLED")  # releases run.dir
         if not stopped and s["test_acc"] is not None:
             self.report.say(f"done: test acc {s['test_acc']:.4f} on {s['test_count']} images, "
                             f"train time {s['train_time_s']:.1f}s -> {self.cfg.run.dir}")
@@ -186,9 +186,9 @@ class Trainer:
     def evaluate(self) -> dict:
         return self.evaluator.run()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.stop.handled(remove_file=self.env.is_main)
-        self.report.close()
+        self.report.close(status)
 
 
 def out_of_memory(cfg: Config, env: DistEnv) -> JobExit:

@@ -35,7 +35,7 @@ RULES: list[Rule] = [
                            "adv.eval_restarts", "adv.check_steps")),
     (at_least(0), ">= 0 (0 = off)", ("data.mixup_alpha", "data.cutmix_alpha")),
     (within(0, 1), "in [0, 1]", ("data.mix_prob", "data.switch_prob")),
-    (at_least(0), ">= 0", ("data.val_seed", "data.translate", "optim.momentum", "optim.weight_decay",
+    (at_least(0), ">= 0", ("data.val_seed", "data.fold", "data.translate", "optim.momentum", "optim.weight_decay",
                            "train.seed", "train.max_rollbacks", "train.early_stop_min_delta")),
     (at_least(0), ">= 0 (0 = off)", ("data.resize", "data.cutout", "model.whiten_bias_epochs",
                                      "optim.lookahead_every", "train.eval_test_every", "train.max_steps",
@@ -65,6 +65,14 @@ def _apply(section: str, values: object) -> None:
 
 def check_data(d: DataConfig) -> None:
     _apply("data", d)
+    if d.folds == 1 or d.folds < 0:
+        raise ConfigError(f"bad value for 'data.folds': {d.folds}; it must be >= 2 (0 = off)")
+    if d.folds and d.val_fraction:
+        raise ConfigError(f"data.folds={d.folds} holds out a fold as the validation split: leave data.val_fraction "
+                          f"at 0 (it is {d.val_fraction:g})")
+    if d.fold >= max(d.folds, 1) and (d.folds or d.fold):
+        raise ConfigError(f"bad value for 'data.fold': {d.fold}; it must be in 0..{max(d.folds - 1, 0)}"
+                          + ("" if d.folds else " (set data.folds=K first)"))
     if d.flip_alternate and not d.flip:
         raise ConfigError("data.flip_alternate=true needs data.flip=true")
 
@@ -107,9 +115,9 @@ def check_across(cfg: Config) -> None:
         raise ConfigError(f"Mixup/CutMix (data.mixup_alpha, data.cutmix_alpha) and train.adversarial="
                           f"{t.adversarial.value} do not combine here: the attack is made against one label per "
                           "image, not a mixed one; train with one of them")
-    if t.early_stop_patience and not cfg.data.val_fraction:
+    if t.early_stop_patience and not (d.val_fraction or d.folds):
         raise ConfigError(f"train.early_stop_patience={t.early_stop_patience} needs a validation split to watch "
-                          "(early stopping never looks at the test set): set data.val_fraction, e.g. 0.1")
+                          "(early stopping never looks at the test set): set data.val_fraction, e.g. 0.1, or data.folds")
 
 
 def check(cfg: Config) -> None:

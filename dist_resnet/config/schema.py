@@ -80,6 +80,12 @@ class Monitored(str, Enum):
     val_loss = "val_loss"  # validation loss, lower is better
 
 
+class WandbMode(str, Enum):
+    off = "off"
+    offline = "offline"  # files in run.dir/wandb, no network; `wandb sync` uploads them later
+    online = "online"  # to the W&B server (needs `wandb login`)
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -108,6 +114,8 @@ class DataConfig:
     fp32_input: bool = False  # normalise in fp32 and feed fp32 batches (fastnet's whitening stem then runs in fp32)
     val_fraction: float = 0.0  # hold out this class-stratified fraction of the train split for validation
     val_seed: int = 0  # which images are held out (fixed across seeds and sweep trials)
+    folds: int = 0  # K-fold cross-validation: hold out fold data.fold of a stratified K-fold split (not with val_fraction); 0 = off
+    fold: int = 0  # which fold is the validation split: 0..data.folds-1
 
 
 @dataclass
@@ -196,6 +204,13 @@ class AdvConfig:
 class RunConfig:
     dir: str = MISSING  # output folder: config.yaml, metrics.json, checkpoints, TensorBoard
     progress: bool = True  # tqdm bar on rank 0
+    csv: bool = False  # also log the scalars to run.dir/scalars.csv
+    mlflow: str = ""  # MLflow tracking URI (http://host:5000, sqlite:///x.db, ...; local = sqlite:///mlflow.db); empty = off
+    mlflow_experiment: str = "dist_resnet"  # the MLflow experiment runs are logged to
+    mlflow_parent: str = ""  # the MLflow run this run is a child of (a sweep sets it for its trials)
+    wandb: WandbMode = WandbMode.off  # Weights & Biases: off | offline | online
+    wandb_project: str = "dist_resnet"  # the W&B project
+    wandb_group: str = ""  # the W&B group (a sweep sets it to its study)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ..distributed import DistEnv, StopRequest
 from ..models import build_model, check_input, files, freeze, regularize, to_device, with_input
 from ..optim import EMA, Lookahead, build_optimizer, build_scheduler
 from ..precision import Amp
+from ..tracking import check_installed
 from .evaluation import Evaluator, NoRobustnessCheck, RobustnessCheck
 from .monitor import Monitor
 from .report import Clock, Report
@@ -48,6 +49,7 @@ def runtime_checks(cfg: Config, env: DistEnv) -> Amp:
     """What the config asks of this machine and world size; the precision to run in."""
     t, cuda = cfg.train, env.device.type == "cuda"
     amp = Amp.on(t.precision, env.device)
+    check_installed(cfg)
     if t.loss_scale and amp.precision != Precision.fp16:
         raise ConfigError(f"train.loss_scale={t.loss_scale:g} is for train.precision=fp16 "
                           f"(it is {amp.precision.value})")
@@ -133,7 +135,8 @@ class Data:
 def open_train(cfg: Config, env: DistEnv, betons: Betons, feed: Feed) -> tuple[TrainData, np.ndarray]:
     """The train loader (without the validation split, if one is held out) and the validation indices."""
     t = cfg.train
-    train_idx, val_idx = split_indices(betons, cfg.data.val_fraction, cfg.data.val_seed)
+    d = cfg.data
+    train_idx, val_idx = split_indices(betons, d.val_fraction, d.val_seed, d.folds, d.fold)
     data_checks(cfg, env, betons, betons.count("train") if train_idx is None else len(train_idx), len(val_idx))
     return TrainData(betons, cfg.data, feed, t.batch_size, t.seed, t.accum_steps, train_idx), val_idx
 
@@ -159,7 +162,8 @@ def build_data(cfg: Config, env: DistEnv, betons: Betons, feed: Feed) -> Data:
         picked = np.sort(rng.choice(every, min(cfg.adv.check_images, len(every)), replace=False))
         check = TestData(betons, cfg.data, feed, per_rank, split="train", indices=picked)
     split = None if val is None else {
-        "val_fraction": cfg.data.val_fraction, "val_seed": cfg.data.val_seed, "train_count": len(train.indices),
+        "val_fraction": cfg.data.val_fraction, "val_seed": cfg.data.val_seed,
+        **({"folds": cfg.data.folds, "fold": cfg.data.fold} if cfg.data.folds else {}), "train_count": len(train.indices),
         "val_count": len(val_idx), "val_indices": val_idx.tolist()}
     return Data(train, val, test, check, split)
 

@@ -1,5 +1,5 @@
-"""What a run tells: the console and the run folder (dist_resnet.rundir) on rank 0, TensorBoard (a null
-writer elsewhere), metrics.json after every epoch, the pictures and per-class results at the end, the
+"""What a run tells: the console and the run folder (dist_resnet.rundir) on rank 0, the trackers
+(TensorBoard and the others the config asks for: dist_resnet.tracking), metrics.json after every epoch, the pictures and per-class results at the end, the
 epoch's sums on the device (read only at a log or an epoch's end), and the run's timing."""
 from __future__ import annotations
 
@@ -14,17 +14,8 @@ from .. import plot, rundir
 from ..config import Config, ConfigError, to_yaml
 from ..distributed import DistEnv, all_reduce_sum
 from ..fileio import clean_stale_tmp, write_json, write_text
+from ..tracking import Tracker, open_tracker
 from .evaluation import per_class
-
-
-class NullWriter:
-    """TensorBoard's SummaryWriter on the ranks that do not write."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Clock:
@@ -109,7 +100,7 @@ class Report:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.dir)
-        self.writer = NullWriter()
+        self.tracker = Tracker([])  # rank 0's backends (dist_resnet.tracking), from open() to close()
         self.held = None  # rank 0's lock on the run folder, from open() to close()
         cuda = env.device.type == "cuda"
         self.device_name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
@@ -125,11 +116,9 @@ class Report:
 
     def open(self, pretrained: dict | None, split: dict | None) -> None:
         """Rank 0's run folder: stale temp files cleaned, config.yaml (and pretrained.json, split.json),
-        TensorBoard's writer. Called once everything is built and restored."""
+        the tracking backends. Called once everything is built and restored."""
         if not self.env.is_main:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.held = rundir.lock(self.run_dir)  # one trainer per folder: a second one stops here, having written nothing
@@ -141,18 +130,17 @@ class Report:
         for name, content in ((rundir.PRETRAINED, pretrained), (rundir.SPLIT, split)):
             if content is not None:
                 write_json(self.run_dir / name, content)
-        self.writer = SummaryWriter(str(self.run_dir))
+        self.tracker = open_tracker(self.cfg, self.say)
 
     def bar(self, epoch: int, total: int, initial: int) -> tqdm:
         return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
                     disable=not (self.env.is_main and self.cfg.run.progress), leave=False, file=sys.stdout)
 
     def scalars(self, scalars: dict, step: int) -> None:
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, step)
+        self.tracker.scalars(scalars, step)
 
-    def epoch(self, r: dict, summary: dict) -> None:
-        """An epoch's record: TensorBoard, one console line, metrics.json."""
+    def epoch(self, r: dict, summary: dict, step: int) -> None:
+        """An epoch's record: the trackers, one console line, metrics.json."""
         scalars = {"train/epoch_loss": r["train_loss"], "train/acc": r["train_acc"], "time/epoch_s": r["epoch_time_s"],
                    "train/epoch_img_per_s": r["img_per_s"]}
         line = ""
@@ -169,7 +157,7 @@ class Report:
         if "check_robust_acc" in r:
             scalars.update({"check/acc": r["check_acc"], "check/robust_acc": r["check_robust_acc"]})
             line += f" check pgd {r['check_robust_acc']:.3f}"
-        self.scalars(scalars, r["epoch"])
+        self.tracker.epoch(scalars, r["epoch"], step)
         self.say(f"epoch {r['epoch']:3d} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}{line} "
                  f"| {r['epoch_time_s']:.1f}s {r['img_per_s']:.0f} img/s")
         self.write_metrics(summary)
@@ -222,10 +210,12 @@ class Report:
                            f"{self.cfg.model.name}, epoch {summary['epochs']}")
         if summary["history"]:
             plot.curves(self.run_dir / rundir.CURVES, [self.run_dir])  # from metrics.json, written by now
+        self.tracker.files([self.run_dir / n for n in (rundir.CURVES, rundir.CONFUSION, rundir.PER_CLASS,
+                                                       rundir.METRICS, rundir.CONFIG)])
 
-    def close(self) -> None:
-        self.writer.close()
-        self.writer = NullWriter()
+    def close(self, status: str = "FINISHED") -> None:
+        """`status`: the tracking runs' end (MLflow's FINISHED, KILLED for a stop, FAILED)."""
+        self.tracker.close(status)
         if self.held is not None:
             self.held.close()  # releases the run folder
             self.held = None

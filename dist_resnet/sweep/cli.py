@@ -15,6 +15,7 @@ from .. import rundir
 from ..config import ConfigError, flatten, load_config, merged, to_dict, to_yaml
 from ..distributed import EXIT_BAD_INPUT, EXIT_STOPPED
 from ..fileio import write_json, write_text
+from ..tracking import sweep_tracking
 from . import __doc__ as DOC
 from .orchestrate import Sweep
 from .results import markdown, write_results
@@ -39,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=int, default=1)
     p.add_argument("--heartbeat", type=int, default=60, help="seconds between an RDB worker's heartbeats")
     p.add_argument("--seed", type=int, default=None, help="the sampler's seed")
+    p.add_argument("--folds", type=int, default=0, help="K-fold cross-validation: each trial trains K folds of the "
+                                                         "train split (data.folds=K); its value is their mean")
     p.add_argument("--final", action="store_true", help="then retrain the best config on the whole train split and "
                                                          "report its test accuracy")
     p.add_argument("--report", metavar="SWEEP_DIR", help="print the results table of a sweep and exit")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.report:
             study, meta = load_study(Path(args.report), args.storage)
-            result = write_results(Path(args.report), study, meta["params"], meta["overrides"])
+            result = write_results(Path(args.report), study, meta["params"], meta["overrides"], meta.get("folds", 0))
             print(f"{result['summary']}\n\n" + markdown(result["table"]), end="")
             return result
         return run_sweep(args)
@@ -68,9 +71,13 @@ def check_args(args) -> list:
         raise SweepError("--trials and --gpus-per-trial must be >= 1")
     if any(o.startswith("run.dir=") for o in args.overrides):
         raise SweepError("run.dir is set per trial (SWEEP_DIR/trial-NNNN); leave it out")
-    if not merged(args.config, [*args.overrides]).data.val_fraction:
+    data = merged(args.config, [*args.overrides]).data
+    if args.folds and (args.folds < 2 or data.val_fraction or data.folds):
+        raise SweepError(f"--folds {args.folds}: K must be >= 2, and the folds are the validation splits: leave "
+                         "data.val_fraction and data.folds out of the trials' config")
+    if not args.folds and not (data.val_fraction or data.folds):
         raise SweepError("a sweep selects on validation accuracy, never on test: hold out a validation split with "
-                         "data.val_fraction (e.g. data.val_fraction=0.1)")
+                         "data.val_fraction (e.g. data.val_fraction=0.1), or cross-validate with --folds K")
     load_config(args.config, [*args.overrides, "run.dir=unused"])  # the base config is valid
     meta = Path(args.out) / META
     if meta.is_file():
@@ -87,10 +94,13 @@ def run_sweep(args) -> dict:
     params = check_args(args)
     sweep_dir = Path(args.out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    tied, parent = sweep_tracking(load_config(args.config, [*args.overrides, "run.dir=unused"]), args.study, sweep_dir,
+                                  {q.key: f"{q.kind}{list(q.values)}" for q in params}, print)
+    args.overrides = [*args.overrides, *tied]  # every trial: a child run of the sweep's
     meta = {"study": args.study, "storage": safe_url(args.storage) if args.storage else None, "config": args.config,
             "overrides": args.overrides, "params": [q.key for q in params],
             "space": {q.key: [q.kind, list(q.values)] for q in params}, "sampler": args.sampler,
-            "pruner": args.pruner, "trials": args.trials}
+            "pruner": args.pruner, "trials": args.trials, "folds": args.folds}
     write_json(sweep_dir / META, meta)
     # the base config itself, so that --report and --final need nothing outside the sweep folder
     write_text(sweep_dir / BASE, to_yaml(load_config(args.config, [*args.overrides, "run.dir=unused"])))
@@ -106,8 +116,12 @@ def run_sweep(args) -> dict:
     print(f"sweep {args.study}: {args.trials} trials, {sweep.parallel} at a time, sampler {args.sampler}, pruner "
           f"{args.pruner}, storage {meta['storage'] or sweep_dir / 'study.journal'}", flush=True)
     sweep.optimize(study)
-    result = write_results(sweep_dir, study, meta["params"], args.overrides)
+    result = write_results(sweep_dir, study, meta["params"], args.overrides, args.folds)
     print(f"{result['summary']}\n\n" + markdown(result["table"]), end="", flush=True)
+    if parent is not None:
+        parent.scalars({"best_val_acc": result.get("best_value", float("nan"))}, len(result["table"]))
+        parent.files([sweep_dir / "results.md", sweep_dir / "results.csv"])
+        parent.close("KILLED" if sweep.stop.is_set() else "FINISHED")
     if sweep.stop.is_set():
         raise SystemExit(EXIT_STOPPED)
     if args.final and "best_overrides" in result:
@@ -130,7 +144,7 @@ def final(args, sweep_dir: Path, best_overrides: list[str]) -> dict:
     """The best config, retrained on the whole train split; its test accuracy, reported once."""
     run_dir = sweep_dir / "final"
     cmd = [sys.executable, "-m", "dist_resnet.train", "--config", str(sweep_dir / BASE), *best_overrides,
-           "data.val_fraction=0", f"run.dir={run_dir}", "run.progress=false", "train.resume=true"]
+           "data.val_fraction=0", "data.folds=0", f"run.dir={run_dir}", "run.progress=false", "train.resume=true"]
     code = subprocess.run(cmd).returncode
     if code != 0:
         raise SweepError(f"the final run of the best config failed (exit code {code}); see {run_dir}")

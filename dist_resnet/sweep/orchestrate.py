@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from .space import Param, SweepError
-from .trials import TrialFailed, TrialInterrupted, TrialRun, counts, stale
+from .folds import Folds
+from .trials import TrialFailed, TrialInterrupted, TrialRun, counts, judged, stale
 
 
 def visible_gpus() -> list[str]:
@@ -66,10 +67,12 @@ class Sweep:
             raise TrialFailed(str(e)) from None
         argv = [*(["--config", self.args.config] if self.args.config else []), *overrides, f"run.dir={run_dir}",
                 "run.progress=false", "train.resume=true"]
+        if self.args.folds:
+            return judged(trial, run_dir, values, lambda: Folds(self, trial, run_dir, argv, values, cfg).run())
         gpus = self.slots.get()
         try:
             run = TrialRun(trial, run_dir, argv, gpus, cfg, self.stop)
-            return run.outcome(run.watch(), values)
+            return judged(trial, run_dir, values, lambda: run.outcome(run.watch(), values))
         finally:
             self.slots.put(gpus)
 

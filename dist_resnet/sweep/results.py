@@ -11,7 +11,15 @@ from ..fileio import write_text
 from .storage import BASE
 
 
-def rows(study, params: list[str]) -> tuple[list[dict], int | None]:
+def fold_columns(t, folds: int) -> dict:
+    """--folds K: each fold's validation accuracy (empty where not done) and their standard deviation."""
+    if not folds:
+        return {}
+    values = t.user_attrs.get("folds") or [None] * folds
+    return {**{f"fold_{i}": v for i, v in enumerate(values)}, "val_std": t.user_attrs.get("fold_std")}
+
+
+def rows(study, params: list[str], folds: int = 0) -> tuple[list[dict], int | None]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -31,7 +39,7 @@ def rows(study, params: list[str]) -> tuple[list[dict], int | None]:
         state = state or t.state.name.lower()
         out.append({"trial": t.number, "best": "*" if t.number == best else "", "state": state,
                     "val_acc": t.value if t.value is not None else (t.intermediate_values[last] if last else None),
-                    "epochs": last, **{k: t.params.get(k) for k in params}, "seconds": seconds,
+                    **fold_columns(t, folds), ("folds" if folds else "epochs"): last, **{k: t.params.get(k) for k in params}, "seconds": seconds,
                     "run_dir": t.user_attrs.get("run_dir", ""), "note": note})
     return out, best
 
@@ -49,8 +57,8 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(sweep_dir: Path, study, params: list[str], overrides: list[str]) -> dict:
-    table, best = rows(study, params)
+def write_results(sweep_dir: Path, study, params: list[str], overrides: list[str], folds: int = 0) -> dict:
+    table, best = rows(study, params, folds)
     buf = io.StringIO()
     if table:
         writer = csv.DictWriter(buf, fieldnames=list(table[0]))
@@ -62,8 +70,10 @@ def write_results(sweep_dir: Path, study, params: list[str], overrides: list[str
                f"{states.count('fail')} failed" + (f", {states.count('interrupted')} interrupted and resumed"
                                                    if "interrupted" in states else "")
                + (f", {states.count('retried')} retried after their worker died" if "retried" in states else ""))
-    write_text(sweep_dir / "results.md", f"# Sweep {study.study_name}\n\n{summary}; selection on validation "
-                                         f"accuracy (best marked *).\n\n" + markdown(table))
+    how = (f"the mean validation accuracy of {folds} folds (val_acc, its std val_std)" if folds
+           else "validation accuracy")
+    write_text(sweep_dir / "results.md", f"# Sweep {study.study_name}\n\n{summary}; selection on {how} "
+                                         f"(best marked *).\n\n" + markdown(table))
     out = {"table": table, "best": best, "summary": summary}
     if best is not None:
         t = study.trials[best]

@@ -140,12 +140,16 @@ def stale(run_dir: Path, grace: float, started: float) -> str | None:
 
 
 class TrialRun:
-    """A started trial's process and folder, watched until it ends (`watch`), then judged (`outcome`)."""
+    """A started trial's process and folder, watched until it ends (`watch`), then judged (`outcome`).
+    `folder` is the trial's folder (its lease, the number a resume refers to): `run_dir` itself, or with
+    --folds the folder of the fold's trial."""
 
-    def __init__(self, trial, run_dir: Path, argv: list[str], gpus: list[str], cfg: Config, stop: threading.Event):
+    def __init__(self, trial, run_dir: Path, argv: list[str], gpus: list[str], cfg: Config, stop: threading.Event,
+                 folder: Path | None = None):
         self.trial, self.run_dir, self.epochs, self.stop = trial, run_dir, cfg.train.epochs, stop
+        self.folder = folder or run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        renew_lease(run_dir)
+        renew_lease(self.folder)
         self.t0 = time.time()
         self.proc = start(argv, gpus, run_dir / "train.log", cfg.data.pipeline == Pipeline.ffcv)
         self.reported: set[int] = set()
@@ -173,7 +177,7 @@ class TrialRun:
                 rundir.request_stop(self.run_dir)
             if done:
                 break
-            renew_lease(self.run_dir)
+            renew_lease(self.folder)
             try:  # a second, or less when the process ends sooner
                 self.proc.wait(1.0)
             except subprocess.TimeoutExpired:
@@ -196,14 +200,24 @@ class TrialRun:
         if self.pruned:
             raise optuna.TrialPruned(f"pruned at epoch {max(self.reported)}")
         if self.stopped(metrics):
-            self.trial.study.enqueue_trial(values, user_attrs={"resume_of": int(self.run_dir.name.split("-")[1])})
-            self.trial.set_user_attr("error", "interrupted: queued to resume from its checkpoint")
             raise TrialInterrupted("interrupted")
         if code != 0 or not history:
             tail = (self.run_dir / "train.log").read_text().strip().splitlines()[-3:]
             why = {EXIT_DIVERGED: "diverged", EXIT_BAD_INPUT: "bad input"}.get(code, f"exit code {code}")
             message = f"{why}: {' | '.join(tail)[-300:]}" if tail else why
-            self.trial.set_user_attr("error", message)
-            print(f"trial {self.trial.number} failed ({self.run_dir.name}): {message}", flush=True)
             raise TrialFailed(message)
         return history[-1][1]
+
+
+def judged(trial, folder: Path, values: dict, outcome):
+    """`outcome()`'s value; an interruption queues the trial to resume in `folder`, a failure is noted."""
+    try:
+        return outcome()
+    except TrialInterrupted:
+        trial.study.enqueue_trial(values, user_attrs={"resume_of": int(folder.name.split("-")[1])})
+        trial.set_user_attr("error", "interrupted: queued to resume from its checkpoint")
+        raise
+    except TrialFailed as e:
+        trial.set_user_attr("error", str(e))
+        print(f"trial {trial.number} failed ({folder.name}): {e}", flush=True)
+        raise

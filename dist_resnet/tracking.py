@@ -1,0 +1,272 @@
+"""Experiment tracking on rank 0: one `Tracker` over backends, chosen once from the config.
+
+- TensorBoard (always): the event files in run.dir.
+- `run.csv=true`: run.dir/scalars.csv, one row per scalar (`wall_time,step,epoch,name,value`).
+- `run.mlflow=URI` (`local`: `sqlite:///mlflow.db`, MLflow's default store): the flattened config as params,
+  the scalars as metrics, the pictures and per_class.json as artifacts. A sweep's trials are child runs of
+  the sweep's run (`run.mlflow_parent`, set by the sweep). Needs the `tracking` extra.
+- `run.wandb=offline|online`: a W&B run in run.dir/wandb (offline: no network; `wandb sync` uploads it later).
+
+Per-step scalars are logged at the global step, per-epoch ones at the epoch (as TensorBoard has them;
+W&B, whose step must grow, gets them at the global step with `epoch`). A resumed run continues the same
+MLflow and W&B run: their ids are kept in run.dir/tracking.json. A backend that fails (a tracking server
+that is down, unreachable or gone mid-run) gives one warning and is switched off: the training goes on,
+TensorBoard and metrics.json keep everything.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, ConfigError, flatten, to_dict
+from .fileio import write_json
+
+IDS = "tracking.json"  # the MLflow and W&B run ids of this run folder
+LOCAL_MLFLOW = "sqlite:///mlflow.db"
+PROBE_TIMEOUT_S = 5.0
+
+
+def mlflow_uri(value: str) -> str:
+    return LOCAL_MLFLOW if value == "local" else value
+
+
+def _ids(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((run_dir / IDS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(run_dir: Path, **ids) -> None:
+    write_json(run_dir / IDS, {**_ids(run_dir), **ids})
+
+
+class TensorBoard:
+    name = "TensorBoard"
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir))
+
+    def scalars(self, values: dict, step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def epoch(self, values: dict, epoch: int, step: int) -> None:
+        self.scalars(values, epoch)
+
+    def files(self, paths: list[Path]) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+
+class CsvLog:
+    """run.csv: the same scalars as TensorBoard in a CSV file, appended to across resumes."""
+
+    name = "CSV"
+    COLUMNS = ["wall_time", "step", "epoch", "name", "value"]
+
+    def __init__(self, run_dir: Path):
+        path = run_dir / "scalars.csv"
+        new = not path.exists()
+        self.file = open(path, "a", newline="")
+        self.out = csv.writer(self.file)
+        if new:
+            self.out.writerow(self.COLUMNS)
+
+    def _rows(self, values: dict, step: int, epoch: int | str) -> None:
+        now = f"{time.time():.3f}"
+        self.out.writerows([now, step, epoch, k, repr(float(v))] for k, v in values.items())
+        self.file.flush()
+
+    def scalars(self, values: dict, step: int) -> None:
+        self._rows(values, step, "")
+
+    def epoch(self, values: dict, epoch: int, step: int) -> None:
+        self._rows(values, step, epoch)
+
+    def files(self, paths: list[Path]) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        self.file.close()
+
+
+def probe(uri: str) -> None:
+    """OSError unless an MLflow server answers at `uri` (http/https) within PROBE_TIMEOUT_S."""
+    if uri.startswith(("http://", "https://")):
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as r:
+            r.read()
+
+
+class MLflow:
+    name = "MLflow"
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_dir: Path, params: dict, parent: str = "",
+                 tags: dict | None = None):
+        # a server that stops answering costs a few short retries, not MLflow's default 7 with minutes of backoff
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        probe(uri)
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.uri = MlflowClient(uri), uri
+        self.run_id = _ids(run_dir).get("mlflow_run_id") if _ids(run_dir).get("mlflow_uri") == uri else None
+        if self.run_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            exp = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+            tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
+            self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags).info.run_id
+            self.log_params(params)
+            _remember(run_dir, mlflow_uri=uri, mlflow_run_id=self.run_id)
+        else:  # a resumed run: the same MLflow run, running again (its params are logged already)
+            self.client.update_run(self.run_id, status="RUNNING")
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def scalars(self, values: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def epoch(self, values: dict, epoch: int, step: int) -> None:
+        self.scalars(values, epoch)
+
+    def files(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.client.log_artifact(self.run_id, str(p))
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class WandB:
+    name = "W&B"
+
+    def __init__(self, mode: str, project: str, run_name: str, run_dir: Path, params: dict, group: str = ""):
+        import wandb
+
+        ids = _ids(run_dir)
+        self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), mode=mode, config=params,
+                              id=ids.get("wandb_id"), resume="allow", group=group or None, reinit="create_new")
+        _remember(run_dir, wandb_id=self.run.id)
+
+    def scalars(self, values: dict, step: int) -> None:
+        self.run.log(dict(values), step=step)
+
+    def epoch(self, values: dict, epoch: int, step: int) -> None:
+        self.run.log({**values, "epoch": epoch}, step=step)
+
+    def files(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.run.save(str(p), base_path=str(p.parent), policy="now")
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+class Guarded:
+    """A backend whose failures give one warning and switch it off, instead of ending the training."""
+
+    def __init__(self, make: Callable, name: str, say: Callable):
+        self.name, self.say, self.backend = name, say, None
+        self.backend = self._try(make)
+
+    def _try(self, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a tracking backend must never end a run
+            why = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            self.say(f"warning: {self.name} tracking failed ({type(e).__name__}: {why}); it is off for the rest of "
+                     "this run (TensorBoard and metrics.json have everything)")
+            self.backend = None
+            return None
+
+    def __getattr__(self, method: str) -> Callable:
+        def forward(*args) -> None:
+            if self.backend is not None:
+                self._try(getattr(self.backend, method), *args)
+        return forward
+
+
+class Tracker:
+    """Rank 0's backends; the other ranks get one with none."""
+
+    def __init__(self, backends: list):
+        self.backends = backends
+
+    def scalars(self, values: dict, step: int) -> None:
+        for b in self.backends:
+            b.scalars(values, step)
+
+    def epoch(self, values: dict, epoch: int, step: int) -> None:
+        for b in self.backends:
+            b.epoch(values, epoch, step)
+
+    def files(self, paths: list[Path]) -> None:
+        for b in self.backends:
+            b.files([p for p in paths if p.is_file()])
+
+    def close(self, status: str = "FINISHED") -> None:
+        for b in self.backends:
+            b.close(status)
+        self.backends = []
+
+
+def check_installed(cfg: Config) -> None:
+    """ConfigError for a tracker whose package is missing (checked before the run starts)."""
+    import importlib.util
+
+    for on, key, module in ((cfg.run.mlflow, "run.mlflow", "mlflow"), (cfg.run.wandb.value != "off", "run.wandb", "wandb")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key} needs the {module} package: pip install 'dist_resnet[tracking]' "
+                              f"(or pip install {module}), or leave {key} unset")
+
+
+def open_tracker(cfg: Config, say: Callable) -> Tracker:
+    """The backends the config asks for, in run.dir (rank 0, once its folder is held)."""
+    r, run_dir = cfg.run, Path(cfg.run.dir)
+    params = flatten(to_dict(cfg))
+    # a sweep's trial (or fold) is named with its folder's parent: lr/trial-0003, trial-0003/fold-1
+    name = f"{run_dir.parent.name}/{run_dir.name}" if r.mlflow_parent or r.wandb_group else run_dir.name
+    backends: list = [TensorBoard(run_dir)]
+    if r.csv:
+        backends.append(CsvLog(run_dir))
+    if r.mlflow:
+        uri = mlflow_uri(r.mlflow)
+        backends.append(Guarded(lambda: MLflow(uri, r.mlflow_experiment, name, run_dir, params, r.mlflow_parent),
+                                f"MLflow at {uri}", say))
+    if r.wandb.value != "off":
+        backends.append(Guarded(lambda: WandB(r.wandb.value, r.wandb_project, name, run_dir, params, r.wandb_group),
+                                "W&B", say))
+    return Tracker(backends)
+
+
+def sweep_tracking(cfg: Config, study: str, sweep_dir: Path, space: dict, say: Callable) -> tuple[list[str], Guarded | None]:
+    """A sweep's own tracking: its MLflow run (made once, its id in SWEEP_DIR/tracking.json), the parent of its
+    trials' runs, and its W&B group. The overrides that tie every trial to them, and the parent (or None)."""
+    extra, parent = [], None
+    if cfg.run.mlflow:
+        uri, params = mlflow_uri(cfg.run.mlflow), {"sweep.study": study, **{f"space.{k}": v for k, v in space.items()}}
+        parent = Guarded(lambda: MLflow(uri, cfg.run.mlflow_experiment, f"sweep {study}", sweep_dir, params,
+                                        tags={"dist_resnet.sweep": study}), f"MLflow at {uri}", say)
+        if parent.backend is not None:
+            extra.append(f"run.mlflow_parent={parent.backend.run_id}")
+    if cfg.run.wandb.value != "off" and not cfg.run.wandb_group:
+        extra.append(f"run.wandb_group={study}")
+    return extra, parent if parent is not None and parent.backend is not None else None

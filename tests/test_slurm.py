@@ -90,12 +90,12 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm, tiny_betons, tmp_path):
 
 
 # ---------------------------------------------------------------- slurm/sweep.sh
-def submit_sweep(slurm, tmp_path, tiny_betons, study: str) -> str:
+def submit_sweep(slurm, tmp_path, tiny_betons, study: str, *args: str) -> str:
     """sbatch slurm/sweep.sh: a 1-point grid, 4 epochs, in tmp_path/sweeps/STUDY (journal storage)."""
     env = {"CONFIG": TINY[1], "DATA_DIR": str(tiny_betons), "STUDY": study, "SWEEP_DIR": f"sweeps/{study}"}
     return slurm.sbatch(ROOT / "slurm" / "sweep.sh", "--trials", "1", "--sampler", "grid", "--space",
-                        "optim.lr=[0.4]", *SWEEP, "train.epochs=4", options=(f"--job-name={study}",), env=env,
-                        cwd=tmp_path)
+                        "optim.lr=[0.4]", *(args or [*SWEEP, "train.epochs=4"]), options=(f"--job-name={study}",),
+                        env=env, cwd=tmp_path)
 
 
 def job_output(folder: Path, study: str) -> str:
@@ -130,6 +130,31 @@ def test_slurm_sweep_task_stops_requeues_and_resumes_its_trial(slurm, tiny_beton
     assert states == [("FAIL", "trial-0000", "interrupted"), ("COMPLETE", "trial-0000", "")], states
     assert "2 trials: 1 complete, 0 pruned, 0 failed, 1 interrupted and resumed" in log, log  # 1 trial, 2 runs
     print(f"real Slurm sweep: task {job} {rec['JobState']} after {rec['Restarts']} requeue; trials {states}")
+
+
+def test_a_k_fold_trial_resumes_per_fold_after_a_requeue(slurm, tiny_betons, tmp_path):
+    """--folds 2: USR1 while fold 1 trains. Fold 0, complete, is kept; fold 1 resumes from its own checkpoint;
+    the trial's value is the mean of both."""
+    job = submit_sweep(slurm, tmp_path, tiny_betons, "kf", "--folds", "2", *TINY[2:], "train.stop_check_every=2",
+                       "train.epochs=3")
+    trial = tmp_path / "sweeps" / "kf" / "trial-0000"
+    slurm.await_file(job, (trial / "fold-1" / "ckpt-00000005.pt").exists, "fold 1's first checkpoint")
+    slurm.run("scancel", "-s", "USR1", "-b", job)
+    slurm.requeued(job)
+    rec = slurm.wait(job, ended, what="the end of the requeued task")
+    log = job_output(tmp_path, "kf")
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", (rec, log)
+    folds = [json.loads((trial / f"fold-{i}" / "metrics.json").read_text()) for i in range(2)]
+    assert all(m["completed"] and m["epochs"] == 3 for m in folds)
+    assert "already finished" in (trial / "fold-0" / "train.log").read_text()  # kept, not trained again
+    fold1 = (trial / "fold-1" / "train.log").read_text()
+    assert "stopped (SIGUSR1)" in fold1 and "resumed from" in fold1, fold1
+    states = trial_states(tmp_path / "sweeps" / "kf", "kf")
+    assert states == [("FAIL", "trial-0000", "interrupted"), ("COMPLETE", "trial-0000", "")], states
+    table = sweep.main(["--report", str(tmp_path / "sweeps" / "kf")])["table"]
+    assert table[-1]["val_acc"] == pytest.approx((folds[0]["val_acc"] + folds[1]["val_acc"]) / 2)
+    print(f"real Slurm 2-fold trial: task {job} {rec['JobState']} after {rec['Restarts']} requeue; folds "
+          f"{[m['val_acc'] for m in folds]}")
 
 
 def test_scancel_queues_the_trial_and_a_hard_killed_worker_leaves_it_to_the_next(slurm, tiny_betons, tmp_path):

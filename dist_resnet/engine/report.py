@@ -1,6 +1,7 @@
 """What a run tells: the console and the run folder (dist_resnet.rundir) on rank 0, the trackers
-(TensorBoard and the others the config asks for: dist_resnet.tracking), metrics.json after every epoch, the pictures and per-class results at the end, the
-epoch's sums on the device (read only at a log or an epoch's end), and the run's timing."""
+(TensorBoard and the others the config asks for: dist_resnet.tracking), metrics.json after every epoch,
+the pictures and per-class results at the end, the epoch's sums on the device (read only at a log or an
+epoch's end), and the run's timing."""
 from __future__ import annotations
 
 import sys

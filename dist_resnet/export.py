@@ -1,6 +1,7 @@
 """Export a trained model: a self-describing ONNX graph, or safetensors weights.
 
     python -m dist_resnet.export CHECKPOINT --format onnx --out model.onnx [--ema] [--verify-test-set] [data.dir=DIR]
+    python -m dist_resnet.export CHECKPOINT --format onnx --int8 --out model-int8.onnx [--calibration N] [--verify-test-set]
     python -m dist_resnet.export CHECKPOINT --format safetensors --out model.safetensors [--ema]
 
 - ONNX: the input is float32 RGB, N x 3 x H x W in [0, 1], with a dynamic batch; normalisation (and
@@ -11,6 +12,11 @@
   1, nothing written) if the difference is above 1e-3. `--verify-test-set` runs the whole test beton
   through both and prints both accuracies. The test images come from the checkpoint's `data.dir`
   (override it with `data.dir=DIR`).
+- int8 (`--int8`): the fp32 graph, checked as above, then quantized by onnxruntime (static, QDQ, per-channel
+  weights: dist_resnet.quantize), calibrated on N train images (never the test set); the int8 graph must
+  agree with the fp32 one on the check images. With `--verify-test-set`, both graphs' test accuracy, their
+  agreement, sizes and throughput at batch 1 and 64, against the goals.
+- Every export writes MODEL_CARD.md beside the file (dist_resnet.model_card).
 - safetensors: the weights, plus the config, class names, normalisation and image size as metadata.
   `model.pretrained` and `dist_resnet.predict` accept the file.
 """
@@ -29,11 +35,15 @@ from .config import ConfigError
 from .data.loader import read_resident
 from .data.manifest import Betons, DataError
 from .fileio import atomic_write, sha256
+from . import model_card
 from .models import PixelInput, files
+from .quantize import QuantizeError
 from .trained import arguments, build_trained, open_trained
 
 TOLERANCE = 1e-3  # largest logit difference allowed between onnxruntime and PyTorch (timm's tolerance)
 CHECK_IMAGES = 256
+CALIBRATION_IMAGES = 256  # --int8: train images for calibration
+INT8_AGREEMENT = 0.9  # --int8: the least top-1 agreement with the fp32 graph an int8 export may have
 
 
 class ExportError(RuntimeError):
@@ -115,37 +125,85 @@ def check(model: PixelInput, data: bytes, x: torch.Tensor) -> dict:
             "top1_agreement": (a.argmax(1) == b.argmax(1)).sum().item() / len(x)}
 
 
+def per_class(pred: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    return {c: ((pred == y) & (y == i)).sum().item() / max(1, (y == i).sum().item()) for i, c in enumerate(classes)}
+
+
+def verify_test_set(model: PixelInput, data: bytes, cfg, classes: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Both accuracies on the whole test beton, and the exported graph's per class; the images and labels."""
+    xs, ys = test_images(cfg, None)
+    ort_pred = onnx_logits(data, xs).argmax(1)
+    accs = {"pytorch": (torch_logits(model, xs).argmax(1) == ys).sum().item() / len(ys),
+            "onnxruntime": (ort_pred == ys).sum().item() / len(ys)}
+    print(f"test set ({len(ys)} images): PyTorch {accs['pytorch']:.4f}, onnxruntime {accs['onnxruntime']:.4f}")
+    return ({"test_images": len(ys), "pytorch_test_acc": accs["pytorch"], "onnx_test_acc": accs["onnxruntime"],
+             "per_class": per_class(ort_pred, ys, classes)}, xs, ys)
+
+
+def int8_graph(args, data: bytes, cfg, x: torch.Tensor, tests: tuple | None) -> tuple[bytes, dict]:
+    """--int8: the quantized graph (checked against the fp32 one), and its comparison on the test set."""
+    from . import quantize
+
+    int8 = quantize.quantize_int8(data, quantize.calibration_images(cfg, args.calibration))
+    agree = (onnx_logits(data, x).argmax(1) == onnx_logits(int8, x).argmax(1)).float().mean().item()
+    print(f"int8 vs fp32 graph on {len(x)} test images: top-1 agreement {agree:.2%}")
+    if agree < INT8_AGREEMENT:
+        raise ExportError(f"the int8 graph agrees with the fp32 one on only {agree:.1%} of {len(x)} test images "
+                          f"(< {INT8_AGREEMENT:.0%}); nothing was written to {args.out}")
+    if tests is None:
+        return int8, {"calibration": args.calibration, "check_agreement": agree}
+    comparison = {**quantize.compare(data, int8, *tests), "calibration": args.calibration}
+    print(quantize.table(comparison))
+    return int8, comparison
+
+
+def onnx_file(args, model: PixelInput, mf: files.ModelFile, cfg, size: tuple[int, int], meta: dict) -> dict:
+    """The ONNX export (fp32, or int8 with --int8), checked; what was measured."""
+    x, _ = test_images(cfg, CHECK_IMAGES)
+    data = export_onnx(model, meta, size, args.out)
+    result = check(model, data, x)
+    print(f"onnxruntime vs PyTorch on {result['images']} test images: largest logit difference "
+          f"{result['max_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}")
+    if not result["max_logit_diff"] <= TOLERANCE:
+        raise ExportError(f"the ONNX graph does not compute what the model does: largest logit difference "
+                          f"{result['max_logit_diff']:.2e} > {TOLERANCE:g}; nothing was written to {args.out}")
+    tests = None
+    if args.verify_test_set:
+        measured, *tests = verify_test_set(model, data, cfg, mf.classes)
+        result.update(measured)
+    if args.int8:
+        data, result["int8"] = int8_graph(args, data, cfg, x, tests)
+        if tests is not None:  # the card's per-class figures are the written (int8) graph's
+            result["per_class"] = per_class(onnx_logits(data, tests[0]).argmax(1), tests[1], mf.classes)
+    atomic_write(args.out, lambda f: f.write(data))
+    print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB, {'int8' if args.int8 else 'float32'}): float32 RGB "
+          f"N x 3 x {size[0]} x {size[1]} in [0, 1] -> logits over {len(mf.classes)} classes")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = arguments("dist_resnet.export", __doc__, "export the EMA weights")
     p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--verify-test-set", action="store_true",
-                   help="onnx: run the whole test beton through onnxruntime and PyTorch, print both accuracies")
+                   help="onnx: run the whole test beton through onnxruntime and PyTorch, print both accuracies "
+                        "(with --int8: the fp32 and int8 graphs' accuracy, agreement, size and speed)")
+    p.add_argument("--int8", action="store_true", help="onnx: static int8 quantization (onnxruntime, QDQ)")
+    p.add_argument("--calibration", type=int, default=CALIBRATION_IMAGES,
+                   help=f"--int8: train images to calibrate on (default {CALIBRATION_IMAGES})")
     args = p.parse_intermixed_args(argv)
     try:
+        if args.int8 and args.format != "onnx":
+            raise ConfigError("--int8 quantizes an ONNX graph: use it with --format onnx")
+        if args.calibration < 1:
+            raise ConfigError(f"--calibration {args.calibration}: it must be >= 1 train images")
         model, mf, cfg = pixel_model(args.checkpoint, args.overrides, args.ema)
         size = tuple(mf.image_shape or (32, 32))
         meta = metadata(mf, mf.config, size)
-        if args.format == "safetensors":
-            return save_safetensors(model, meta, args.out)
-        x, _ = test_images(cfg, CHECK_IMAGES)
-        data = export_onnx(model, meta, size, args.out)
-        result = check(model, data, x)
-        print(f"onnxruntime vs PyTorch on {result['images']} test images: largest logit difference "
-              f"{result['max_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}")
-        if not result["max_logit_diff"] <= TOLERANCE:
-            raise ExportError(f"the ONNX graph does not compute what the model does: largest logit difference "
-                              f"{result['max_logit_diff']:.2e} > {TOLERANCE:g}; nothing was written to {args.out}")
-        if args.verify_test_set:
-            xs, ys = test_images(cfg, None)
-            accs = {name: (logits.argmax(1) == ys).sum().item() / len(ys)
-                    for name, logits in (("pytorch", torch_logits(model, xs)), ("onnxruntime", onnx_logits(data, xs)))}
-            result.update({"test_images": len(ys), "pytorch_test_acc": accs["pytorch"],
-                           "onnx_test_acc": accs["onnxruntime"]})
-            print(f"test set ({len(ys)} images): PyTorch {accs['pytorch']:.4f}, onnxruntime {accs['onnxruntime']:.4f}")
-        atomic_write(args.out, lambda f: f.write(data))
-        print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB): float32 RGB N x 3 x {size[0]} x {size[1]} in [0, 1] "
-              f"-> logits over {len(mf.classes)} classes")
+        result = (save_safetensors(model, meta, args.out) if args.format == "safetensors"
+                  else onnx_file(args, model, mf, cfg, size, meta))
+        params = sum(t.numel() for t in model.parameters())
+        print(f"wrote {model_card.write(Path(args.out), mf, cfg, size, params, result)}")
         return result
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"dist_resnet.export: error: {e}", file=sys.stderr)
@@ -154,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"dist_resnet.export: error: {e.name or e} is not installed: pip install 'dist_resnet[export]'",
               file=sys.stderr)
         raise SystemExit(2) from None
-    except ExportError as e:
+    except (ExportError, QuantizeError) as e:
         print(f"dist_resnet.export: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -1,0 +1,165 @@
+"""int8 ONNX: static post-training quantization of an exported fp32 graph with onnxruntime, and the
+measurements that say what it costs and gains.
+
+- `quantize_int8`: onnxruntime's pre-processing (`quant_pre_process`: shape inference and graph
+  optimisation), then `quantize_static` in QDQ format with per-channel int8 weights and uint8 activations,
+  calibrated (MinMax) on images of the **train** beton, never the test set. The normalisation stays inside
+  the graph (the input is still float RGB in [0, 1]), and the fp32 graph's metadata is carried over.
+- `compare`: both graphs on the same images with onnxruntime (top-1 of each, their agreement), and their
+  throughput at batch 1 and 64, measured side by side (the two alternate, round after round).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.loader import read_resident
+from .data.manifest import Betons, DataError
+
+CALIBRATION_SEED = 0xCA1
+GOALS = {"top1_drop_points": 0.5, "size_ratio": 0.3, "speedup_64": 1.5}
+
+
+class QuantizeError(RuntimeError):
+    """The graph could not be quantized; the message names what."""
+
+
+def calibration_images(cfg, count: int) -> torch.Tensor:
+    """`count` train images (seeded, without replacement) as float RGB in [0, 1]: what calibration sees."""
+    try:
+        betons = Betons.open(cfg.data.dir)
+    except DataError as e:
+        raise DataError(f"int8 calibration needs real train images: {e}; pass data.dir=DIR") from None
+    n = betons.count("train")
+    idx = np.sort(np.random.default_rng(CALIBRATION_SEED).choice(n, min(count, n), replace=False))
+    x, _ = read_resident(betons, cfg.data, "train", idx, torch.device("cpu"), torch.float32, False)
+    return x / 255
+
+
+class Batches:
+    """onnxruntime's CalibrationDataReader over fixed images, 32 at a time."""
+
+    def __init__(self, name: str, x: torch.Tensor, batch: int = 32):
+        self.items = iter([{name: x[i:i + batch].numpy()} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
+    """The int8 QDQ graph of `fp32`, calibrated on `calibration`, with the fp32 graph's metadata."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(out), Batches("image", calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises many types; name the failure
+            raise QuantizeError(f"onnxruntime could not quantize this graph ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
+        proto = onnx.load(str(out))
+    source = onnx.load_from_string(fp32)
+    del proto.metadata_props[:]
+    for p in source.metadata_props:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = p.key, p.value
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "quantization", f"int8 static QDQ, per-channel weights, {len(calibration)} train images"
+    return proto.SerializeToString()
+
+
+# operators onnxruntime's CPU provider runs in int8 when a QDQ pair surrounds them
+INT8_KERNELS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Resize"}
+COMPUTE = INT8_KERNELS | {"Sub", "Div", "Gelu", "Erf", "ReduceMean", "ReduceMax", "BatchNormalization", "Sigmoid",
+                          "Tanh", "Softmax", "Pow", "Sqrt"}
+
+
+def float_ops(data: bytes) -> list[str]:
+    """The compute operators of a QDQ graph left in float: without an int8 kernel, or not quantized."""
+    import onnx
+
+    graph = onnx.load_from_string(data).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sorted({n.op_type for n in graph.node if n.op_type in COMPUTE
+                   and (n.op_type not in INT8_KERNELS or not set(n.input) & dequantized)})
+
+
+def session(data: bytes, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def logits(sess, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, len(x), batch)])
+
+
+def throughput(sessions: dict, x: torch.Tensor, batch: int, rounds: int = 5, seconds: float = 0.5) -> dict:
+    """Images per second of each session at `batch`, as mean and std over `rounds`; the sessions take turns
+    within each round, so the machine's load falls on both alike."""
+    feed = x[:batch].numpy()
+    rates: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():  # warm-up
+        s.run(None, {s.get_inputs()[0].name: feed})
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            inp, n, t0 = {s.get_inputs()[0].name: feed}, 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                s.run(None, inp)
+                n += 1
+            rates[name].append(n * batch / (time.perf_counter() - t0))
+    return {k: (statistics.fmean(v), statistics.stdev(v)) for k, v in rates.items()}
+
+
+def compare(fp32: bytes, int8: bytes, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Accuracy, agreement, size and speed of the two graphs on the images `x` (labels `y`)."""
+    sessions = {"fp32": session(fp32), "int8": session(int8)}
+    preds = {k: logits(s, x).argmax(1) for k, s in sessions.items()}
+    labels = y.numpy()
+    out = {"images": len(labels), **{f"{k}_top1": float((p == labels).mean()) for k, p in preds.items()},
+           "agreement": float((preds["fp32"] == preds["int8"]).mean()), "fp32_bytes": len(fp32),
+           "int8_bytes": len(int8), "float_ops": float_ops(int8)}
+    for batch in (1, 64):
+        for k, (mean, std) in throughput(sessions, x, batch).items():
+            out[f"{k}_img_per_s_b{batch}"], out[f"{k}_img_per_s_b{batch}_std"] = mean, std
+    out["top1_drop_points"] = 100 * (out["fp32_top1"] - out["int8_top1"])
+    out["size_ratio"] = len(int8) / len(fp32)
+    out["speedup_1"] = out["int8_img_per_s_b1"] / out["fp32_img_per_s_b1"]
+    out["speedup_64"] = out["int8_img_per_s_b64"] / out["fp32_img_per_s_b64"]
+    out["goals"] = {"top1_drop_points": out["top1_drop_points"] <= GOALS["top1_drop_points"],
+                    "size_ratio": out["size_ratio"] <= GOALS["size_ratio"],
+                    "speedup_64": out["speedup_64"] >= GOALS["speedup_64"]}
+    return out
+
+
+def table(r: dict) -> str:
+    """The comparison as a Markdown table, with the goals."""
+    mark = {True: "met", False: "missed"}
+    g = r["goals"]
+    rows = [("top-1", f"{r['fp32_top1']:.4f}", f"{r['int8_top1']:.4f}",
+             f"drop {r['top1_drop_points']:.2f} points ≤ 0.5: {mark[g['top1_drop_points']]}"),
+            ("top-1 agreement", "", f"{r['agreement']:.4f}", ""),
+            ("file size", f"{r['fp32_bytes'] / 2**20:.2f} MiB", f"{r['int8_bytes'] / 2**20:.2f} MiB",
+             f"{r['size_ratio']:.2f}x ≤ 0.3x: {mark[g['size_ratio']]}")]
+    for b in (1, 64):
+        rows.append((f"img/s, batch {b}", f"{r[f'fp32_img_per_s_b{b}']:.0f} ± {r[f'fp32_img_per_s_b{b}_std']:.0f}",
+                     f"{r[f'int8_img_per_s_b{b}']:.0f} ± {r[f'int8_img_per_s_b{b}_std']:.0f}",
+                     f"{r[f'speedup_{b}']:.2f}x" + (f" ≥ 1.5x: {mark[g['speedup_64']]}" if b == 64 else "")))
+    lines = ["| on the test set | fp32 | int8 | goal |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    note = f"operators left in float: {', '.join(r['float_ops']) or 'none'}"
+    return "\n".join(lines) + f"\n\n{r['images']} test images; {note}\n"

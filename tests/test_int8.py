@@ -1,0 +1,89 @@
+"""int8 ONNX (export --int8): static QDQ quantization calibrated on train images, compared with the fp32
+graph on the test set, read by predict like any .onnx, described in MODEL_CARD.md."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_resnet import export, predict
+
+onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install -e '.[export]'")
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained_run, betons, tmp_path_factory) -> tuple:
+    out = tmp_path_factory.mktemp("int8") / "model-int8.onnx"
+    result = export.main([str(trained_run / "last.pt"), f"data.dir={betons}", "--format", "onnx", "--int8", "--out",
+                          str(out), "--verify-test-set", "--calibration", "128"])
+    return out, result
+
+
+def test_int8_keeps_the_accuracy_in_a_third_of_the_size(int8_export):
+    out, r = int8_export
+    q = r["int8"]
+    print(f"int8 on {q['images']} test images: top-1 fp32 {q['fp32_top1']:.4f} int8 {q['int8_top1']:.4f}, agreement "
+          f"{q['agreement']:.4f}, size {q['size_ratio']:.2f}x, batch-64 speed {q['speedup_64']:.2f}x "
+          f"(batch 1: {q['speedup_1']:.2f}x), float ops {q['float_ops']}")
+    assert q["images"] == 1000 and q["fp32_top1"] == r["onnx_test_acc"]
+    assert abs(q["top1_drop_points"]) <= 2.0 and q["agreement"] >= 0.95  # 1,000 images: 1 point = 10 of them
+    assert q["size_ratio"] <= 0.3 and q["int8_bytes"] == out.stat().st_size
+    assert q["fp32_img_per_s_b64"] > 0 and q["int8_img_per_s_b1"] > 0  # measured; never judged on time
+    graph = onnx.load(str(out))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    w = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert w and max(len(i.dims) for i in w) == 4  # the conv weights are int8
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(meta["input_size"]) == [32, 32] and "int8 static QDQ" in meta["quantization"]
+    assert "Sub" in q["float_ops"] and "Div" in q["float_ops"]  # the normalisation is in the graph, in float
+
+
+def test_predict_reads_the_int8_file_like_any_onnx(int8_export, subset_dir, capsys):
+    out, _ = int8_export
+    predict.main([str(out), str(subset_dir / "test" / "ship"), "--json"])
+    preds = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(preds) == 100 and sum(p["top"][0]["class"] == "ship" for p in preds) > 50
+
+
+def test_the_model_card_holds_the_measured_figures(int8_export, trained_run):
+    out, r = int8_export
+    card = (out.parent / "MODEL_CARD.md").read_text()
+    q = r["int8"]
+    assert f"| top-1 | {q['fp32_top1']:.4f} | {q['int8_top1']:.4f} |" in card
+    from dist_resnet.models import build_model
+
+    params = sum(p.numel() for p in build_model("resnet9", 10, 16).parameters())
+    assert f"resnet9, width 16, batch norm, {params:,} parameters" in card
+    ckpt = torch.load(trained_run / "last.pt", weights_only=True)
+    assert ckpt["data"]["train"] in card and ckpt["data"]["test"] in card  # the betons' sha256
+    last = [h for h in ckpt["history"] if "test_acc" in h][-1]
+    assert f"{last['test_acc']:.4f} on {last['test_count']} images" in card
+    for c, acc in r["per_class"].items():
+        assert f"| {c} | {acc:.3f} |" in card
+    assert "JPEG quality 75" in card and "## Training config" in card and "in [0, 1]" in card
+
+
+@pytest.mark.parametrize("name, overrides", [("fastnet", []), ("tv_resnet18", [])])
+def test_fastnet_and_torchvision_resnets_quantize(name, overrides, tiny_betons):
+    from dist_resnet.config import load_config
+    from dist_resnet.models import PixelInput, build_model
+    from dist_resnet.quantize import calibration_images, quantize_int8, session
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"data.dir={tiny_betons}", "run.dir=unused", f"model.name={name}", *overrides])
+    model = PixelInput(build_model(name, 10, 64 if name.startswith("tv_") else 16), [0.5] * 3, [0.25] * 3).eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        model.train()
+        model(calibration_images(cfg, 64))
+        model.eval()
+    meta = {"classes": json.dumps(list("abcdefghij"))}
+    fp32 = export.export_onnx(model, meta, (32, 32), "unused")
+    int8 = quantize_int8(fp32, calibration_images(cfg, 64))
+    x = calibration_images(cfg, 32).numpy()
+    a, b = (session(g).run(None, {"image": x})[0] for g in (fp32, int8))
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    print(f"{name}: int8 vs fp32 logits, cosine {cos.min():.4f} (worst of 32 images)")
+    assert cos.min() > 0.98 and len(int8) < 0.4 * len(fp32)  # small nets: the scales and zero points weigh more

@@ -30,7 +30,7 @@ $(BIN)/.installed: pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,export,sweep,tracking]'
+	$(BIN)/python -m pip install -q -e '.[test,export,sweep,tracking,explain]'
 	touch $@
 
 data: setup

@@ -3,7 +3,12 @@ per-class accuracy and the confusion matrix.
 
     python -m dist_resnet.evaluate runs/r18/best.pt [data.dir=DIR] [train.tta=flip] [--ema] [--out r.json]
                                    [--confusion confusion.png] [--attack pgd --steps 50 --restarts 10 --eps 8]
+                                   [--mistakes mistakes.png [--mistakes-count 16] [--mistakes-class cat]]
     torchrun --nproc_per_node=4 -m dist_resnet.evaluate runs/r18/best.pt
+
+`--mistakes PNG` draws the test set's most confident mistakes (overall, or of one true class) in a grid:
+image with the Grad-CAM heat map of the predicted class, true and predicted label, confidence
+(dist_resnet.explain).
 
 `--attack pgd` also reports the accuracy under an L-infinity PGD attack (`test_robust_acc`): an image
 counts if it is classified correctly as it is and after every restart. Sizes are in pixel levels (0-255)
@@ -38,12 +43,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--alpha", type=float, help="PGD step size in pixel levels; default adv.eval_alpha")
     p.add_argument("--steps", type=int, help="PGD steps; default adv.eval_steps")
     p.add_argument("--restarts", type=int, help="PGD random restarts; default adv.eval_restarts")
+    p.add_argument("--mistakes", metavar="PNG", help="draw the most confident mistakes, with Grad-CAM, into this PNG")
+    p.add_argument("--mistakes-count", type=int, default=16, help="how many (default 16)")
+    p.add_argument("--mistakes-class", metavar="NAME", help="only images of this true class (default: all)")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
+        if args.mistakes_count < 1 or (args.mistakes_class and not args.mistakes):
+            raise ConfigError("--mistakes-count must be >= 1, and --mistakes-class needs --mistakes PNG")
         attack_keys = {"eps": args.eps, "eval_alpha": args.alpha, "eval_steps": args.steps,
                        "eval_restarts": args.restarts}
         overrides = args.overrides + [f"adv.{k}={v}" for k, v in attack_keys.items() if v is not None]
         mf, trained, cfg = open_trained(args.checkpoint, overrides, args.ema)  # the config checks the sizes
+        if args.mistakes_class is not None and args.mistakes_class not in (mf.classes or [args.mistakes_class]):
+            raise ConfigError(f"--mistakes-class {args.mistakes_class}: not one of the model's classes "
+                              f"({', '.join(mf.classes)})")
     except (ConfigError, CheckpointError) as e:
         print(f"dist_resnet.evaluate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -72,10 +85,26 @@ def main(argv: list[str] | None = None) -> dict:
                 write_json(args.out, result)
             if args.confusion:
                 plot.confusion(args.confusion, result["confusion"], classes, args.checkpoint)
+            if args.mistakes:
+                single = Feed(env.device, feed.dtype, feed.channels_last, mean, std, 0, 1, env.threads)
+                draw_mistakes(args, model, TestData(betons, cfg.data, single, data.batch_size), mean, std, classes)
         return result
 
     return distributed.run_job("dist_resnet.evaluate", cfg.train.device.value, job,
                                (ConfigError, DataError, CheckpointError), cfg.train.timeout_s)
+
+
+def draw_mistakes(args, model, data: TestData, mean: list[float], std: list[float], classes: list[str]) -> None:
+    """--mistakes: the most confident mistakes on the whole test set (one process), with their heat maps."""
+    from .explain import grid, mistakes
+
+    true = None if args.mistakes_class is None else classes.index(args.mistakes_class)
+    cells = mistakes(model, data, mean, std, classes, args.mistakes_count, true)
+    which = f"true class {args.mistakes_class}" if true is not None else "all classes"
+    grid(args.mistakes, cells, f"the {len(cells)} most confident mistakes on the test set ({which}); "
+                               "Grad-CAM of the predicted class")
+    print(f"wrote {args.mistakes}: {len(cells)} mistakes, confidence {cells[0]['confidence']:.0%} to "
+          f"{cells[-1]['confidence']:.0%}" if cells else f"no mistakes to draw ({which})")
 
 
 if __name__ == "__main__":

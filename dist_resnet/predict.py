@@ -1,13 +1,15 @@
 """Predict the classes of image files with a trained model.
 
     python -m dist_resnet.predict CHECKPOINT PATH... [--topk 5] [--json] [--tta flip] [--device cpu|cuda]
+                                  [--explain OUT_DIR [--explain-class NAME]]
 
 CHECKPOINT is one of our checkpoints (.pt), an exported .safetensors or an exported .onnx (run with
 onnxruntime). PATHs are image files or folders (searched recursively for image files). Every image is
 converted to RGB and resized to the size the model was trained on (said once, on stderr). Output: one
 line per image, `PATH<TAB>class prob<TAB>...`, or one JSON object per line with --json. A file that is
 not an image gets an error line on stderr naming it, the others are still predicted, and the exit code
-is 2.
+is 2. `--explain OUT_DIR` also writes, per image, the image with the Grad-CAM heat map of the predicted
+class (or `--explain-class`) and the top-k labels (dist_resnet.explain); it needs the weights, not an .onnx.
 """
 from __future__ import annotations
 
@@ -117,9 +119,37 @@ def open_model(path: str, device: torch.device, ema: bool = False):
     return OnnxModel(path) if path.endswith(".onnx") else TorchModel(path, device, ema)
 
 
+class Explainer:
+    """--explain OUT_DIR: a Grad-CAM overlay per image (dist_resnet.explain), of the predicted class or of
+    `--explain-class`."""
+
+    def __init__(self, model, out_dir: str, class_name: str | None):
+        if isinstance(model, OnnxModel):
+            raise PredictError("--explain needs the model's weights (Grad-CAM takes gradients inside the net): give "
+                               "the checkpoint (.pt) or the .safetensors file, not an .onnx graph")
+        if class_name is not None and class_name not in model.classes:
+            raise PredictError(f"--explain-class {class_name}: not one of the model's classes "
+                               f"({', '.join(model.classes)})")
+        from .explain import GradCam
+
+        self.cam, self.classes, self.out = GradCam(model.model), model.classes, Path(out_dir)
+        self.target = None if class_name is None else model.classes.index(class_name)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, batch: list, x: torch.Tensor, tops: list[list[tuple[str, float]]]) -> None:
+        from .explain import overlay
+
+        targets = [self.classes.index(t[0][0]) if self.target is None else self.target for t in tops]
+        heat = self.cam(x, torch.tensor(targets)).numpy()
+        for (path, image), h, top, t in zip(batch, heat, tops, targets):
+            explained = self.classes[t] + (" (predicted)" if self.target is None else "")
+            overlay(self.out / f"{path.parent.name}_{path.stem}.png", image, h, top, explained)
+
+
 def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: bool, out=None,
-        err=None) -> tuple[int, int]:
-    """Predict every image; (predicted, failed). Results stream out batch by batch."""
+        err=None, explain=None) -> tuple[int, int]:
+    """Predict every image; (predicted, failed). Results stream out batch by batch; `explain` (an
+    Explainer) draws each batch's heat maps."""
     out, err = out or sys.stdout, err or sys.stderr
     k = min(topk, len(model.classes))
     done = failed = 0
@@ -129,15 +159,18 @@ def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: 
         nonlocal done
         if not batch:
             return
+        x = model.inputs(np.stack([im for _, im in batch]))
         with torch.no_grad(), model.context():
-            logits = predict(model.model, model.inputs(np.stack([im for _, im in batch])), tta)
+            logits = predict(model.model, x, tta)
         probs, idx = torch.softmax(logits.float(), 1).topk(k, 1)
-        for (path, _), p, i in zip(batch, probs.tolist(), idx.tolist()):
-            top = [(model.classes[c], q) for c, q in zip(i, p)]
+        tops = [[(model.classes[c], q) for c, q in zip(i, p)] for p, i in zip(probs.tolist(), idx.tolist())]
+        for (path, _), top in zip(batch, tops):
             if as_json:
                 print(json.dumps({"path": str(path), "top": [{"class": c, "prob": q} for c, q in top]}), file=out)
             else:
                 print(f"{path}\t" + "\t".join(f"{c} {q:.4f}" for c, q in top), file=out)
+        if explain is not None:
+            explain(batch, x, tops)
         done += len(batch)
 
     batch: list[tuple[Path, np.ndarray]] = []
@@ -175,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the training batch)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay per image into OUT_DIR")
+    p.add_argument("--explain-class", metavar="NAME", help="with --explain: explain this class, not the predicted one")
     args = p.parse_args(argv)
     try:
         if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
@@ -183,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("--device cuda but CUDA is not available here; use --device cpu")
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         model = open_model(args.checkpoint, device, args.ema)
-        done, failed = run(model, args.paths, args.topk, TTA(args.tta), args.batch_size or model.batch_size, args.json)
+        if args.explain_class and not args.explain:
+            raise PredictError("--explain-class needs --explain OUT_DIR")
+        explain = Explainer(model, args.explain, args.explain_class) if args.explain else None
+        done, failed = run(model, args.paths, args.topk, TTA(args.tta), args.batch_size or model.batch_size, args.json,
+                           explain=explain)
     except (PredictError, CheckpointError, ConfigError) as e:
         print(f"dist_resnet.predict: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

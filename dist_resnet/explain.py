@@ -51,23 +51,27 @@ class GradCam:
         return (heat / peak).cpu()
 
 
-def _show(ax, image: np.ndarray, heat: np.ndarray | None, title: str, size: float) -> None:
+def _show(ax, image: np.ndarray, heat: np.ndarray | None, title: str, size: float):
     h, w = image.shape[:2]
     ax.imshow(image, interpolation="nearest" if max(h, w) < 128 else "antialiased", extent=(0, w, h, 0))
+    shown = None
     if heat is not None:
-        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear", extent=(0, w, h, 0))
+        shown = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear",
+                          extent=(0, w, h, 0))
     ax.set_title(title, fontsize=size)
     ax.set_xticks([])
     ax.set_yticks([])
+    return shown
 
 
 def overlay(path: str | Path, image: np.ndarray, heat: np.ndarray, top: list[tuple[str, float]],
             explained: str) -> Path:
     """One image: itself, its heat map for `explained` overlaid, and the top-k labels beside."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.4), gridspec_kw={"width_ratios": [1, 1, 0.9]})
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1, 1, 0.9], "wspace": 0.45})
     _show(axes[0], image, None, "image", 10)
-    _show(axes[1], image, heat, f"Grad-CAM: {explained}", 10)
+    shown = _show(axes[1], image, heat, f"Grad-CAM: {explained}", 10)
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.03).set_label("heat / peak", fontsize=8)
     axes[2].axis("off")
     lines = "\n".join(f"{i + 1}. {c}  {p:.1%}" for i, (c, p) in enumerate(top))
     axes[2].text(0.0, 0.95, f"top {len(top)}\n\n{lines}", va="top", ha="left", fontsize=10, family="monospace",
@@ -80,7 +84,7 @@ def grid(path: str | Path, cells: list[dict], title: str, columns: int = 4) -> P
     """Images with heat maps in a grid; each cell: {"image", "heat", "label"}."""
     plt = _pyplot()
     rows = max(1, -(-len(cells) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, cell in zip(axes.flat, cells):

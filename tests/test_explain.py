@@ -146,3 +146,31 @@ def test_evaluate_draws_the_most_confident_mistakes(trained_run, betons, tmp_pat
     assert len(cells) == 8 and confidences == sorted(confidences, reverse=True)
     assert all(c["true"] != c["pred"] and c["heat"].shape == (32, 32) and c["heat"].max() == 1 for c in cells)
     assert all(c["image"].shape == (32, 32, 3) and c["image"].dtype == np.uint8 for c in cells)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet18", "resnet9", "fastnet", "tv_resnet18"])
+def test_grad_cam_takes_every_model_familys_last_stage(name):
+    from dist_resnet.explain import GradCam, target_layer
+    from dist_resnet.models import build_model, with_input
+
+    torch.manual_seed(0)
+    net = build_model(name, 10, 64 if name.startswith("tv_") else 8, residual=name == "fastnet").eval()
+    model = with_input(net, 128 if name.startswith("tv_") else 0)  # torchvision's stride 32 wants larger inputs
+    assert target_layer(model) is net.stage_modules()[-1][1][-1]
+    heat = GradCam(model)(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    peaks = heat.amax((1, 2))
+    assert heat.shape == (3, 32, 32) and heat.min() >= 0 and ((peaks - 1).abs() < 1e-6).any()
+    assert ((peaks - 1).abs() < 1e-6).logical_or(peaks == 0).all()  # scaled to its peak (or none: a random net)
+    assert (heat.flatten(1).std(1) > 0).any()  # a map, not a constant
+
+
+def test_a_safetensors_file_explains_like_its_checkpoint(trained_run, subset_dir, tmp_path):
+    from dist_resnet import export, predict
+
+    export.main([str(trained_run / "last.pt"), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    assert (tmp_path / "MODEL_CARD.md").is_file()
+    image = str(subset_dir / "test" / "dog" / "0002.jpg")
+    for src, out in ((trained_run / "last.pt", "a"), (tmp_path / "m.safetensors", "b")):
+        predict.main([str(src), image, "--explain", str(tmp_path / out)])
+    a, b = (np.asarray(__import__("PIL.Image").Image.open(tmp_path / d / "dog_0002.png")) for d in "ab")
+    assert a.shape == b.shape and np.array_equal(a, b)  # the same weights, the same picture

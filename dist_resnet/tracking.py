@@ -119,8 +119,8 @@ class MLflow:
         probe(uri)
         from mlflow.tracking import MlflowClient
 
-        self.client, self.uri = MlflowClient(uri), uri
-        self.run_id = _ids(run_dir).get("mlflow_run_id") if _ids(run_dir).get("mlflow_uri") == uri else None
+        self.client, self.uri, ids = MlflowClient(uri), uri, _ids(run_dir)
+        self.run_id = ids.get("mlflow_run_id") if ids.get("mlflow_uri") == uri else None
         if self.run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             exp = found.experiment_id if found is not None else self.client.create_experiment(experiment)

@@ -119,14 +119,17 @@ def open_model(path: str, device: torch.device, ema: bool = False):
     return OnnxModel(path) if path.endswith(".onnx") else TorchModel(path, device, ema)
 
 
+EXPLAIN_NEEDS_WEIGHTS = ("--explain needs the model's weights (Grad-CAM takes gradients inside the net): give the "
+                         "checkpoint (.pt) or the .safetensors file, not an .onnx graph")
+
+
 class Explainer:
     """--explain OUT_DIR: a Grad-CAM overlay per image (dist_resnet.explain), of the predicted class or of
     `--explain-class`."""
 
     def __init__(self, model, out_dir: str, class_name: str | None):
         if isinstance(model, OnnxModel):
-            raise PredictError("--explain needs the model's weights (Grad-CAM takes gradients inside the net): give "
-                               "the checkpoint (.pt) or the .safetensors file, not an .onnx graph")
+            raise PredictError(EXPLAIN_NEEDS_WEIGHTS)
         if class_name is not None and class_name not in model.classes:
             raise PredictError(f"--explain-class {class_name}: not one of the model's classes "
                                f"({', '.join(model.classes)})")
@@ -216,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("--topk and --batch-size must be >= 1")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise PredictError("--device cuda but CUDA is not available here; use --device cpu")
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        model = open_model(args.checkpoint, device, args.ema)
         if args.explain_class and not args.explain:
             raise PredictError("--explain-class needs --explain OUT_DIR")
+        if args.explain and args.checkpoint.endswith(".onnx"):
+            raise PredictError(EXPLAIN_NEEDS_WEIGHTS)
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        model = open_model(args.checkpoint, device, args.ema)
         explain = Explainer(model, args.explain, args.explain_class) if args.explain else None
         done, failed = run(model, args.paths, args.topk, TTA(args.tta), args.batch_size or model.batch_size, args.json,
                            explain=explain)

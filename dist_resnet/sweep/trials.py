@@ -71,14 +71,15 @@ class Forked:
     dist_resnet (and FFCV, for trials that decode with it) once and never touched CUDA, with Popen's
     poll()/returncode."""
 
-    def __init__(self, argv: list[str], env: dict, log: Path, ffcv: bool):
+    def __init__(self, argv: list[str], env: dict, log: Path, ffcv: bool, mlflow: bool = False):
         import multiprocessing as mp
 
         global _forkserver
-        if _forkserver is None:
+        if _forkserver is None:  # mlflow: its import takes seconds, in every trial that tracks to it
             _forkserver = mp.get_context("forkserver")
             _forkserver.set_forkserver_preload(["torch._dynamo", "torch.utils.tensorboard", "matplotlib.pyplot",
-                                                *(["ffcv"] if ffcv else []), "dist_resnet.train"])
+                                                *(["ffcv"] if ffcv else []), *(["mlflow.tracking"] if mlflow else []),
+                                                "dist_resnet.train"])
         self.process = _forkserver.Process(target=_train_in_child, args=(argv, env, str(log)))
         with stop_signals_blocked():  # the forkserver, started now, must outlive a stop; the trainer unblocks
             from multiprocessing import resource_tracker
@@ -103,13 +104,13 @@ class Forked:
         return self.process.exitcode
 
 
-def start(argv: list[str], gpus: list[str], log: Path, ffcv: bool):
+def start(argv: list[str], gpus: list[str], log: Path, ffcv: bool, mlflow: bool = False):
     """The trial's training, started: torchrun for several GPUs; else a process forked by a forkserver that
     imported torch, dist_resnet and, with `ffcv` (data.pipeline=ffcv), FFCV once (2-10 s a trial saved).
     Its output goes to `log`."""
     env = {"PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     if len(gpus) <= 1:
-        return Forked(argv, env, log, ffcv)
+        return Forked(argv, env, log, ffcv, mlflow)
     with open(log, "a") as f, stop_signals_blocked():  # torchrun dies of USR1: only its workers act on it
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc_per_node={len(gpus)}", "-m", "dist_resnet.train", *argv],
@@ -151,7 +152,7 @@ class TrialRun:
         run_dir.mkdir(parents=True, exist_ok=True)
         renew_lease(self.folder)
         self.t0 = time.time()
-        self.proc = start(argv, gpus, run_dir / "train.log", cfg.data.pipeline == Pipeline.ffcv)
+        self.proc = start(argv, gpus, run_dir / "train.log", cfg.data.pipeline == Pipeline.ffcv, bool(cfg.run.mlflow))
         self.reported: set[int] = set()
         self.pruned = self.stopping = False
 

@@ -109,32 +109,12 @@ def trial_states(sweep_dir: Path, study: str) -> list[tuple[str, str, str]]:
     return [(t.state.name, t.user_attrs.get("run_dir", ""), t.user_attrs.get("error", "").split(":")[0]) for t in s.trials]
 
 
-def test_slurm_sweep_task_stops_requeues_and_resumes_its_trial(slurm, tiny_betons, tmp_path):
+def test_slurm_sweep_task_stops_requeues_and_resumes_its_k_fold_trial(slurm, tiny_betons, tmp_path):
     """The time-limit warning reaches the batch shell, which passes it to srun, which delivers it to every
-    process of the step: the sweep, its forkserver and the trainer. The trial checkpoints and is queued,
-    the task requeues, and the requeued task resumes the trial from its checkpoint and completes it,
-    counted once."""
-    job = submit_sweep(slurm, tmp_path, tiny_betons, "sw")
-    trial = tmp_path / "sweeps" / "sw" / "trial-0000"
-    slurm.await_file(job, (trial / "ckpt-00000008.pt").exists, "epoch 1's checkpoint")
-    slurm.run("scancel", "-s", "USR1", "-b", job)
-    slurm.requeued(job)
-    rec = slurm.wait(job, ended, what="the end of the requeued task")
-    log = job_output(tmp_path, "sw")
-    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", (rec, log)
-    assert "trials checkpointed and queued to resume; requeueing task" in log, log
-    train_log = (trial / "train.log").read_text()
-    assert "stopped (SIGUSR1)" in train_log and "resumed from" in train_log, train_log
-    assert json.loads((trial / "metrics.json").read_text())["completed"]
-    states = trial_states(tmp_path / "sweeps" / "sw", "sw")
-    assert states == [("FAIL", "trial-0000", "interrupted"), ("COMPLETE", "trial-0000", "")], states
-    assert "2 trials: 1 complete, 0 pruned, 0 failed, 1 interrupted and resumed" in log, log  # 1 trial, 2 runs
-    print(f"real Slurm sweep: task {job} {rec['JobState']} after {rec['Restarts']} requeue; trials {states}")
-
-
-def test_a_k_fold_trial_resumes_per_fold_after_a_requeue(slurm, tiny_betons, tmp_path):
-    """--folds 2: USR1 while fold 1 trains. Fold 0, complete, is kept; fold 1 resumes from its own checkpoint;
-    the trial's value is the mean of both."""
+    process of the step: the sweep, its forkserver and the trainer. Here the trial has 2 folds (--folds 2)
+    and the warning comes while fold 1 trains: the fold checkpoints, the trial is queued, the task requeues,
+    and the requeued task keeps fold 0 (complete), resumes fold 1 from its own checkpoint and completes the
+    trial, counted once, its value the mean of both folds."""
     job = submit_sweep(slurm, tmp_path, tiny_betons, "kf", "--folds", "2", *TINY[2:], "train.stop_check_every=2",
                        "train.epochs=3")
     trial = tmp_path / "sweeps" / "kf" / "trial-0000"
@@ -144,6 +124,8 @@ def test_a_k_fold_trial_resumes_per_fold_after_a_requeue(slurm, tiny_betons, tmp
     rec = slurm.wait(job, ended, what="the end of the requeued task")
     log = job_output(tmp_path, "kf")
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", (rec, log)
+    assert "trials checkpointed and queued to resume; requeueing task" in log, log
+    assert "2 trials: 1 complete, 0 pruned, 0 failed, 1 interrupted and resumed" in log, log  # 1 trial, 2 runs
     folds = [json.loads((trial / f"fold-{i}" / "metrics.json").read_text()) for i in range(2)]
     assert all(m["completed"] and m["epochs"] == 3 for m in folds)
     assert "already finished" in (trial / "fold-0" / "train.log").read_text()  # kept, not trained again
@@ -153,8 +135,8 @@ def test_a_k_fold_trial_resumes_per_fold_after_a_requeue(slurm, tiny_betons, tmp
     assert states == [("FAIL", "trial-0000", "interrupted"), ("COMPLETE", "trial-0000", "")], states
     table = sweep.main(["--report", str(tmp_path / "sweeps" / "kf")])["table"]
     assert table[-1]["val_acc"] == pytest.approx((folds[0]["val_acc"] + folds[1]["val_acc"]) / 2)
-    print(f"real Slurm 2-fold trial: task {job} {rec['JobState']} after {rec['Restarts']} requeue; folds "
-          f"{[m['val_acc'] for m in folds]}")
+    print(f"real Slurm sweep: task {job} {rec['JobState']} after {rec['Restarts']} requeue; trials {states}; "
+          f"folds {[m['val_acc'] for m in folds]}")
 
 
 def test_scancel_queues_the_trial_and_a_hard_killed_worker_leaves_it_to_the_next(slurm, tiny_betons, tmp_path):

@@ -152,7 +152,7 @@ def int8_graph(args, data: bytes, cfg, x: torch.Tensor, tests: tuple | None) -> 
                           f"(< {INT8_AGREEMENT:.0%}); nothing was written to {args.out}")
     if tests is None:
         return int8, {"calibration": args.calibration, "check_agreement": agree}
-    comparison = {**quantize.compare(data, int8, *tests), "calibration": args.calibration}
+    comparison = {**quantize.compare(data, int8, *tests, seconds=args.speed_seconds), "calibration": args.calibration}
     print(quantize.table(comparison))
     return int8, comparison
 
@@ -191,12 +191,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--int8", action="store_true", help="onnx: static int8 quantization (onnxruntime, QDQ)")
     p.add_argument("--calibration", type=int, default=CALIBRATION_IMAGES,
                    help=f"--int8: train images to calibrate on (default {CALIBRATION_IMAGES})")
+    p.add_argument("--speed-seconds", type=float, default=0.5,
+                   help="--int8 --verify-test-set: seconds per graph in each of the 5 rounds of the speed measurement")
     args = p.parse_intermixed_args(argv)
     try:
         if args.int8 and args.format != "onnx":
             raise ConfigError("--int8 quantizes an ONNX graph: use it with --format onnx")
-        if args.calibration < 1:
-            raise ConfigError(f"--calibration {args.calibration}: it must be >= 1 train images")
+        if args.calibration < 1 or args.speed_seconds <= 0:
+            raise ConfigError(f"--calibration {args.calibration} must be >= 1 train images and --speed-seconds "
+                              f"{args.speed_seconds:g} > 0")
         model, mf, cfg = pixel_model(args.checkpoint, args.overrides, args.ema)
         size = tuple(mf.image_shape or (32, 32))
         meta = metadata(mf, mf.config, size)

@@ -125,8 +125,9 @@ def throughput(sessions: dict, x: torch.Tensor, batch: int, rounds: int = 5, sec
     return {k: (statistics.fmean(v), statistics.stdev(v)) for k, v in rates.items()}
 
 
-def compare(fp32: bytes, int8: bytes, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Accuracy, agreement, size and speed of the two graphs on the images `x` (labels `y`)."""
+def compare(fp32: bytes, int8: bytes, x: torch.Tensor, y: torch.Tensor, seconds: float = 0.5) -> dict:
+    """Accuracy, agreement, size and speed (rounds of `seconds` per graph) of the two graphs on the images `x`
+    (labels `y`)."""
     sessions = {"fp32": session(fp32), "int8": session(int8)}
     preds = {k: logits(s, x).argmax(1) for k, s in sessions.items()}
     labels = y.numpy()
@@ -134,7 +135,7 @@ def compare(fp32: bytes, int8: bytes, x: torch.Tensor, y: torch.Tensor) -> dict:
            "agreement": float((preds["fp32"] == preds["int8"]).mean()), "fp32_bytes": len(fp32),
            "int8_bytes": len(int8), "float_ops": float_ops(int8)}
     for batch in (1, 64):
-        for k, (mean, std) in throughput(sessions, x, batch).items():
+        for k, (mean, std) in throughput(sessions, x, batch, seconds=seconds).items():
             out[f"{k}_img_per_s_b{batch}"], out[f"{k}_img_per_s_b{batch}_std"] = mean, std
     out["top1_drop_points"] = 100 * (out["fp32_top1"] - out["int8_top1"])
     out["size_ratio"] = len(int8) / len(fp32)

@@ -79,3 +79,9 @@ def val_history(metrics: dict | None) -> list[tuple[int, float]]:
 def request_stop(run_dir: str | Path) -> None:
     """Ask the run in `run_dir` to checkpoint and stop at its next check."""
     (Path(run_dir) / STOP).touch()
+
+
+def withdraw_stop(run_dir: str | Path) -> None:
+    """Take back a stop request the run never read (it had ended, or stopped on a signal, first): left there,
+    it would stop the run's resume at once."""
+    (Path(run_dir) / STOP).unlink(missing_ok=True)

@@ -183,6 +183,8 @@ class TrialRun:
                 self.proc.wait(1.0)
             except subprocess.TimeoutExpired:
                 pass
+        if self.stopping or self.pruned:  # the trainer may have stopped on Slurm's signal before it saw the file
+            rundir.withdraw_stop(self.run_dir)
         self.trial.set_user_attr("seconds", round(time.time() - self.t0, 1))
         return self.proc.returncode
 

@@ -130,6 +130,10 @@ def test_evaluate_draws_the_most_confident_mistakes(trained_run, betons, tmp_pat
     from dist_resnet.explain import mistakes
     from dist_resnet.trained import open_trained, placed
 
+    with pytest.raises(SystemExit) as e:  # an unknown class: one line, before any evaluation
+        evaluate.main([str(trained_run / "last.pt"), f"data.dir={betons}", "--mistakes", str(tmp_path / "u.png"),
+                       "--mistakes-class", "unicorn"])
+    assert e.value.code == 2 and not (tmp_path / "u.png").exists()
     evaluate.main([str(trained_run / "last.pt"), f"data.dir={betons}", "--mistakes", str(tmp_path / "m.png"),
                    "--mistakes-count", "8", "--mistakes-class", "cat"])
     with Image.open(tmp_path / "m.png") as im:

@@ -34,3 +34,13 @@ def test_three_folds_are_stratified_disjoint_and_cover_the_train_set(tiny_betons
 def test_fold_settings_that_cannot_work_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         load_config(None, ["data.dir=x", "run.dir=y", *overrides])
+
+
+def test_a_k_fold_sweep_refuses_a_validation_fraction_too(tmp_path, capsys):
+    from dist_resnet import sweep
+
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--study", "s", "--out", str(tmp_path / "s"), "--folds", "3", "--space", "optim.lr=[0.1]",
+                    "data.dir=x", "data.val_fraction=0.1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the folds are the validation splits" in err and len(err.strip().splitlines()) == 1

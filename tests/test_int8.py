@@ -88,3 +88,13 @@ def test_fastnet_and_torchvision_resnets_quantize(name, overrides, tiny_betons):
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     print(f"{name}: int8 vs fp32 logits, cosine {cos.min():.4f} (worst of 32 images)")
     assert cos.min() > 0.98 and len(int8) < 0.4 * len(fp32)  # small nets: the scales and zero points weigh more
+
+
+def test_int8_bad_arguments_are_one_line_errors(trained_run, tmp_path, capsys):
+    for args, message in ((["--format", "safetensors", "--int8"], "--int8 quantizes an ONNX graph"),
+                          (["--format", "onnx", "--int8", "--calibration", "0"], "--calibration 0 must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            export.main([str(trained_run / "last.pt"), *args, "--out", str(tmp_path / "m")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())

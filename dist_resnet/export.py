@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.loader import read_resident
 from .data.manifest import Betons, DataError
-from .fileio import atomic_write, sha256
+from .fileio import atomic_write, sha256, write_json
 from . import model_card
 from .models import PixelInput, files
 from .quantize import QuantizeError
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--int8", action="store_true", help="onnx: static int8 quantization (onnxruntime, QDQ)")
     p.add_argument("--calibration", type=int, default=CALIBRATION_IMAGES,
                    help=f"--int8: train images to calibrate on (default {CALIBRATION_IMAGES})")
+    p.add_argument("--json", metavar="PATH", help="also write what was measured as JSON here")
     p.add_argument("--speed-seconds", type=float, default=0.5,
                    help="--int8 --verify-test-set: seconds per graph in each of the 5 rounds of the speed measurement")
     args = p.parse_intermixed_args(argv)
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                   else onnx_file(args, model, mf, cfg, size, meta))
         params = sum(t.numel() for t in model.parameters())
         print(f"wrote {model_card.write(Path(args.out), mf, cfg, size, params, result)}")
+        if args.json:
+            write_json(args.json, result)
         return result
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"dist_resnet.export: error: {e}", file=sys.stderr)

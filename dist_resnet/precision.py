@@ -2,6 +2,7 @@
 context every forward runs under (training, evaluation, predict, the warm-up)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,31 @@ import torch
 from .config import ConfigError, Precision
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
+
+
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which its convolutions still have bf16 kernels
+ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "ALL"}
+
+
+def cpu_bf16_support() -> dict:
+    """Whether this CPU computes bf16 natively, and why: the CPU must have AMX tiles or AVX512-BF16, torch's
+    kernels must run at AVX512 (ATEN_CPU_CAPABILITY may lower them) and oneDNN's ISA cap
+    (ONEDNN_MAX_CPU_ISA) must allow its bf16 convolutions. Without all three, bf16 autocast is emulated
+    with conversions and runs slower than fp32."""
+    amx, avx512_bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+    aten = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    native = False
+    if not (amx or avx512_bf16):
+        why = "the CPU has neither AMX nor AVX512-BF16"
+    elif not aten.startswith("AVX512"):
+        why = f"torch's CPU kernels run at {aten} (ATEN_CPU_CAPABILITY), below AVX512"
+    elif onednn and onednn not in ONEDNN_BF16_ISAS:
+        why = f"ONEDNN_MAX_CPU_ISA={onednn} leaves oneDNN no bf16 convolutions"
+    else:
+        native, why = True, f"the CPU has {'AMX' if amx else 'AVX512-BF16'} and torch's kernels run at {aten}"
+    return {"native": native, "why": why, "amx": amx, "avx512_bf16": avx512_bf16, "aten_capability": aten,
+            "onednn_max_isa": onednn or None}
 
 
 def resolve_precision(precision: Precision, cuda: bool) -> Precision:

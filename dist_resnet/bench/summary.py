@@ -1,0 +1,109 @@
+"""report.md from report.json: the hardware, then each part's figures (mean ± std where it has several
+runs or repeats), its status and the command that made it."""
+from __future__ import annotations
+
+
+def pm(mean, std, digits: int = 1, scale: float = 1.0, unit: str = "") -> str:
+    if mean is None:
+        return "n/a"
+    text = f"{mean * scale:,.{digits}f}"
+    return text + (f" ± {std * scale:,.{digits}f}" if std is not None else "") + unit
+
+
+def tta_rows(m: dict) -> list[tuple[str, str]]:
+    if m["ran"] == 1:  # one run has no spread
+        m = {**m, "acc_std": None, "train_time_s_std": None, "time_to_target_s_std": None}
+    rows = [("seeds run (of asked)", f"{m['ran']} of {m['seeds']}" +
+             (f"; skipped {m['skipped_seeds']} (time budget)" if m.get("skipped_seeds") else "")),
+            ("test accuracy", pm(m["acc_mean"], m["acc_std"], 2, 100, " %")),
+            ("training time (warm-up excluded)", pm(m.get("train_time_s_mean"), m.get("train_time_s_std"), 2,
+                                                     unit=" s")),
+            (f"time to {m['target']:.1%} (reached in {m['reached']} of {m['ran']})",
+             pm(m["time_to_target_s_mean"], m["time_to_target_s_std"], 2, unit=" s"))]
+    warm = [r["warmup_s"] for r in m["runs"] if r.get("warmup_s") is not None]
+    if warm:
+        rows.append(("warm-up per run (compile, untimed)", ", ".join(f"{w:.1f}" for w in warm) + " s"))
+    return rows
+
+
+def throughput_rows(m: dict) -> list[tuple[str, str]]:
+    rows = []
+    for r in m["rows"]:
+        if "img_per_s" in r:
+            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+            rows.append((r["variant"], pm(r["img_per_s"], r["img_per_s_std"], 0, unit=" img/s") +
+                         f" ({r.get('precision', '?')}; warm-up {r['warmup_s']:.1f} s; an epoch's steps "
+                         f"{r['epoch_s']:.1f} s{mfu})"))
+        else:
+            rows.append((r["variant"], r.get("error") or f"skipped ({r.get('skipped')})"))
+    by_precision = {}
+    for r in m["rows"]:  # the first row of each precision that ran, except the no-data row
+        if r.get("img_per_s") and "fixed batch" not in r["variant"]:
+            by_precision.setdefault(r["precision"], r["img_per_s"])
+    for low in ("bf16", "fp16"):
+        if low in by_precision and "fp32" in by_precision:
+            rows.append((f"{low} against fp32", f"{by_precision[low] / by_precision['fp32']:.2f}x"))
+    for b in m.get("breakdown", []):
+        share = b.get("share_of_step", b.get("share_of_epoch"))
+        rows.append((f"step: {b['component']}", pm(b["ms_per_step"], b["ms_std"], 2, unit=" ms") +
+                     (f" ({share:.0%})" if share is not None else "") + (f" — {b['note']}" if b.get("note") else "")))
+    return rows
+
+
+def loader_rows(m: dict) -> list[tuple[str, str]]:
+    return [("images/s into the device", pm(m["img_per_s"], m["img_per_s_std"], 0) +
+             f" over {m['epochs']} epochs ({m['pipeline']} pipeline)"),
+            ("first epoch (numba compile, first reads)", f"{m['first_epoch_s']:.1f} s")]
+
+
+def int8_rows(m: dict) -> list[tuple[str, str]]:
+    q = m.get("int8", {})
+    rows = [(f"{k} graph: test top-1", f"{q[f'{k}_top1']:.2%} on {q['images']} images") for k in ("fp32", "int8")
+            if f"{k}_top1" in q]
+    if "top1_drop_points" in q:
+        rows += [("int8 drop", f"{q['top1_drop_points']:.2f} points; agreement {q['agreement']:.2%}"),
+                 ("size int8/fp32", f"{q['size_ratio']:.2f}x")]
+    for b in (1, 64):
+        if f"speedup_{b}" in q:
+            rows.append((f"img/s at batch {b}, fp32 → int8",
+                         f"{pm(q[f'fp32_img_per_s_b{b}'], q[f'fp32_img_per_s_b{b}_std'], 0)} → "
+                         f"{pm(q[f'int8_img_per_s_b{b}'], q[f'int8_img_per_s_b{b}_std'], 0)} "
+                         f"({q[f'speedup_{b}']:.2f}x)"))
+    return rows
+
+
+def figures(part: dict) -> list[tuple[str, str]]:
+    m = part.get("measured")
+    if not m:
+        return []
+    if "int8" in m or "onnx_test_acc" in m:
+        return int8_rows(m)
+    if "rows" in m:
+        return throughput_rows(m)
+    if "runs" in m:
+        return tta_rows(m)
+    if "first_epoch_s" in m:
+        return loader_rows(m)
+    return []
+
+
+def markdown(report: dict) -> str:
+    h = report["hardware"]
+    device = f"{h['gpu']} ({h.get('gpu_memory_gib')} GiB), driver {h.get('driver')}" if h.get("gpu") else "no GPU"
+    lines = [f"# bench report ({report['kind']})", "",
+             f"- {h['date']}, commit {h.get('commit') or 'unknown'}",
+             f"- {device}; CPU {h['cpu']} ({h['cores']} cores; bf16 native: {h['cpu_bf16']['native']}: "
+             f"{h['cpu_bf16']['why']})",
+             f"- Python {h['python']}, torch {h['torch']}, CUDA {h.get('cuda') or 'none'}",
+             f"- budget {report['budget_s']:.0f} s, took {report.get('total_s', 'n/a')} s" +
+             (f"; overrides: {' '.join(report['overrides'])}" if report.get("overrides") else ""), ""]
+    for part in report["parts"]:
+        lines += [f"## {part['name']}: {part['title']}", "",
+                  f"{part['status']}" + (f" in {part['seconds']} s" if "seconds" in part else "") +
+                  (f": {part['reason']}" if part.get("reason") else ""), ""]
+        if part.get("command"):
+            lines += ["```", part["command"], "```", ""]
+        rows = figures(part)
+        if rows:
+            lines += ["| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    return "\n".join(lines)

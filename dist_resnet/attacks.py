@@ -51,10 +51,10 @@ class Threat:
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor,
-                scale: Scale | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d loss / d delta, logits) at x + delta; no parameter gradient is formed."""
+                scale: Scale | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d delta, logits) at x + delta, fed to the model in `dtype`; no parameter gradient is formed."""
     delta.requires_grad_(True)
-    logits = model(x + delta)
+    logits = model((x + delta).to(dtype))
     loss = F.cross_entropy(logits.float(), y)
     grad, = torch.autograd.grad(scale(loss) if scale is not None else loss, delta)
     delta.requires_grad_(False)
@@ -71,8 +71,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, alph
 
     With `early_stop` (evaluation) an image stops moving once it is misclassified, as in the reference
     evaluation, and the returned mask says which images withstood every restart (None otherwise).
-    Returns (x + delta detached, in x's memory format and in fp32, correct-under-attack mask or None)."""
-    x = x.float()
+    The perturbation is computed in fp32, and the model is fed in x's dtype: a compiled model then sees one
+    input dtype (under autocast its first layer casts to the AMP dtype either way), not one graph per dtype.
+    Returns (x + delta detached, in x's memory format and dtype, correct-under-attack mask or None)."""
+    dtype, x = x.dtype, x.float()
     step = alpha * threat.unit
     best, fooled = None, torch.zeros_like(y, dtype=torch.bool)
     generator = random_start if isinstance(random_start, torch.Generator) else None
@@ -82,18 +84,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, alph
             if random_start is not False else None)
         delta = threat.start(x, u)
         for _ in range(steps):
-            grad, logits = _input_grad(model, x, delta, y, scale)
+            grad, logits = _input_grad(model, x, delta, y, scale, dtype)
             moved = threat.project(x, delta + step * grad.sign())
             if early_stop:  # only images still classified correctly move on
                 moved = torch.where((logits.argmax(1) == y).view(-1, 1, 1, 1), moved, delta)
             delta = moved
         if not early_stop:
-            return (x + delta).detach(), None
+            return (x + delta).detach().to(dtype), None
         with torch.no_grad():
-            wrong = model(x + delta).argmax(1) != y
+            wrong = model((x + delta).to(dtype)).argmax(1) != y
         best = delta if best is None else torch.where((wrong & ~fooled).view(-1, 1, 1, 1), delta, best)
         fooled |= wrong
-    return (x + best).detach(), ~fooled
+    return (x + best).detach().to(dtype), ~fooled
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:

@@ -112,14 +112,23 @@ def test_fastnet_has_airbench_stages_and_the_residual_is_an_option():
     assert not load_config(None, ["data.dir=/d", "run.dir=/r", "model.name=fastnet"]).model.residual
 
 
-def test_the_whitening_bias_freezes_by_a_forward_flag_and_the_stem_runs_in_fp32():
+def test_the_whitening_bias_freezes_in_the_optimizer_and_the_stem_runs_in_fp32():
+    """Frozen, the bias still gets its gradient (DDP needs one for every parameter at every step) but the
+    optimizer's step leaves it as it is; the rest of the net trains."""
+    from dist_resnet.engine.warmup import WhitenBias
+
     model = build_model("fastnet", width=8)
     x = torch.randn(4, 3, 32, 32)
-    for train_bias in (True, False):
-        model.zero_grad(set_to_none=True)
-        model.stem.train_bias = train_bias
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=0.1)
+    hook = WhitenBias(model.stem, 1, sgd)
+    for epoch in (0, 1):
+        hook.start_epoch(epoch)
+        bias, head = model.stem.bias.detach().clone(), model.fc.weight.detach().clone()
+        sgd.zero_grad(set_to_none=True)
         model(x).sum().backward()
-        assert (model.stem.bias.grad is not None) == train_bias and model.stem.bias.requires_grad
+        assert model.stem.bias.grad is not None and model.stem.bias.requires_grad
+        sgd.step()
+        assert torch.equal(model.stem.bias, bias) == (epoch == 1) and not torch.equal(model.fc.weight, head)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.stem(x.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="model.norm=batch"):

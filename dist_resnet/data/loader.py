@@ -229,7 +229,7 @@ class TestData:
         every = np.arange(betons.count(split)) if indices is None else np.asarray(indices)
         self.count, self.num_classes, self.device = len(every), len(betons.classes), feed.device
         mine = every[feed.rank::feed.world]
-        self.batch_size, self.resident, self.feed = batch_size, None, feed
+        self.batch_size, self.resident, self.feed, self.mine = batch_size, None, feed, len(mine)
         if cfg.pipeline == Pipeline.device:
             self.resident = read_resident(betons, cfg, split, mine, feed.device, feed.dtype, feed.channels_last)
         else:
@@ -237,6 +237,12 @@ class TestData:
                                              cfg.batches_ahead, feed.device, feed.dtype)
         self.normalize = feed.normalizer()
         feed.restore_threads()
+
+    def batch_sizes(self) -> list[int]:
+        """The sizes of this rank's batches: the full one and the last, partial one (a compiled model sees
+        each as a new shape, which the warm-up compiles before the timed run)."""
+        n = len(self.resident[1]) if self.resident is not None else self.mine
+        return sorted({min(n, self.batch_size), n % self.batch_size} - {0})
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.resident is None:

@@ -211,6 +211,13 @@ def wrap(cfg: Config, env: DistEnv, model: nn.Module) -> tuple[nn.Module, nn.Mod
     broadcast_buffers=False: BatchNorm statistics are used only in evaluation, which broadcasts rank 0's
     first; DDP's default would broadcast them before every forward."""
     net = with_input(model, cfg.data.resize)
+    if cfg.train.adversarial != Adversarial.none or cfg.train.eval_attack != EvalAttack.none:
+        # an attack adds graphs of the one forward (an input that needs its gradient, in training and in
+        # evaluation, each at the batch sizes of the splits): past dynamo's limit of 8 the forward would
+        # silently run uncompiled
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(config, name, max(getattr(config, name), 16))
     forward = torch.compile(net, mode=cfg.model.compile_mode.value) if cfg.model.compile else net
     cuda = env.device.type == "cuda"
     ddp = (nn.parallel.DistributedDataParallel(forward, device_ids=[env.device] if cuda else None,
@@ -244,9 +251,9 @@ def example_batch(cfg: Config, env: DistEnv, betons: Betons, feed: Feed):
     micro = cfg.train.batch_size // env.world_size // cfg.train.accum_steps
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
-    def make(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn((micro, 3, *betons.image_shape), generator=g, device=env.device)
-        y = torch.randint(0, len(betons.classes), (micro,), generator=g, device=env.device)
+    def make(g: torch.Generator, n: int = micro) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, 3, *betons.image_shape), generator=g, device=env.device)
+        y = torch.randint(0, len(betons.classes), (n,), generator=g, device=env.device)
         return x.to(feed.dtype).contiguous(memory_format=fmt), y
 
     return make
@@ -324,8 +331,8 @@ def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], s
     return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say)
 
 
-def epoch_hooks(cfg: Config, model: nn.Module, forward: nn.Module) -> list:
-    return [TrainMode(forward)] + ([WhitenBias(model.stem, cfg.model.whiten_bias_epochs)]
+def epoch_hooks(cfg: Config, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    return [TrainMode(forward)] + ([WhitenBias(model.stem, cfg.model.whiten_bias_epochs, optimizer)]
                                    if cfg.model.whiten_bias_epochs else [])
 
 
@@ -350,9 +357,11 @@ def build(cfg: Config, env: DistEnv) -> Components:
     evaluator = evaluation(cfg, amp, model, forward, ema, data, robust, check_attack, report)
     nonfinite = nonfinite_policy(cfg, env, state, step, report)
     saver = checkpointer(cfg, env, betons, mean, std, model, step, state, evaluator, nonfinite, report)
-    hooks, t = epoch_hooks(cfg, model, forward), cfg.train
+    hooks, t = epoch_hooks(cfg, model, forward, step.optimizer), cfg.train
+    eval_sizes = sorted({n for d in (data.val, data.test, data.check) if d is not None for n in d.batch_sizes()})
     warmup = (WarmUp(t.warmup_steps, step, forward, hooks, saver, clock, example_batch(cfg, env, betons, feed),
-                     t.accum_steps, amp, t.tta, report.say) if t.warmup_steps else no_warm_up)
+                     t.accum_steps, amp, t.tta, report.say, eval_sizes, [a for a in (robust, check_attack) if a])
+              if t.warmup_steps else no_warm_up)
     stop = StopRequest(Path(cfg.run.dir) / rundir.STOP)
     start(cfg, resume, saver, nonfinite, report, loaded, data.split)
     return Components(model, data.train, step, state, evaluator, saver, report, clock, nonfinite, stop, warmup,

@@ -1,7 +1,7 @@
 """Epoch hooks and the untimed warm-up.
 
-- `TrainMode` and `WhitenBias` run at the start of every epoch (and `WhitenBias` switches fastnet's
-  whitening bias off after `model.whiten_bias_epochs`: a forward flag, not requires_grad, so no recompile).
+- `TrainMode` and `WhitenBias` run at the start of every epoch (and `WhitenBias` freezes fastnet's
+  whitening bias after `model.whiten_bias_epochs`: the optimizer skips it; the forward never changes).
 - `WarmUp` (train.warmup_steps): torch.compile, cuDNN autotuning and the loader's first-use costs, paid
   before the timed run as the record scripts do: steps and an evaluation forward on throw-away data,
   after which the whole state and the RNGs are restored exactly.
@@ -36,16 +36,25 @@ class TrainMode:
 
 
 class WhitenBias:
-    """fastnet's whitening bias trains for the first `epochs` epochs, then its forward detaches it."""
+    """fastnet's whitening bias trains for the first `epochs` epochs, then stays as it is: a pre-hook of the
+    optimizer's step drops its gradient, so SGD (momentum, weight decay) leaves it alone. The forward is the
+    same in both phases: under DDP the bias still gets its (all-reduced) gradient at every step, as
+    `find_unused_parameters=False` requires (a detached bias crashed the first step after the switch),
+    and a compiled net has one graph for both."""
 
-    def __init__(self, stem: nn.Module, epochs: int):
-        self.stem, self.epochs = stem, epochs
+    def __init__(self, stem: nn.Module, epochs: int, optimizer: torch.optim.Optimizer):
+        self.bias, self.epochs, self.frozen = stem.bias, epochs, False
+        optimizer.register_step_pre_hook(self.drop_gradient)
+
+    def drop_gradient(self, optimizer, args, kwargs) -> None:
+        if self.frozen:
+            self.bias.grad = None  # SGD skips a parameter without a gradient
 
     def start_epoch(self, epoch: int) -> None:
-        self.stem.train_bias = epoch < self.epochs
+        self.frozen = epoch >= self.epochs
 
     def warm_up(self, i: int) -> None:
-        self.stem.train_bias = i % 2 == 0  # both graphs, trained and frozen, compile in the warm-up
+        self.frozen = False
 
 
 def no_warm_up(state: RunState) -> None:
@@ -53,15 +62,17 @@ def no_warm_up(state: RunState) -> None:
 
 
 class WarmUp:
-    """`steps` training steps and an evaluation forward on a seeded random batch shaped like the loader's,
-    then the checkpoint state and the RNGs restored as they were."""
+    """`steps` training steps on a seeded random batch shaped like the loader's, and an evaluation forward
+    (and the evaluation's attacks) at every batch size the evaluations will see (`eval_sizes`: the full
+    batch and each split's last, partial one; a compiled model would recompile at each new one inside
+    the timed run), then the checkpoint state and the RNGs restored as they were."""
 
     def __init__(self, steps: int, step: Step, forward: nn.Module, hooks: list, checkpointer: Checkpointer,
-                 clock: Clock, example: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]], accum: int,
-                 amp: Amp, tta: TTA, say: Callable):
+                 clock: Clock, example: Callable[..., tuple[torch.Tensor, torch.Tensor]], accum: int,
+                 amp: Amp, tta: TTA, say: Callable, eval_sizes: list[int] = (), attacks: list = ()):
         self.steps, self.step, self.forward, self.hooks = steps, step, forward, hooks
         self.checkpointer, self.clock, self.example, self.accum = checkpointer, clock, example, accum
-        self.amp, self.tta, self.say = amp, tta, say
+        self.amp, self.tta, self.say, self.eval_sizes, self.attacks = amp, tta, say, list(eval_sizes), list(attacks)
 
     def __call__(self, state: RunState) -> None:
         t0 = time.perf_counter()
@@ -75,7 +86,11 @@ class WarmUp:
             self.step([(x, y)] * self.accum, state.step)
         with torch.no_grad(), self.amp.autocast():
             self.forward.eval()
-            predict(self.forward, x, self.tta)
+            for n in self.eval_sizes or [len(x)]:
+                xe, ye = self.example(torch.Generator(device=device).manual_seed(n), n)
+                predict(self.forward, xe, self.tta)
+                for attack in self.attacks:  # the evaluation's attacks: an input that needs its gradient
+                    attack(self.forward, xe, ye, 0)
             self.forward.train()
         self.checkpointer.restore_snapshot(saved, "the warm-up's copy")
         torch.set_rng_state(rng[0])

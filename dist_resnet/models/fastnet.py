@@ -16,9 +16,9 @@ from .layers import Residual
 
 class WhiteningStem(nn.Conv2d):
     """A 2x2 conv whose frozen filters whiten image patches: +/- the eigenvectors of the patch
-    covariance scaled by 1/sqrt(eigenvalue + eps), fitted once on training images. The bias trains
-    while `train_bias` is set; unset, the forward detaches it, so it gets no gradient (and SGD leaves it
-    alone) without a change of `requires_grad` (which would recompile a compiled net mid-run). The conv runs
+    covariance scaled by 1/sqrt(eigenvalue + eps), fitted once on training images. The bias trains;
+    freezing it later is the optimizer's business (dist_resnet.engine.warmup.WhitenBias), so the forward
+    never changes: DDP sees its gradient at every step and a compiled net never recompiles. The conv runs
     in fp32 outside autocast: whitening amplifies low-variance directions up to ~45x."""
 
     def __init__(self, cin: int = 3, kernel: int = 2, eps: float = 5e-4):
@@ -26,12 +26,10 @@ class WhiteningStem(nn.Conv2d):
         self.eps = eps
         self.weight.requires_grad_(False)
         nn.init.zeros_(self.bias)
-        self.train_bias = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.train_bias else self.bias.detach()
         with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x.float(), self.weight.float(), bias.float())
+            return F.conv2d(x.float(), self.weight.float(), self.bias.float())
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> None:

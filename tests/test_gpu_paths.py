@@ -1,0 +1,80 @@
+"""The GPU-only paths, shown on CPU: what compiles when, what DDP sees, what an out-of-memory says."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+
+
+def build_trainer(tiny_betons, tmp_path, *overrides):
+    from dist_resnet.config import load_config
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+
+    cfg = load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", *overrides])
+    return Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: dynamo traces and guards as on a GPU, nothing is built."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    yield functools.partial(lambda: counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+
+
+ATTACKS = ["train.adversarial=fgsm", "train.eval_attack=pgd", "adv.eval_steps=2", "adv.check_images=50",
+           "adv.check_steps=2", "train.precision=bf16"]
+
+
+@pytest.mark.parametrize("extra", [[], ["train.accum_steps=2"], ATTACKS], ids=["plain", "accumulation", "attacks"])
+def test_the_warm_up_compiles_every_shape_the_run_will_see(tiny_betons, tmp_path, eager_compile, extra):
+    """The test split's last batch is partial (200 images in batches of 60: 20 left), and with accumulation
+    the evaluation's batch (60) is not the training micro-batch (30): each is a new shape, which used to be
+    compiled inside the timed run. With attacks, the robust evaluation and the collapse check run the
+    forward on inputs that need their gradient, and used to feed them in fp32 beside bf16 batches: graphs
+    that counted towards dynamo's limit of 8, past which the forward silently runs uncompiled. After the
+    warm-up, steps, two evaluations and the collapse check compile nothing more."""
+    trainer = build_trainer(tiny_betons, tmp_path, "model.compile=true", "train.batch_size=60",
+                            "train.warmup_steps=2", "train.tta=flip", *extra)
+    trainer.warmup(trainer.state)
+    graphs = eager_compile()
+    assert graphs > 0
+    batches = trainer.batches()
+    for _ in range(3):
+        trainer.train_step(next(batches))
+    batches.close()
+    trainer.evaluate()
+    trainer.evaluate()
+    trainer.evaluator.check.after_epoch({}, 1)  # adversarial training's collapse check (a no-op without)
+    assert eager_compile() == graphs < 8  # dynamo's default limit, which these runs stay under
+    trainer.close()
+
+
+def test_fast_preset_under_ddp_trains_across_the_whitening_bias_switch(tiny_betons, tmp_path):
+    """fast.yaml's whitening bias stops training after model.whiten_bias_epochs; under DDP
+    (find_unused_parameters=False) the first step after that used to fail ("Expected to have finished
+    reduction in the prior iteration"). 2 gloo ranks across the switch: the run ends, the bias moved in
+    epoch 1 and not in epoch 2, on both ranks alike (one checkpoint)."""
+    from dist_resnet.checkpoint import load
+    from tests.conftest import ROOT
+    from tests.launch import launch
+
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(ROOT / "configs" / "fast.yaml"), f"data.dir={tiny_betons}", f"run.dir={run_dir}",
+            "model.width=8", "train.batch_size=100", "train.epochs=2", "train.max_steps=0", "optim.warmup_epochs=0.5",
+            "model.whiten_bias_epochs=1", "model.compile=false", "train.warmup_steps=0", "train.device=cpu",
+            "data.num_workers=1", "run.progress=false", "train.tta=none"]
+    codes = launch("dist_resnet.train", argv, tmp_path / "log", 2)
+    assert codes == [0, 0], (tmp_path / "log").read_text()[-3000:]
+    first, last = (load(p)["model"]["stem.bias"] for p in sorted(run_dir.glob("ckpt-*.pt")))
+    assert first.abs().sum() > 0 and torch.equal(first, last)

@@ -25,3 +25,46 @@ def test_throughput_ablation_and_loader_report(tiny_betons, tmp_path, capsys):
     bench.main(["loader", *common, "data.pipeline=device", "--epochs", "1", "--out", str(tmp_path / "l.json")])
     r = json.loads((tmp_path / "l.json").read_text())
     assert r["pipeline"] == "device" and r["img_per_s"] > 0 and "| pipeline |" in capsys.readouterr().out
+
+
+def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_files(tiny_betons, tmp_path):
+    """`bench report` with tiny settings: the CPU set (precision, the cpu preset's time-to-accuracy, int8 of
+    the model it trained), each part a process of its own; report.json and report.md hold the same
+    figures, the hardware, and each part's command."""
+    from tests.conftest import python_module
+
+    out = tmp_path / "report"
+    tiny = [o for o in TINY[2:] if not o.startswith("run.")] + ["train.epochs=1"]
+    python_module("dist_resnet.bench", "report", "--data", str(tiny_betons), "--out", str(out), "--quick",
+                  "--budget-s", "300", *tiny, timeout=400)
+    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.md").read_text()
+    assert report["kind"] == "cpu" and report["total_s"] <= 300 + 30
+    assert report["hardware"]["cores"] >= 1 and "native" in report["hardware"]["cpu_bf16"]
+    parts = {p["name"]: p for p in report["parts"]}
+    assert list(parts) == ["precision", "cpu_tta", "int8"] and all(p["status"] == "done" for p in parts.values())
+    rows = parts["precision"]["measured"]["rows"]
+    assert [r["variant"] for r in rows] == ["train.precision=fp32", "train.precision=bf16"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"] and all(r["img_per_s"] > 0 for r in rows)
+    tta = parts["cpu_tta"]["measured"]
+    assert tta["ran"] == 1 and 0 <= tta["acc_mean"] <= 1  # one epoch of 10 steps: about chance
+    int8 = parts["int8"]["measured"]["int8"]
+    assert int8["int8_img_per_s_b64"] > 0 and 0 < int8["size_ratio"] < 0.5
+    for p in parts.values():  # each figure's command is in both files
+        assert p["command"].startswith("python -m dist_resnet.") and p["command"] in text
+    assert f"{tta['acc_mean'] * 100:.2f}" in text and "bf16 against fp32" in text and "img/s at batch 64" in text
+
+
+def test_a_report_part_past_its_budget_is_stopped_and_said_so(tiny_betons, tmp_path):
+    """A part gets its share of the budget: one that would run longer is stopped (its process group
+    killed), and the report says so and goes on to the next part, which is skipped for lack of time."""
+    from tests.conftest import python_module
+
+    out = tmp_path / "report"
+    slow = [o for o in TINY[2:] if not o.startswith("run.")] + ["train.epochs=2000"]
+    python_module("dist_resnet.bench", "report", "--data", str(tiny_betons), "--out", str(out), "--only",
+                  "cpu_tta,int8", "--budget-s", "30", *slow, timeout=120)
+    parts = {p["name"]: p for p in json.loads((out / "report.json").read_text())["parts"]}
+    assert parts["cpu_tta"]["status"] == "stopped at the time budget" and parts["cpu_tta"]["seconds"] < 30
+    assert parts["int8"]["status"] == "skipped" and "cpu_tta" in parts["int8"]["reason"]
+    assert "stopped at the time budget" in (out / "report.md").read_text()

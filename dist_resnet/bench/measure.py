@@ -223,18 +223,18 @@ def tta(cfg: Config, env: distributed.DistEnv, target: float, seeds: int, deadli
     """Training seconds until the first evaluation at or above `target`, over several seeds, timed like the
     record scripts: compile and autotune run first in the untimed warm-up (train.warmup_steps, reported as
     warmup_s); time_to_result_s is training + the whitening fit + the final (TTA) evaluation. A seed that
-    would not end before `deadline` (judged by the slowest seed so far) is skipped; `keep`: each seed's run
+    would not end before `deadline` (judged by the last seed's time: the first one's includes the cold
+    compile, which the later ones find in inductor's cache) is skipped; `keep`: each seed's run
     folder is kept there (keep/seed-N), e.g. for an export of the trained model."""
-    deadline, runs, skipped, slowest = deadline or Deadline(None), [], [], 0.0
+    deadline, runs, skipped = deadline or Deadline(None), [], []
     for seed in range(seeds):
-        if runs and not deadline.allows(slowest):
+        if runs and not deadline.allows(runs[-1]["wall_s"]):
             skipped = list(range(seed, seeds))
             break
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = str(Path(keep) / f"seed-{seed}") if keep else tmp
             s = build_trainer(replace(cfg, train=replace(cfg.train, seed=seed)), env, run_dir).fit()
-        slowest = max(slowest, time.perf_counter() - t0)
         t, hit = 0.0, None
         for r in s["history"]:
             t += r["epoch_time_s"]
@@ -265,10 +265,10 @@ def ablation(variants: list[tuple[str, Config | None]], env: distributed.DistEnv
              repeats: int, deadline: Deadline | None = None, progress: Callable[[list], None] | None = None) -> list:
     """One throughput row per (name, config) variant (config None: one fixed batch, no data pipeline, of the
     first variant's config). A variant that fails gets its error in its row and the others still run; one
-    that would not end before `deadline` (judged by the slowest so far) is skipped."""
-    deadline, rows, slowest = deadline or Deadline(None), [], 0.0
+    that would not end before `deadline` (judged by the last one's time) is skipped."""
+    deadline, rows = deadline or Deadline(None), []
     for name, c in variants:
-        if rows and not deadline.allows(slowest):
+        if rows and not deadline.allows(rows[-1]["wall_s"]):
             rows.append({"variant": name, "skipped": "time budget"})
             continue
         t0 = time.perf_counter()
@@ -278,7 +278,6 @@ def ablation(variants: list[tuple[str, Config | None]], env: distributed.DistEnv
             traceback.print_exc()
             rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
         rows[-1]["wall_s"] = time.perf_counter() - t0
-        slowest = max(slowest, rows[-1]["wall_s"])
         if progress is not None:
             progress(rows)
     return rows

@@ -43,6 +43,8 @@ def throughput_rows(m: dict) -> list[tuple[str, str]]:
     for low in ("bf16", "fp16"):
         if low in by_precision and "fp32" in by_precision:
             rows.append((f"{low} against fp32", f"{by_precision[low] / by_precision['fp32']:.2f}x"))
+    if m.get("breakdown_skipped"):
+        rows.append(("step breakdown", f"skipped ({m['breakdown_skipped']})"))
     for b in m.get("breakdown", []):
         share = b.get("share_of_step", b.get("share_of_epoch"))
         rows.append((f"step: {b['component']}", pm(b["ms_per_step"], b["ms_std"], 2, unit=" ms") +

@@ -87,19 +87,21 @@ def main(argv: list[str] | None = None) -> dict:
                 plot.confusion(args.confusion, result["confusion"], classes, args.checkpoint)
             if args.mistakes:
                 single = Feed(env.device, feed.dtype, feed.channels_last, mean, std, 0, 1, env.threads)
-                draw_mistakes(args, model, TestData(betons, cfg.data, single, data.batch_size), mean, std, classes)
+                draw_mistakes(args, model, TestData(betons, cfg.data, single, data.batch_size), mean, std, classes,
+                              amp)
         return result
 
     return distributed.run_job("dist_resnet.evaluate", cfg.train.device.value, job,
                                (ConfigError, DataError, CheckpointError), cfg.train.timeout_s)
 
 
-def draw_mistakes(args, model, data: TestData, mean: list[float], std: list[float], classes: list[str]) -> None:
+def draw_mistakes(args, model, data: TestData, mean: list[float], std: list[float], classes: list[str],
+                  amp: Amp) -> None:
     """--mistakes: the most confident mistakes on the whole test set (one process), with their heat maps."""
     from .explain import grid, mistakes
 
     true = None if args.mistakes_class is None else classes.index(args.mistakes_class)
-    cells = mistakes(model, data, mean, std, classes, args.mistakes_count, true)
+    cells = mistakes(model, data, mean, std, classes, args.mistakes_count, true, amp.autocast)
     which = f"true class {args.mistakes_class}" if true is not None else "all classes"
     grid(args.mistakes, cells, f"the {len(cells)} most confident mistakes on the test set ({which}); "
                                "Grad-CAM of the predicted class")

@@ -13,6 +13,7 @@ ResNets, resnet9's last residual pair, fastnet's last stage, whatever its resolu
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ class GradCam:
         self.cam = LayerGradCam(self.forward, layer or target_layer(model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float()
+        with torch.autocast(x.device.type, enabled=False):  # fp32 gradients, whatever the caller's autocast
+            return self.model(x.float()).float()
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from captum.attr import LayerAttribution
@@ -105,12 +107,15 @@ def to_pixels(x: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarra
 
 @torch.no_grad()
 def mistakes(model: nn.Module, batches, mean: list[float], std: list[float], classes: list[str], count: int,
-             true_class: int | None = None) -> list[dict]:
+             true_class: int | None = None, autocast=nullcontext) -> list[dict]:
     """The `count` most confident mistakes over `batches` of (normalised x, y) (of one true class, if
-    given), with their Grad-CAM heat maps for the predicted class."""
+    given), with their Grad-CAM heat maps for the predicted class. The mistakes are found as evaluation
+    finds them, under the run's `autocast` (batches of a bf16 or fp16 run come in that dtype); the heat
+    maps are computed in fp32."""
     found: list[tuple[float, torch.Tensor, int, int]] = []
     for x, y in batches:
-        probs = torch.softmax(model(x).float(), 1)
+        with autocast():
+            probs = torch.softmax(model(x).float(), 1)
         conf, pred = probs.max(1)
         wrong = (pred != y) & ((y == true_class) if true_class is not None else torch.ones_like(y, dtype=torch.bool))
         for i in wrong.nonzero().flatten().tolist():

@@ -1,22 +1,28 @@
-"""Export a trained model: a self-describing ONNX graph, or safetensors weights.
+"""Export a trained model: a self-describing ONNX graph (fp32 or int8), or safetensors weights, each with
+a model card beside it.
 
-    python -m dist_resnet.export CHECKPOINT --format onnx --out model.onnx [--ema] [--verify-test-set] [data.dir=DIR]
-    python -m dist_resnet.export CHECKPOINT --format onnx --int8 --out model-int8.onnx [--calibration N] [--verify-test-set]
-    python -m dist_resnet.export CHECKPOINT --format safetensors --out model.safetensors [--ema]
+examples:
+  python -m dist_resnet.export runs/cpu/best.pt --format onnx --out model.onnx --verify-test-set
+  python -m dist_resnet.export runs/cpu/best.pt --format onnx --int8 --out model-int8.onnx --verify-test-set
+  python -m dist_resnet.export runs/cpu/best.pt --format onnx --int8 --out model-int8.onnx --calibration 1000
+  python -m dist_resnet.export runs/cpu/best.pt --format safetensors --out model.safetensors --ema
+  python -m dist_resnet.export runs/cpu/best.pt --format onnx --out model.onnx data.dir=/data/cifar10
 
 - ONNX: the input is float32 RGB, N x 3 x H x W in [0, 1], with a dynamic batch; normalisation (and
   `data.resize`) are inside the graph. Metadata: class names, input size, mean/std, the checkpoint's
   sha256, the dist_resnet version. It is exported with torch's current exporter (torch.export-based),
-  then checked: `onnx.checker` (full check), and onnxruntime against PyTorch on a batch of real test
-  images: the largest logit difference and the top-1 agreement are printed, and the export fails (exit
-  1, nothing written) if the difference is above 1e-3. `--verify-test-set` runs the whole test beton
-  through both and prints both accuracies. The test images come from the checkpoint's `data.dir`
-  (override it with `data.dir=DIR`).
-- int8 (`--int8`): the fp32 graph, checked as above, then quantized by onnxruntime (static, QDQ, per-channel
-  weights: dist_resnet.quantize), calibrated on N train images (never the test set); the int8 graph must
-  agree with the fp32 one on the check images. With `--verify-test-set`, both graphs' test accuracy, their
-  agreement, sizes and throughput at batch 1 and 64, against the goals.
-- Every export writes MODEL_CARD.md beside the file (dist_resnet.model_card).
+  then checked: `onnx.checker` (full check), and onnxruntime against PyTorch on 256 test images drawn per
+  class (seeded): the largest logit difference and the top-1 agreement are printed, and the export fails
+  (exit 1, nothing written) if the difference is above 1e-3.
+- int8 (`--int8`): that fp32 graph, quantized by onnxruntime (static, QDQ, per-channel weights:
+  dist_resnet.quantize), calibrated on N train images (never the test set); it must agree with the fp32
+  graph on the check images (>= 90 %).
+- `--verify-test-set`: the whole test beton, streamed in batches, through PyTorch and every graph: each
+  one's accuracy, the file's per class, and with --int8 both graphs' speed at batch 1 and 64.
+- The checks need the test (and for int8 the train) images: they come from the checkpoint's `data.dir`;
+  where the data lives elsewhere now, override it with `data.dir=DIR`.
+- Every export writes its model card beside the file, named after it: `model.onnx` -> `model.onnx.md`
+  (dist_resnet.model_card). It says what each figure was measured on, and names files by name and sha256.
 - safetensors: the weights, plus the config, class names, normalisation and image size as metadata.
   `model.pretrained` and `dist_resnet.predict` accept the file.
 """
@@ -32,16 +38,14 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data.loader import read_resident
-from .data.manifest import Betons, DataError
+from .data.manifest import DataError
 from .fileio import atomic_write, sha256, write_json
-from . import model_card
+from . import model_card, verify
 from .models import PixelInput, files
 from .quantize import QuantizeError
 from .trained import arguments, build_trained, open_trained
 
 TOLERANCE = 1e-3  # largest logit difference allowed between onnxruntime and PyTorch (timm's tolerance)
-CHECK_IMAGES = 256
 CALIBRATION_IMAGES = 256  # --int8: train images for calibration
 INT8_AGREEMENT = 0.9  # --int8: the least top-1 agreement with the fp32 graph an int8 export may have
 
@@ -70,18 +74,6 @@ def pixel_model(path: str, overrides: list[str], ema: bool):
     return PixelInput(net, mf.mean, mf.std, cfg.data.resize).eval(), mf, cfg
 
 
-def test_images(cfg, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` (None: all) test images as float RGB in [0, 1], N x 3 x H x W, and their labels."""
-    try:
-        betons = Betons.open(cfg.data.dir)
-    except DataError as e:
-        raise DataError(f"checking the export needs real test images: {e}; pass data.dir=DIR") from None
-    n = betons.count("test") if count is None else min(count, betons.count("test"))
-    x, y = read_resident(betons, cfg.data, "test", np.arange(n), torch.device("cpu"), torch.float32, False)
-    assert x.shape[2:] == betons.image_shape
-    return x / 255, y
-
-
 def metadata(mf: files.ModelFile, cfg_dict: dict, size: tuple[int, int]) -> dict[str, str]:
     return {"format": files.META_FORMAT, "classes": json.dumps(mf.classes), "input_size": json.dumps(list(size)),
             "image_shape": json.dumps(list(size)), "mean": json.dumps(mf.mean), "std": json.dumps(mf.std),
@@ -105,86 +97,59 @@ def export_onnx(model: PixelInput, meta: dict[str, str], size: tuple[int, int], 
     return proto.SerializeToString()
 
 
-def onnx_logits(data: bytes, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return torch.cat([torch.from_numpy(session.run(None, {name: x[i:i + batch].numpy()})[0])
-                      for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def torch_logits(model: PixelInput, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-def check(model: PixelInput, data: bytes, x: torch.Tensor) -> dict:
-    a, b = torch_logits(model, x), onnx_logits(data, x)
-    return {"images": len(x), "max_logit_diff": (a - b).abs().max().item(),
-            "top1_agreement": (a.argmax(1) == b.argmax(1)).sum().item() / len(x)}
-
-
-def per_class(pred: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict[str, float]:
-    return {c: ((pred == y) & (y == i)).sum().item() / max(1, (y == i).sum().item()) for i, c in enumerate(classes)}
-
-
-def verify_test_set(model: PixelInput, data: bytes, cfg, classes: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Both accuracies on the whole test beton, and the exported graph's per class; the images and labels."""
-    xs, ys = test_images(cfg, None)
-    ort_pred = onnx_logits(data, xs).argmax(1)
-    accs = {"pytorch": (torch_logits(model, xs).argmax(1) == ys).sum().item() / len(ys),
-            "onnxruntime": (ort_pred == ys).sum().item() / len(ys)}
-    print(f"test set ({len(ys)} images): PyTorch {accs['pytorch']:.4f}, onnxruntime {accs['onnxruntime']:.4f}")
-    return ({"test_images": len(ys), "pytorch_test_acc": accs["pytorch"], "onnx_test_acc": accs["onnxruntime"],
-             "per_class": per_class(ort_pred, ys, classes)}, xs, ys)
-
-
-def int8_graph(args, data: bytes, cfg, x: torch.Tensor, tests: tuple | None) -> tuple[bytes, dict]:
-    """--int8: the quantized graph (checked against the fp32 one), and its comparison on the test set."""
+def int8_graph(args, fp32: bytes, cfg, x: torch.Tensor) -> tuple[bytes, dict]:
+    """--int8: the graph quantized from `fp32`, which must agree with it on the check sample."""
     from . import quantize
 
-    int8 = quantize.quantize_int8(data, quantize.calibration_images(cfg, args.calibration))
-    agree = (onnx_logits(data, x).argmax(1) == onnx_logits(int8, x).argmax(1)).float().mean().item()
-    print(f"int8 vs fp32 graph on {len(x)} test images: top-1 agreement {agree:.2%}")
+    calibration = quantize.calibration_images(cfg, args.calibration)
+    int8 = quantize.quantize_int8(fp32, calibration)
+    agree = (verify.onnx_logits(verify.onnx_session(fp32), x).argmax(1) ==
+             verify.onnx_logits(verify.onnx_session(int8), x).argmax(1)).float().mean().item()
+    print(f"int8 vs fp32 graph on the {len(x)} check images: top-1 agreement {agree:.2%}")
     if agree < INT8_AGREEMENT:
         raise ExportError(f"the int8 graph agrees with the fp32 one on only {agree:.1%} of {len(x)} test images "
                           f"(< {INT8_AGREEMENT:.0%}); nothing was written to {args.out}")
-    if tests is None:
-        return int8, {"calibration": args.calibration, "check_agreement": agree}
-    comparison = {**quantize.compare(data, int8, *tests, seconds=args.speed_seconds), "calibration": args.calibration}
-    print(quantize.table(comparison))
-    return int8, comparison
+    return int8, {"calibration_images": len(calibration), "check_agreement": agree}
 
 
 def onnx_file(args, model: PixelInput, mf: files.ModelFile, cfg, size: tuple[int, int], meta: dict) -> dict:
-    """The ONNX export (fp32, or int8 with --int8), checked; what was measured."""
-    x, _ = test_images(cfg, CHECK_IMAGES)
-    data = export_onnx(model, meta, size, args.out)
-    result = check(model, data, x)
-    print(f"onnxruntime vs PyTorch on {result['images']} test images: largest logit difference "
-          f"{result['max_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}")
-    if not result["max_logit_diff"] <= TOLERANCE:
+    """The ONNX export (fp32, or int8 with --int8), checked; what was measured, each figure of the graph it
+    names (`written`: the graph in the file)."""
+    betons = verify.open_betons(cfg)
+    x, y, per_class = verify.check_sample(betons, cfg)
+    fp32 = export_onnx(model, meta, size, args.out)
+    a, b = verify.torch_logits(model, x), verify.onnx_logits(verify.onnx_session(fp32), x)
+    check = {"images": len(x), "per_class": per_class, "seed": verify.CHECK_SEED,
+             "fp32_max_logit_diff": (a - b).abs().max().item(),
+             "fp32_top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item()}
+    print(f"onnxruntime vs PyTorch on {len(x)} test images ({min(per_class.values())}-{max(per_class.values())} "
+          f"per class): largest logit difference {check['fp32_max_logit_diff']:.2e}, top-1 agreement "
+          f"{check['fp32_top1_agreement']:.2%}")
+    if not check["fp32_max_logit_diff"] <= TOLERANCE:
         raise ExportError(f"the ONNX graph does not compute what the model does: largest logit difference "
-                          f"{result['max_logit_diff']:.2e} > {TOLERANCE:g}; nothing was written to {args.out}")
-    tests = None
-    if args.verify_test_set:
-        measured, *tests = verify_test_set(model, data, cfg, mf.classes)
-        result.update(measured)
+                          f"{check['fp32_max_logit_diff']:.2e} > {TOLERANCE:g}; nothing was written to {args.out}")
+    result, graphs = {"written": "int8" if args.int8 else "fp32", "check": check}, {"fp32": fp32}
     if args.int8:
-        data, result["int8"] = int8_graph(args, data, cfg, x, tests)
-        if tests is not None:  # the card's per-class figures are the written (int8) graph's
-            result["per_class"] = per_class(onnx_logits(data, tests[0]).argmax(1), tests[1], mf.classes)
+        graphs["int8"], result["int8"] = int8_graph(args, fp32, cfg, x)
+    if args.verify_test_set:
+        result["test"] = verify.score_test_set(model, graphs, result["written"], betons, cfg)
+        if args.int8:
+            from . import quantize
+
+            result["int8"]["speed"] = quantize.speed(fp32, graphs["int8"], x, args.speed_seconds)
+            print(quantize.table(result["int8"]["speed"]))
+    data = graphs[result["written"]]
     atomic_write(args.out, lambda f: f.write(data))
+    result["bytes"] = len(data)
     print(f"wrote {args.out} ({len(data) / 2**20:.1f} MiB, {'int8' if args.int8 else 'float32'}): float32 RGB "
           f"N x 3 x {size[0]} x {size[1]} in [0, 1] -> logits over {len(mf.classes)} classes")
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = arguments("dist_resnet.export", __doc__, "export the EMA weights")
-    p.add_argument("--format", choices=["onnx", "safetensors"], required=True)
-    p.add_argument("--out", required=True)
+    p = arguments("dist_resnet.export", __doc__, "export the EMA weights (a train.ema=true run); the card says so")
+    p.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="what to write")
+    p.add_argument("--out", required=True, help="the file to write; its model card is written beside it as OUT.md")
     p.add_argument("--verify-test-set", action="store_true",
                    help="onnx: run the whole test beton through onnxruntime and PyTorch, print both accuracies "
                         "(with --int8: the fp32 and int8 graphs' accuracy, agreement, size and speed)")
@@ -207,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = (save_safetensors(model, meta, args.out) if args.format == "safetensors"
                   else onnx_file(args, model, mf, cfg, size, meta))
         params = sum(t.numel() for t in model.parameters())
-        print(f"wrote {model_card.write(Path(args.out), mf, cfg, size, params, result)}")
+        print(f"wrote {model_card.write(Path(args.out), mf, cfg, size, params, result, args.ema)}")
         if args.json:
             write_json(args.json, result)
         return result

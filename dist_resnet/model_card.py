@@ -1,8 +1,12 @@
-"""MODEL_CARD.md, written by `export` beside every exported file (as timm's hub export writes a README).
+"""The model card `export` writes beside every exported file, named after it (`model.onnx` ->
+`model.onnx.md`), as timm's hub export writes a README: exporting another file into the same folder never
+touches this one's card.
 
-Every figure in it comes from the source file (the checkpoint's config, history, data hashes), from the
-run's metrics.json beside a checkpoint (the hardware), or from a measurement the export itself made (the
-ONNX checks, the test set through the exported graph, the int8 comparison). Nothing is typed in by hand.
+Every figure comes from the source file (the checkpoint's config, history, data hashes), from the run's
+metrics.json beside a checkpoint (the hardware), or from a measurement the export itself made, each
+labelled with what was measured (this file, the fp32 graph it was quantized from, or the PyTorch weights)
+and on how many images. A card is written to be shared: files are named by name and sha256, never by a
+path of the machine that exported them.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import json
 from pathlib import Path
 
 from . import rundir
+from .fileio import sha256
 
 LIMITATIONS = (
     "- Trained and measured on the data named above only; accuracy on other images (other cameras, sizes, "
@@ -21,95 +26,141 @@ LIMITATIONS = (
 )
 
 
+def card_path(out: str | Path) -> Path:
+    """The card of the file `out`: beside it, its name + `.md`."""
+    return Path(out).with_name(Path(out).name + ".md")
+
+
 def run_record(path: str) -> dict:
     """The run's metrics.json beside a checkpoint (its hardware and times), if it is there."""
     return rundir.read_metrics(Path(path).parent) or {}
 
 
-def _training(mf, cfg) -> list[str]:
+def _training(mf, cfg, ema: bool) -> list[str]:
     s, record = mf.state, run_record(mf.path)
     hist = s.get("history") or []
     if not hist:
         return ["- Not recorded in the source file (a safetensors export carries the config only)."]
-    t = cfg.train
+    t, prefix = cfg.train, "ema_" if ema else ""
     times = sum(r.get("epoch_time_s", 0.0) for r in hist)
     lines = [f"- {len(hist)} of {t.epochs} epochs, global batch {t.batch_size}, optimizer SGD lr {cfg.optim.lr:g} "
              f"({cfg.optim.schedule.value}), label smoothing {cfg.optim.label_smoothing:g}, seed {t.seed}",
              f"- Hardware: {record.get('device', 'not recorded')} x {s.get('world_size', '?')}, precision "
              f"{record.get('precision', t.precision.value)}; training time {times:.0f} s"]
-    evals = [r for r in hist if "test_acc" in r]
+    evals = [r for r in hist if f"{prefix}test_acc" in r]
+    which = f"the EMA weights (decay {t.ema_decay:g})" if ema else "the weights"
     if evals:
         tta = f" (test-time augmentation: {t.tta.value})" if t.tta.value != "none" else ""
-        lines.append(f"- Test accuracy at epoch {evals[-1]['epoch']}, as the run measured it{tta}: "
-                     f"{evals[-1]['test_acc']:.4f} on {evals[-1].get('test_count', '?')} images")
-        robust = [r for r in evals if "test_robust_acc" in r]
+        lines.append(f"- Test accuracy of {which} at epoch {evals[-1]['epoch']}, as the run measured it{tta}: "
+                     f"{evals[-1][f'{prefix}test_acc']:.4f} on {evals[-1].get('test_count', '?')} images")
+        robust = [r for r in evals if "test_robust_acc" in r and not ema]
         if robust:
             a = cfg.adv
             lines.append(f"- Robust accuracy under PGD (eps {a.eps:g}/255, {a.eval_steps} steps, step {a.eval_alpha:g}/255, "
                          f"{a.eval_restarts} restart(s)): {robust[-1]['test_robust_acc']:.4f}")
-    vals = [r for r in hist if "val_acc" in r]
+    vals = [r for r in hist if f"{prefix}val_acc" in r]
     if vals:
-        lines.append(f"- Validation accuracy (held-out train images): {vals[-1]['val_acc']:.4f}")
+        lines.append(f"- Validation accuracy of {which} (held-out train images): {vals[-1][f'{prefix}val_acc']:.4f}")
     lines.append("- The whole config: below.")
     return lines
 
 
 def _data(mf, cfg) -> list[str]:
     shas = mf.state.get("data") or {}
-    manifest = {}
+    manifest, path = {}, Path(cfg.data.dir) / "manifest.json"
     try:
-        manifest = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         pass
-    lines = [f"- Source: `{manifest.get('source', cfg.data.dir)}` (betons in `{cfg.data.dir}`)"]
+    source = Path(str(manifest.get("source", "not recorded"))).name
+    lines = [f"- Source: `{source}`; manifest.json sha256 "
+             f"`{sha256(path) if manifest else 'not available where this was exported'}`"]
     for split in ("train", "test"):
         count = (manifest.get(split) or {}).get("count", "?")
-        lines.append(f"- {split}: {count} images, beton sha256 `{shas.get(split, 'not recorded')}`")
+        lines.append(f"- {split}.beton: {count} images, sha256 `{shas.get(split, 'not recorded')}`")
     if cfg.data.val_fraction or cfg.data.folds:
         how = (f"fold {cfg.data.fold} of {cfg.data.folds}" if cfg.data.folds else f"{cfg.data.val_fraction:g}")
         lines.append(f"- Validation split held out of train: {how} (seed {cfg.data.val_seed})")
     return lines
 
 
-def _measured(result: dict, classes: list[str]) -> list[str]:
-    lines = []
-    if "max_logit_diff" in result:
-        lines.append(f"- The exported graph against PyTorch on {result['images']} test images: largest logit "
-                     f"difference {result['max_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}")
-    if "onnx_test_acc" in result:
-        lines.append(f"- Test accuracy of the exported graph (onnxruntime, no test-time augmentation): "
-                     f"{result['onnx_test_acc']:.4f} on {result['test_images']} images")
-    if result.get("per_class"):
-        lines += ["", "| class | test accuracy |", "|---|---|"]
-        lines += [f"| {c} | {result['per_class'][c]:.3f} |" for c in classes]
-    if result.get("int8"):
+def _check(result: dict, name: str) -> list[str]:
+    c = result["check"]
+    counts = c["per_class"].values()
+    lines = [f"- Check sample: {c['images']} test images, class-stratified ({min(counts)}-{max(counts)} per class), "
+             f"seed {c['seed']:#x}.",
+             f"- The fp32 graph against PyTorch (the weights) on the check sample: largest logit difference "
+             f"{c['fp32_max_logit_diff']:.2e}, top-1 agreement {c['fp32_top1_agreement']:.2%}"
+             + (f" (this file, `{name}`)." if result["written"] == "fp32" else " (the graph this file was quantized "
+                                                                             "from; not written).")]
+    if "int8" in result:
+        q = result["int8"]
+        lines += [f"- This file (int8) against the fp32 graph on the check sample: top-1 agreement "
+                  f"{q['check_agreement']:.2%}.",
+                  f"- int8: static post-training quantization (onnxruntime, QDQ, per-channel int8 weights, uint8 "
+                  f"activations), calibrated on {q['calibration_images']} train images (seeded; never test images)."]
+    return lines
+
+
+def _measured(result: dict, classes: list[str], name: str) -> list[str]:
+    if "check" not in result:
+        return [f"- `{name}` holds {result['tensors']} tensors ({result['bytes'] / 2**20:.1f} MiB), read back and "
+                "compared with the checkpoint's weights: identical."]
+    lines = [f"Measured by this export with onnxruntime on the CPU, without test-time augmentation.", "",
+             *_check(result, name)]
+    test = result.get("test")
+    if test is None:
+        return lines + ["- The test set was not run through this file: export with `--verify-test-set` to measure "
+                        "its test accuracy."]
+    top1, written = test["top1"], result["written"]
+    lines += [f"- **Test accuracy of this file (`{name}`): {top1[written]:.4f} on {test['images']} images** "
+              "(the whole test beton).",
+              f"- On the same images: PyTorch (the weights, fp32) {top1['pytorch']:.4f}"
+              + (f"; the fp32 graph {top1['fp32']:.4f}; this file's top-1 agreement with the fp32 graph "
+                 f"{test['int8_fp32_agreement']:.4f}" if written == "int8" else "") + ".",
+              "", f"| class | test accuracy of `{name}` |", "|---|---|"]
+    lines += [f"| {c} | {test['per_class'][c]:.3f} |" for c in classes]
+    speed = (result.get("int8") or {}).get("speed")
+    if speed:
         from .quantize import table
 
-        lines += ["", "int8 (static post-training quantization, onnxruntime QDQ, per-channel weights, "
-                  f"{result['int8']['calibration']} train images for calibration), measured by this export:", "",
-                  table(result["int8"])]
-    return lines or ["- Run the export with `--verify-test-set` to measure the exported file on the test set."]
+        lines += ["", "Speed of this file against the fp32 graph, measured by this export:", "", table(speed)]
+    return lines
 
 
-def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict) -> Path:
-    from .fileio import write_text
+def shareable(cfg):
+    """The config with its paths cut to their last part: a card names no folder of the exporting machine."""
+    from dataclasses import replace
+
+    pretrained = cfg.model.pretrained
+    return replace(cfg, data=replace(cfg.data, dir=Path(cfg.data.dir).name),
+                   run=replace(cfg.run, dir=Path(cfg.run.dir).name),
+                   model=replace(cfg.model, pretrained=Path(pretrained).name if pretrained not in ("", "torchvision")
+                                 else pretrained))
+
+
+def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict, ema: bool = False) -> Path:
     from .config import to_yaml
+    from .fileio import write_text
 
-    m = cfg.model
-    card = [f"# {m.name} on {Path(cfg.data.dir).name}: `{Path(out).name}`", "",
+    m, name = cfg.model, Path(out).name
+    weights = (f"the EMA of the weights (train.ema_decay={cfg.train.ema_decay:g}), not the raw weights" if ema
+               else "the trained weights (not an EMA)")
+    card = [f"# {m.name} on {Path(cfg.data.dir).name}: `{name}`", "",
             "## Model", f"- Architecture: {m.name}, width {m.width}, {m.norm.value} norm, {params:,} parameters",
-            f"- Exported from `{mf.path}` ({mf.kind})", "",
+            f"- Exported from `{Path(mf.path).name}` ({mf.kind}, sha256 `{sha256(mf.path)}`): {weights}",
+            f"- This file: `{name}`" + (f", {result['bytes']:,} bytes" if "bytes" in result else ""), "",
             "## Input and output",
             f"- float32 RGB, N x 3 x {size[0]} x {size[1]}, values in [0, 1]; normalisation (mean "
             f"{[round(v, 4) for v in mf.mean]}, std {[round(v, 4) for v in mf.std]})"
             + (f" and the resize to {cfg.data.resize} px" if cfg.data.resize else "") + " are inside the model",
             f"- Output: logits over {len(mf.classes)} classes, in this order: {', '.join(mf.classes)}", "",
-            "## Data", *_data(mf, cfg), "", "## Training", *_training(mf, cfg), "",
-            "## Measured by this export", *_measured(result, mf.classes), "",
+            "## Data", *_data(mf, cfg), "", "## Training", *_training(mf, cfg, ema), "",
+            "## Measured by this export", *_measured(result, mf.classes, name), "",
             "## Intended use and limitations",
             "- Research and teaching: image classification into the classes above, on images like the training "
             "data. Not for decisions about people.", *LIMITATIONS, "",
-            "## Training config", "```yaml", to_yaml(cfg).strip(), "```", ""]
-    path = Path(out).parent / "MODEL_CARD.md"
+            "## Training config (paths by their last part)", "```yaml", to_yaml(shareable(cfg)).strip(), "```", ""]
+    path = card_path(out)
     write_text(path, "\n".join(card))
     return path

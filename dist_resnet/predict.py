@@ -3,13 +3,20 @@
     python -m dist_resnet.predict CHECKPOINT PATH... [--topk 5] [--json] [--tta flip] [--device cpu|cuda]
                                   [--explain OUT_DIR [--explain-class NAME]]
 
+examples:
+  python -m dist_resnet.predict runs/cpu/best.pt photo.jpg more_images/ --topk 3
+  python -m dist_resnet.predict model-int8.onnx more_images/ --json > predictions.jsonl
+  python -m dist_resnet.predict runs/cpu/best.pt photo.jpg --explain explained/ --explain-class cat
+
 CHECKPOINT is one of our checkpoints (.pt), an exported .safetensors or an exported .onnx (run with
 onnxruntime). PATHs are image files or folders (searched recursively for image files). Every image is
 converted to RGB and resized to the size the model was trained on (said once, on stderr). Output: one
 line per image, `PATH<TAB>class prob<TAB>...`, or one JSON object per line with --json. A file that is
 not an image gets an error line on stderr naming it, the others are still predicted, and the exit code
 is 2. `--explain OUT_DIR` also writes, per image, the image with the Grad-CAM heat map of the predicted
-class (or `--explain-class`) and the top-k labels (dist_resnet.explain); it needs the weights, not an .onnx.
+class (or `--explain-class`) and the top-k labels (dist_resnet.explain), as OUT_DIR/NNNN-<name>.png,
+numbered in input order, with OUT_DIR/index.csv mapping each to its input; it needs the weights, not an
+.onnx.
 """
 from __future__ import annotations
 
@@ -125,7 +132,10 @@ EXPLAIN_NEEDS_WEIGHTS = ("--explain needs the model's weights (Grad-CAM takes gr
 
 class Explainer:
     """--explain OUT_DIR: a Grad-CAM overlay per image (dist_resnet.explain), of the predicted class or of
-    `--explain-class`."""
+    `--explain-class`. Overlays are numbered in the order the images were read (`0001-cat.png`: the number
+    makes two inputs of the same name two files, the name part is cut to 60 characters), and
+    OUT_DIR/index.csv maps each to the path it explains. An overlay that cannot be written is reported and
+    counted; the other images go on."""
 
     def __init__(self, model, out_dir: str, class_name: str | None):
         if isinstance(model, OnnxModel):
@@ -137,7 +147,18 @@ class Explainer:
 
         self.cam, self.classes, self.out = GradCam(model.model), model.classes, Path(out_dir)
         self.target = None if class_name is None else model.classes.index(class_name)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise PredictError(f"--explain {out_dir} is a file: give a folder for the overlays")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PredictError(f"--explain {out_dir}: cannot make the folder ({e.strerror})") from None
+        self.rows: list[dict] = []
+        self.failed = 0
+
+    def name(self, path: Path) -> str:
+        stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem)[:60]
+        return f"{len(self.rows) + 1:04d}-{stem}.png"
 
     def __call__(self, batch: list, x: torch.Tensor, tops: list[list[tuple[str, float]]]) -> None:
         from .explain import overlay
@@ -145,8 +166,25 @@ class Explainer:
         targets = [self.classes.index(t[0][0]) if self.target is None else self.target for t in tops]
         heat = self.cam(x, torch.tensor(targets)).numpy()
         for (path, image), h, top, t in zip(batch, heat, tops, targets):
-            explained = self.classes[t] + (" (predicted)" if self.target is None else "")
-            overlay(self.out / f"{path.parent.name}_{path.stem}.png", image, h, top, explained)
+            explained, name = self.classes[t] + (" (predicted)" if self.target is None else ""), self.name(path)
+            try:
+                overlay(self.out / name, image, h, top, explained)
+            except Exception as e:  # noqa: BLE001 - one picture that cannot be drawn or written must not stop the rest
+                print(f"dist_resnet.predict: error: {path}: its explanation could not be written "
+                      f"({type(e).__name__}: {e})", file=sys.stderr)
+                self.failed, name = self.failed + 1, ""
+            self.rows.append({"file": name, "input": str(path), "explained": self.classes[t],
+                              "predicted": top[0][0], "prob": f"{top[0][1]:.4f}"})
+
+    def close(self) -> Path:
+        import csv
+
+        index = self.out / "index.csv"
+        with open(index, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "input", "explained", "predicted", "prob"])
+            w.writeheader()
+            w.writerows(self.rows)
+        return index
 
 
 def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: bool, out=None,
@@ -202,13 +240,16 @@ def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dist_resnet.predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dist_resnet.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (.pt), or an exported .safetensors or .onnx")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="how many classes to print per image, most likely first "
+                                                        "(default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--tta", choices=[t.value for t in TTA], default="none", help="test-time augmentation")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs: auto = the GPU when CUDA is available (an .onnx runs on the CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the training batch)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--explain", metavar="OUT_DIR", help="write a Grad-CAM overlay per image into OUT_DIR")
@@ -228,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         explain = Explainer(model, args.explain, args.explain_class) if args.explain else None
         done, failed = run(model, args.paths, args.topk, TTA(args.tta), args.batch_size or model.batch_size, args.json,
                            explain=explain)
+        if explain is not None:
+            print(f"wrote {len(explain.rows) - explain.failed} overlays to {args.explain} (index: "
+                  f"{explain.close()})", file=sys.stderr)
     except (PredictError, CheckpointError, ConfigError) as e:
         print(f"dist_resnet.predict: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -237,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     if done + failed == 0:
         print("dist_resnet.predict: error: no image files found in " + " ".join(args.paths), file=sys.stderr)
         raise SystemExit(2)
-    if failed:
-        print(f"dist_resnet.predict: {failed} of {done + failed} files could not be read", file=sys.stderr)
+    unexplained = explain.failed if explain is not None else 0
+    if failed or unexplained:
+        print(f"dist_resnet.predict: {failed} of {done + failed} files could not be read" +
+              (f", {unexplained} explanations could not be written" if unexplained else ""), file=sys.stderr)
         raise SystemExit(2)
     return done
 

@@ -5,8 +5,8 @@ measurements that say what it costs and gains.
   optimisation), then `quantize_static` in QDQ format with per-channel int8 weights and uint8 activations,
   calibrated (MinMax) on images of the **train** beton, never the test set. The normalisation stays inside
   the graph (the input is still float RGB in [0, 1]), and the fp32 graph's metadata is carried over.
-- `compare`: both graphs on the same images with onnxruntime (top-1 of each, their agreement), and their
-  throughput at batch 1 and 64, measured side by side (the two alternate, round after round).
+- `speed`: both graphs' throughput at batch 1 and 64, measured side by side (the two alternate, round
+  after round); their accuracy on the test set is measured by dist_resnet.verify, with every other graph.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from .data.loader import read_resident
 from .data.manifest import Betons, DataError
 
 CALIBRATION_SEED = 0xCA1
-GOALS = {"top1_drop_points": 0.5, "size_ratio": 0.3, "speedup_64": 1.5}
 
 
 class QuantizeError(RuntimeError):
@@ -51,6 +50,16 @@ class Batches:
         return next(self.items, None)
 
 
+def quantized_ops() -> list[str]:
+    """onnxruntime's default operator list, without BatchNormalization: a BN that follows a max-pool stays
+    in the graph (the exporter folds the others into their convs), its CPU kernel has no int8 form, and
+    quantizing its 1-D scale per channel (along axis 1, as for conv weights) is what made onnxruntime warn
+    "Axis 1 is out-of-range for weight ... with rank 1" for each such BN."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"BatchNormalization"})
+
+
 def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
     """The int8 QDQ graph of `fp32`, calibrated on `calibration`, with the fp32 graph's metadata."""
     import onnx
@@ -63,7 +72,7 @@ def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(str(pre), str(out), Batches("image", calibration), quant_format=QuantFormat.QDQ,
                             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=quantized_ops())
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many types; name the failure
             raise QuantizeError(f"onnxruntime could not quantize this graph ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
@@ -125,42 +134,29 @@ def throughput(sessions: dict, x: torch.Tensor, batch: int, rounds: int = 5, sec
     return {k: (statistics.fmean(v), statistics.stdev(v)) for k, v in rates.items()}
 
 
-def compare(fp32: bytes, int8: bytes, x: torch.Tensor, y: torch.Tensor, seconds: float = 0.5) -> dict:
-    """Accuracy, agreement, size and speed (rounds of `seconds` per graph) of the two graphs on the images `x`
-    (labels `y`)."""
+def speed(fp32: bytes, int8: bytes, x: torch.Tensor, seconds: float = 0.5) -> dict:
+    """Throughput of the two graphs at batch 1 and 64 (mean ± std over 5 rounds of `seconds` each, the two
+    taking turns), the speed-ups, the sizes, and the operators the int8 graph leaves in float."""
     sessions = {"fp32": session(fp32), "int8": session(int8)}
-    preds = {k: logits(s, x).argmax(1) for k, s in sessions.items()}
-    labels = y.numpy()
-    out = {"images": len(labels), **{f"{k}_top1": float((p == labels).mean()) for k, p in preds.items()},
-           "agreement": float((preds["fp32"] == preds["int8"]).mean()), "fp32_bytes": len(fp32),
-           "int8_bytes": len(int8), "float_ops": float_ops(int8)}
+    out = {"fp32_bytes": len(fp32), "int8_bytes": len(int8), "size_ratio": len(int8) / len(fp32),
+           "float_ops": float_ops(int8), "threads": torch.get_num_threads(), "seconds_per_round": seconds}
     for batch in (1, 64):
         for k, (mean, std) in throughput(sessions, x, batch, seconds=seconds).items():
             out[f"{k}_img_per_s_b{batch}"], out[f"{k}_img_per_s_b{batch}_std"] = mean, std
-    out["top1_drop_points"] = 100 * (out["fp32_top1"] - out["int8_top1"])
-    out["size_ratio"] = len(int8) / len(fp32)
-    out["speedup_1"] = out["int8_img_per_s_b1"] / out["fp32_img_per_s_b1"]
-    out["speedup_64"] = out["int8_img_per_s_b64"] / out["fp32_img_per_s_b64"]
-    out["goals"] = {"top1_drop_points": out["top1_drop_points"] <= GOALS["top1_drop_points"],
-                    "size_ratio": out["size_ratio"] <= GOALS["size_ratio"],
-                    "speedup_64": out["speedup_64"] >= GOALS["speedup_64"]}
+        out[f"speedup_{batch}"] = out[f"int8_img_per_s_b{batch}"] / out[f"fp32_img_per_s_b{batch}"]
     return out
 
 
 def table(r: dict) -> str:
-    """The comparison as a Markdown table, with the goals."""
-    mark = {True: "met", False: "missed"}
-    g = r["goals"]
-    rows = [("top-1", f"{r['fp32_top1']:.4f}", f"{r['int8_top1']:.4f}",
-             f"drop {r['top1_drop_points']:.2f} points ≤ 0.5: {mark[g['top1_drop_points']]}"),
-            ("top-1 agreement", "", f"{r['agreement']:.4f}", ""),
-            ("file size", f"{r['fp32_bytes'] / 2**20:.2f} MiB", f"{r['int8_bytes'] / 2**20:.2f} MiB",
-             f"{r['size_ratio']:.2f}x ≤ 0.3x: {mark[g['size_ratio']]}")]
+    """The speed measurement as a Markdown table (measured figures only: no goal is claimed)."""
+    rows = [("file size", f"{r['fp32_bytes'] / 2**20:.2f} MiB", f"{r['int8_bytes'] / 2**20:.2f} MiB",
+             f"{r['size_ratio']:.2f}x")]
     for b in (1, 64):
         rows.append((f"img/s, batch {b}", f"{r[f'fp32_img_per_s_b{b}']:.0f} ± {r[f'fp32_img_per_s_b{b}_std']:.0f}",
                      f"{r[f'int8_img_per_s_b{b}']:.0f} ± {r[f'int8_img_per_s_b{b}_std']:.0f}",
-                     f"{r[f'speedup_{b}']:.2f}x" + (f" ≥ 1.5x: {mark[g['speedup_64']]}" if b == 64 else "")))
-    lines = ["| on the test set | fp32 | int8 | goal |", "|---|---|---|---|"]
+                     f"{r[f'speedup_{b}']:.2f}x"))
+    lines = ["| onnxruntime, CPU | fp32 graph | int8 graph | int8 / fp32 |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     note = f"operators left in float: {', '.join(r['float_ops']) or 'none'}"
-    return "\n".join(lines) + f"\n\n{r['images']} test images; {note}\n"
+    return "\n".join(lines) + (f"\n\n5 rounds of {r['seconds_per_round']:g} s per graph and batch size, taking turns, "
+                               f"{r['threads']} threads; {note}\n")

@@ -15,7 +15,7 @@ from .models import build_model, files, load_weights, to_device, with_input
 def arguments(prog: str, doc: str, ema_help: str) -> argparse.ArgumentParser:
     """The command line of a command that opens a trained model: the file, `key=value` overrides of its
     config, and --ema."""
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="one of our checkpoints (.pt) or exported .safetensors")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. data.dir=DIR)")
     p.add_argument("--ema", action="store_true", help=ema_help)

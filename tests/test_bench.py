@@ -48,7 +48,7 @@ def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_file
     assert [r["precision"] for r in rows] == ["fp32", "bf16"] and all(r["img_per_s"] > 0 for r in rows)
     tta = parts["cpu_tta"]["measured"]
     assert tta["ran"] == 1 and 0 <= tta["acc_mean"] <= 1  # one epoch of 10 steps: about chance
-    int8 = parts["int8"]["measured"]["int8"]
+    int8 = parts["int8"]["measured"]["int8"]["speed"]
     assert int8["int8_img_per_s_b64"] > 0 and 0 < int8["size_ratio"] < 0.5
     for p in parts.values():  # each figure's command is in both files
         assert p["command"].startswith("python -m dist_resnet.") and p["command"] in text

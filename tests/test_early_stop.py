@@ -100,4 +100,4 @@ def test_the_exported_graph_has_no_dropout_or_drop_path(stopped_run, tmp_path):
                          "--verify-test-set"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert not ops & {"Dropout", "RandomUniform", "RandomUniformLike", "Bernoulli", "RandomNormal"}, ops
-    assert check["top1_agreement"] == 1.0 and check["onnx_test_acc"] == metrics(stopped_run)["test_acc"]
+    assert check["check"]["fp32_top1_agreement"] == 1.0 and check["test"]["top1"]["fp32"] == metrics(stopped_run)["test_acc"]

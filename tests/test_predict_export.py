@@ -62,11 +62,13 @@ def test_predict_on_the_jpeg_files_equals_evaluate_on_the_beton(trained_run, sub
 def test_onnx_export_is_checked_against_pytorch_and_carries_its_metadata(exported, evaluated):
     import onnx
 
-    check = exported["check"]
-    print(f"ONNX: largest logit difference {check['max_logit_diff']:.1e}, top-1 agreement {check['top1_agreement']:.3f}; "
-          f"test accuracy PyTorch {check['pytorch_test_acc']:.4f}, onnxruntime {check['onnx_test_acc']:.4f}")
-    assert check["max_logit_diff"] <= 1e-3 and check["top1_agreement"] == 1.0 and check["images"] == 256
-    assert check["pytorch_test_acc"] == evaluated["test_acc"] and check["onnx_test_acc"] == evaluated["test_acc"]
+    check, test = exported["check"]["check"], exported["check"]["test"]
+    print(f"ONNX: largest logit difference {check['fp32_max_logit_diff']:.1e}, top-1 agreement "
+          f"{check['fp32_top1_agreement']:.3f}; test accuracy PyTorch {test['top1']['pytorch']:.4f}, onnxruntime "
+          f"{test['top1']['fp32']:.4f}")
+    assert check["fp32_max_logit_diff"] <= 1e-3 and check["fp32_top1_agreement"] == 1.0 and check["images"] == 256
+    assert set(check["per_class"].values()) <= {25, 26} and len(check["per_class"]) == 10  # every class, stratified
+    assert test["top1"]["pytorch"] == evaluated["test_acc"] and test["top1"]["fp32"] == evaluated["test_acc"]
     model = onnx.load(str(exported["onnx"]))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["input_size"]) == [32, 32]

@@ -59,18 +59,19 @@ def loader_rows(m: dict) -> list[tuple[str, str]]:
 
 
 def int8_rows(m: dict) -> list[tuple[str, str]]:
-    q = m.get("int8", {})
-    rows = [(f"{k} graph: test top-1", f"{q[f'{k}_top1']:.2%} on {q['images']} images") for k in ("fp32", "int8")
-            if f"{k}_top1" in q]
-    if "top1_drop_points" in q:
-        rows += [("int8 drop", f"{q['top1_drop_points']:.2f} points; agreement {q['agreement']:.2%}"),
-                 ("size int8/fp32", f"{q['size_ratio']:.2f}x")]
+    test, speed = m.get("test") or {}, (m.get("int8") or {}).get("speed") or {}
+    rows = [(f"{k} graph: test top-1", f"{v:.2%} on {test['images']} images") for k, v in test.get("top1", {}).items()]
+    if "int8_fp32_agreement" in test:
+        drop = 100 * (test["top1"]["fp32"] - test["top1"]["int8"])
+        rows.append(("int8 drop", f"{drop:.2f} points; agreement {test['int8_fp32_agreement']:.2%}"))
+    if speed:
+        rows.append(("size int8/fp32", f"{speed['size_ratio']:.2f}x"))
     for b in (1, 64):
-        if f"speedup_{b}" in q:
+        if f"speedup_{b}" in speed:
             rows.append((f"img/s at batch {b}, fp32 → int8",
-                         f"{pm(q[f'fp32_img_per_s_b{b}'], q[f'fp32_img_per_s_b{b}_std'], 0)} → "
-                         f"{pm(q[f'int8_img_per_s_b{b}'], q[f'int8_img_per_s_b{b}_std'], 0)} "
-                         f"({q[f'speedup_{b}']:.2f}x)"))
+                         f"{pm(speed[f'fp32_img_per_s_b{b}'], speed[f'fp32_img_per_s_b{b}_std'], 0)} → "
+                         f"{pm(speed[f'int8_img_per_s_b{b}'], speed[f'int8_img_per_s_b{b}_std'], 0)} "
+                         f"({speed[f'speedup_{b}']:.2f}x)"))
     return rows
 
 
@@ -78,7 +79,7 @@ def figures(part: dict) -> list[tuple[str, str]]:
     m = part.get("measured")
     if not m:
         return []
-    if "int8" in m or "onnx_test_acc" in m:
+    if "written" in m:
         return int8_rows(m)
     if "rows" in m:
         return throughput_rows(m)

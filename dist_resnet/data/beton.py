@@ -36,6 +36,15 @@ def table(path: str) -> dict[str, np.ndarray] | None:
     return {"image": rows["f0"], "label": rows["f1"]}
 
 
+def is_raw(path: str) -> bool:
+    """Whether every image of the beton is stored raw at one size (read_raw reads any of them)."""
+    rows = table(path)
+    if rows is None:
+        return False
+    image = rows["image"]
+    return bool((image["mode"] == RAW).all()) and len(set(zip(image["height"].tolist(), image["width"].tolist()))) == 1
+
+
 def read_raw(path: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Images (N x H x W x 3 uint8) and labels (int64) of `indices`, when every one is stored raw and all
     share one size; None otherwise (FFCV then decodes them)."""

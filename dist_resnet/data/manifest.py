@@ -118,10 +118,14 @@ class Betons:
 
     def train_labels(self) -> np.ndarray:
         """The train beton's labels, from its metadata table (no image is decoded)."""
-        rows = table(self.path("train"))
+        return self.labels("train")
+
+    def labels(self, split: str) -> np.ndarray:
+        """A beton's labels, from its metadata table (no image is decoded)."""
+        rows = table(self.path(split))
         if rows is not None:
             return rows["label"].astype(np.int64)
         from ffcv.reader import Reader  # a beton of other fields: FFCV reads its tables
 
-        reader = Reader(self.path("train"))
+        reader = Reader(self.path(split))
         return np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"], dtype=np.int64)

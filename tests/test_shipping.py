@@ -1,0 +1,79 @@
+"""The README's "Evaluate, predict, export" and "Explain" commands, exactly as the README gives them, on a
+bf16 checkpoint and on an fp32 one: every file they promise is written, and every model card's accuracy is
+the accuracy of the file it sits beside, scored here independently with onnxruntime."""
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
+
+
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's two blocks, as argument lists (optional `[...]` parts left out)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("**Evaluate, predict, export**"):text.index("**Look**")]
+    lines = [re.sub(r"\s*\[[^\]]*\]", "", line) for line in block.splitlines() if line.startswith("python -m ")]
+    return [shlex.split(line)[2:] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tiny_betons, tmp_path_factory) -> Path:
+    """A bf16 run (autocast on the CPU): its batches and evaluations are bf16, as a GPU run's are."""
+    from dist_resnet import train
+
+    run_dir = tmp_path_factory.mktemp("bf16") / "run"
+    train.main([*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "train.precision=bf16"])
+    return run_dir
+
+
+def onnx_accuracy(model: Path, data: Path) -> tuple[float, int]:
+    """Top-1 of an .onnx file on the whole test beton, read here from the beton's raw bytes."""
+    import onnxruntime as ort
+
+    from dist_resnet.data.beton import read_raw, table
+
+    path = str(data / "test.beton")
+    x, y = read_raw(path, np.arange(len(table(path)["label"])))
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feed = x.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    logits = np.concatenate([session.run(None, {"image": feed[i:i + 200]})[0] for i in range(0, len(feed), 200)])
+    return float((logits.argmax(1) == y).mean()), len(y)
+
+
+@pytest.mark.parametrize("which", ["fp32", "bf16"])
+def test_the_readme_commands_on_a_checkpoint(which, trained_run, bf16_run, betons, tiny_betons, subset_dir,
+                                             tmp_path, monkeypatch, capsys):
+    run_dir, data = (trained_run, betons) if which == "fp32" else (bf16_run, tiny_betons)
+    assert (run_dir / "config.yaml").read_text().count(f"precision: {which}") == 1
+    photos = tmp_path / "more_images"
+    photos.mkdir()
+    for c in ("cat", "ship"):
+        (photos / f"{c}.jpg").write_bytes((subset_dir / "test" / c / "0001.jpg").read_bytes())
+    (tmp_path / "photo.jpg").write_bytes((subset_dir / "test" / "dog" / "0002.jpg").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    assert len(commands) == 6 and all(c[0].startswith("dist_resnet.") for c in commands)
+    for module, *argv in commands:
+        argv = [str(run_dir / "best.pt") if a == "runs/cpu/best.pt" else a for a in argv]
+        extra = ["--speed-seconds", "0.05"] if "--int8" in argv else []  # measured, never judged: kept short
+        importlib.import_module(module).main([*argv, *extra])
+    out = capsys.readouterr().out
+    for name in ("eval.json", "confusion.png", "model.onnx", "model.onnx.md", "model-int8.onnx", "model-int8.onnx.md",
+                 "explained/index.csv", "explained/0001-photo.png", "mistakes.png"):
+        assert (tmp_path / name).is_file(), name
+    assert out.count("\t") >= 3 * 3  # predict printed 3 images x 3 classes
+    for model in ("model.onnx", "model-int8.onnx"):
+        card = (tmp_path / f"{model}.md").read_text()
+        claimed = re.search(rf"Test accuracy of this file \(`{re.escape(model)}`\): ([0-9.]+) on (\d+) images", card)
+        acc, n = onnx_accuracy(tmp_path / model, data)
+        assert claimed and float(claimed[1]) == round(acc, 4) and int(claimed[2]) == n, (model, claimed, acc)
+        assert str(tmp_path) not in card and str(run_dir) not in card and str(data) not in card
+

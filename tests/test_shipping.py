@@ -26,11 +26,12 @@ def readme_commands() -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def bf16_run(tiny_betons, tmp_path_factory) -> Path:
-    """A bf16 run (autocast on the CPU): its batches and evaluations are bf16, as a GPU run's are."""
+    """A bf16 run (autocast on the CPU): its batches and evaluations are bf16, as a GPU run's are; with EMA."""
     from dist_resnet import train
 
     run_dir = tmp_path_factory.mktemp("bf16") / "run"
-    train.main([*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "train.precision=bf16"])
+    train.main([*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "train.precision=bf16",
+                "train.ema=true", "train.ema_decay=0.9"])
     return run_dir
 
 
@@ -77,3 +78,26 @@ def test_the_readme_commands_on_a_checkpoint(which, trained_run, bf16_run, beton
         assert claimed and float(claimed[1]) == round(acc, 4) and int(claimed[2]) == n, (model, claimed, acc)
         assert str(tmp_path) not in card and str(run_dir) not in card and str(data) not in card
 
+
+
+def test_cards_of_two_exports_in_one_folder_each_describe_their_own_file(trained_run, bf16_run, tiny_betons, tmp_path):
+    """An int8 export without --verify-test-set (it used to crash on the card, KeyError 'goals'), after an
+    fp32 one into the same folder: two cards, each naming its file; the calibration images are those used
+    (9999 asked of 5,000); an --ema export says its weights are the EMA's and gives the EMA's accuracy."""
+    import torch
+
+    from dist_resnet import export
+
+    ckpt = str(trained_run / "last.pt")
+    export.main([ckpt, "--format", "onnx", "--out", str(tmp_path / "model.onnx")])
+    export.main([ckpt, "--format", "onnx", "--int8", "--out", str(tmp_path / "model-int8.onnx"), "--calibration", "9999"])
+    fp32, int8 = ((tmp_path / f"{m}.md").read_text() for m in ("model.onnx", "model-int8.onnx"))
+    assert fp32.splitlines()[0].endswith(": `model.onnx`") and "`model-int8.onnx`" in int8.splitlines()[0]
+    assert "calibrated on 5000 train images" in int8 and "was not run through this file" in int8
+    assert "int8" not in fp32.split("## Measured by this export")[1].split("## Intended")[0]
+    export.main([str(bf16_run / "last.pt"), "--format", "safetensors", "--ema", "--out", str(tmp_path / "ema.safetensors")])
+    card = (tmp_path / "ema.safetensors.md").read_text()
+    last = [h for h in torch.load(bf16_run / "last.pt", weights_only=True)["history"] if "ema_test_acc" in h][-1]
+    assert "the EMA of the weights (train.ema_decay=0.9)" in card
+    assert f"Test accuracy of the EMA weights (decay 0.9) at epoch {last['epoch']}" in card
+    assert f"{last['ema_test_acc']:.4f} on" in card

@@ -76,6 +76,20 @@ def val_history(metrics: dict | None) -> list[tuple[int, float]]:
     return [(r["epoch"], r["val_acc"]) for r in history(metrics) if "val_acc" in r]
 
 
+def selected(metrics: dict | None) -> tuple[int, float, int] | None:
+    """What a sweep scores a run on: (epoch, validation accuracy) of the epoch best.pt holds, the monitored
+    best (`monitor_best_epoch`: the highest val_acc, or with train.early_stop_monitor=val_loss the lowest
+    val_loss), and the epochs the run needed (where it stopped early, or its last); None before any
+    validation. With early stopping the last evaluation comes `patience` evaluations after that best."""
+    hist = val_history(metrics)
+    if not hist:
+        return None
+    best = (metrics or {}).get("monitor_best_epoch")
+    epoch, acc = next(((e, a) for e, a in hist if e == best), hist[-1])
+    needed = (metrics or {}).get("stop_epoch") or history(metrics)[-1]["epoch"]
+    return epoch, acc, needed
+
+
 def request_stop(run_dir: str | Path) -> None:
     """Ask the run in `run_dir` to checkpoint and stop at its next check."""
     (Path(run_dir) / STOP).touch()

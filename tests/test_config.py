@@ -132,6 +132,21 @@ def test_speed_keys_are_checked(bad, message):
         load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + [bad])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("data.mixup_alpha=inf", "'data.mixup_alpha': inf; it must be a finite number"),
+    ("optim.lr=nan", "'optim.lr': nan; it must be a finite number"),
+    ("train.timeout_s=inf", "'train.timeout_s': inf; it must be a finite number"),
+    ("train.early_stop_monitor=foo", r"^bad value for 'train.early_stop_monitor': Invalid value 'foo', expected one "
+                                     r"of \[val_acc, val_loss\]$"),
+])
+def test_non_finite_floats_and_bad_choices_are_one_line_errors(bad, message):
+    """An infinite float passed every range check (data.mixup_alpha=inf drew a NaN lambda and the run died
+    blaming optim.lr); a bad choice printed OmegaConf's 4-line block. Each is one line now."""
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + [bad])
+    assert "\n" not in str(e.value)
+
+
 def test_max_steps_must_fall_in_the_last_epoch(tiny_betons, tmp_path):
     import torch
 

@@ -120,8 +120,23 @@ def check_across(cfg: Config) -> None:
                           "(early stopping never looks at the test set): set data.val_fraction, e.g. 0.1, or data.folds")
 
 
+def check_finite(cfg: Config) -> None:
+    """No float key may be nan or inf (a range check lets inf through where it has no upper bound: an
+    infinite data.mixup_alpha drew a NaN lambda, and the run died blaming optim.lr)."""
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            v = getattr(values, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"bad value for '{section.name}.{f.name}': {v}; it must be a finite number")
+
+
 def check(cfg: Config) -> None:
     """Every section's values; ConfigError naming the first bad key, its value and what it must be."""
+    check_finite(cfg)
     check_model(cfg.model)
     check_data(cfg.data)
     check_optim(cfg.optim)

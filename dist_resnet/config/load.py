@@ -21,7 +21,7 @@ PRESETS = Path(__file__).resolve().parents[2] / "configs"
 
 def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     key = getattr(err, "full_key", None) or ""
-    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]  # OmegaConf appends full_key, types...
     if isinstance(err, ConfigKeyError):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = OmegaConf.select(schema, parent) if parent else schema

@@ -179,7 +179,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels where torch has them (slower); sets CUBLAS_WORKSPACE_CONFIG
     loss_scale: float = 0.0  # fp16: 0 = dynamic (GradScaler, one host sync per step); > 0 = this fixed scale, no sync
     warmup_steps: int = 0  # untimed steps on throw-away data first (compile, autotune); the state is restored exactly
-    early_stop_patience: int = 0  # stop after this many evaluations without improvement (needs data.val_fraction); 0 = off
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement (needs a validation split: data.val_fraction or data.folds); 0 = off
     early_stop_min_delta: float = 0.0  # an improvement smaller than this counts as none
     early_stop_monitor: Monitored = Monitored.val_acc  # what early stopping and best.pt watch: val_acc | val_loss
     adversarial: Adversarial = Adversarial.none  # train on adversarial examples (adv.*): none | fgsm | pgd

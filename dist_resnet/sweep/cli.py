@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
+def base_config(args):
+    """The trials' config as a trial runs it: with --folds K, fold 0's keys (each trial sets its own fold),
+    so that what needs a validation split (early stopping) is checked against the one the trials have."""
+    folds = [f"data.folds={args.folds}", "data.fold=0"] if args.folds else []
+    return load_config(args.config, [*args.overrides, *folds, "run.dir=unused"])
+
+
 def check_args(args) -> list:
     """The sweep's arguments and base config, checked before anything is written; the parameters."""
     if not args.study or not args.out:
@@ -78,7 +85,10 @@ def check_args(args) -> list:
     if not args.folds and not (data.val_fraction or data.folds):
         raise SweepError("a sweep selects on validation accuracy, never on test: hold out a validation split with "
                          "data.val_fraction (e.g. data.val_fraction=0.1), or cross-validate with --folds K")
-    load_config(args.config, [*args.overrides, "run.dir=unused"])  # the base config is valid
+    base_config(args)  # the base config as each trial will run it, and as --final will
+
+    if args.final:
+        load_config(args.config, [*args.overrides, *FINAL, "train.early_stop_patience=0", "run.dir=unused"])
     meta = Path(args.out) / META
     if meta.is_file():
         held = json.loads(meta.read_text()).get("study")
@@ -94,7 +104,7 @@ def run_sweep(args) -> dict:
     params = check_args(args)
     sweep_dir = Path(args.out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tied, parent = sweep_tracking(load_config(args.config, [*args.overrides, "run.dir=unused"]), args.study, sweep_dir,
+    tied, parent = sweep_tracking(base_config(args), args.study, sweep_dir,
                                   {q.key: f"{q.kind}{list(q.values)}" for q in params}, print)
     args.overrides = [*args.overrides, *tied]  # every trial: a child run of the sweep's
     meta = {"study": args.study, "storage": safe_url(args.storage) if args.storage else None, "config": args.config,
@@ -103,7 +113,7 @@ def run_sweep(args) -> dict:
             "pruner": args.pruner, "trials": args.trials, "folds": args.folds}
     write_json(sweep_dir / META, meta)
     # the base config itself, so that --report and --final need nothing outside the sweep folder
-    write_text(sweep_dir / BASE, to_yaml(load_config(args.config, [*args.overrides, "run.dir=unused"])))
+    write_text(sweep_dir / BASE, to_yaml(base_config(args)))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines and table say what happened
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = make_storage(args.storage, sweep_dir, args.heartbeat)
@@ -125,7 +135,7 @@ def run_sweep(args) -> dict:
     if sweep.stop.is_set():
         raise SystemExit(EXIT_STOPPED)
     if args.final and "best_overrides" in result:
-        result["final"] = final(args, sweep_dir, result["best_overrides"])
+        result["final"] = final(args, sweep_dir, result["best_overrides"], result.get("best_epochs_needed"))
     return result
 
 
@@ -140,15 +150,38 @@ def stop_on_signals(sweep: Sweep) -> None:
         signal.signal(s, on_signal)
 
 
-def final(args, sweep_dir: Path, best_overrides: list[str]) -> dict:
-    """The best config, retrained on the whole train split; its test accuracy, reported once."""
+FINAL = ["data.val_fraction=0", "data.folds=0"]  # the final run trains on the whole train split
+
+
+def final_keys(sweep_dir: Path, best_overrides: list[str], epochs_needed: int | None) -> tuple[list[str], str]:
+    """The final run's keys beyond the best config's, and what they change. Without a validation split
+    there is nothing to stop early on: with early stopping in the config, the final run trains as many
+    epochs as the best trial needed (its stop, or its folds' mean), as practitioners refit after
+    cross-validation."""
+    cfg = load_config(sweep_dir / BASE, [*best_overrides, "run.dir=unused"])
+    if not cfg.train.early_stop_patience:
+        return list(FINAL), ""
+    epochs = epochs_needed or cfg.train.epochs
+    return [*FINAL, f"train.epochs={epochs}", "train.early_stop_patience=0", "train.max_steps=0"], (
+        f"early stopping off (no validation split); {epochs} epochs, as many as the best trial needed")
+
+
+def final(args, sweep_dir: Path, best_overrides: list[str], epochs_needed: int | None = None) -> dict:
+    """The best config, retrained on the whole train split; its test accuracy, reported once. A final run
+    that was stopped resumes (train.resume only where it has a checkpoint)."""
     run_dir = sweep_dir / "final"
-    cmd = [sys.executable, "-m", "dist_resnet.train", "--config", str(sweep_dir / BASE), *best_overrides,
-           "data.val_fraction=0", "data.folds=0", f"run.dir={run_dir}", "run.progress=false", "train.resume=true"]
+    keys, note = final_keys(sweep_dir, best_overrides, epochs_needed)
+    if note:
+        print(f"final: {note}", flush=True)
+    resume = ["train.resume=true"] if (run_dir / "last.pt").exists() else []
+    cmd = [sys.executable, "-m", "dist_resnet.train", "--config", str(sweep_dir / BASE), *best_overrides, *keys,
+           f"run.dir={run_dir}", "run.progress=false", *resume]
     code = subprocess.run(cmd).returncode
     if code != 0:
-        raise SweepError(f"the final run of the best config failed (exit code {code}); see {run_dir}")
+        where = f"see {run_dir}" if run_dir.is_dir() else "its error is above"
+        raise SweepError(f"the final run of the best config failed (exit code {code}); {where}")
     m = rundir.read_metrics(run_dir)
     print(f"final: the best config on the whole train split: test acc {m['test_acc']:.4f} on {m['test_count']} "
           f"images -> {run_dir}", flush=True)
-    return {"test_acc": m["test_acc"], "test_count": m["test_count"], "run_dir": str(run_dir)}
+    return {"test_acc": m["test_acc"], "test_count": m["test_count"], "run_dir": str(run_dir), "note": note,
+            "epochs": load_config(sweep_dir / BASE, [*best_overrides, *keys, "run.dir=unused"]).train.epochs}

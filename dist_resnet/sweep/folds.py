@@ -1,11 +1,13 @@
 """--folds K: a trial is K runs, fold i in trial-NNNN/fold-i (`data.folds=K data.fold=i`), each a normal
-run that checkpoints and resumes on its own. The trial's value is the mean validation accuracy of its folds.
+run that checkpoints and resumes on its own. The trial's value is the mean of its folds' validation accuracy,
+each at the epoch its best.pt holds (dist_resnet.rundir.selected).
 
 The folds run in the trial's slot one after another, and in parallel on any slot that is free when one
 starts (another GPU; on one device they queue). After each fold, the mean of the folds done so far goes to
 Optuna at step = the number done, and the pruner may stop the trial there: pruning uses the folds that
 are done. A failed fold fails the trial with its reason; a stopped one (the sweep's stop, Slurm's signal)
-interrupts it, to be resumed, with the folds already done kept.
+interrupts it, to be resumed, with the folds already done kept; so does a stop that comes between two
+folds (the trial never completes on the mean of some of its folds).
 """
 from __future__ import annotations
 
@@ -44,15 +46,20 @@ class Folds:
         self.runner(own, True)
         for t in helpers:
             t.join()
-        self.trial.set_user_attr("folds", [self.done.get(i) for i in range(self.k)])
+        self.trial.set_user_attr("folds", [self.done.get(i, (None,))[0] for i in range(self.k)])
         self.trial.set_user_attr("seconds", round(time.time() - t0, 1))  # all folds (each run set its own)
         if self.errors:
             i, e = min(self.errors, key=lambda x: (not isinstance(x[1], TrialFailed), x[0]))  # a failure first
             raise type(e)(f"fold {i}: {e}") if isinstance(e, TrialFailed) else e
         if self.pruned:
             raise optuna.TrialPruned(f"pruned after {len(self.done)} of {self.k} folds")
-        accs = list(self.done.values())
+        if len(self.done) < self.k:  # the sweep's stop came between two folds: resume, never a partial mean
+            raise TrialInterrupted(f"interrupted: {len(self.done)} of {self.k} folds done")
+        accs = [acc for acc, _ in self.done.values()]
+        self.trial.set_user_attr("folds", [self.done[i][0] for i in range(self.k)])
         self.trial.set_user_attr("fold_std", statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        self.trial.set_user_attr("fold_epochs_needed", [self.done[i][1] for i in range(self.k)])
+        self.trial.set_user_attr("epochs_needed", round(statistics.fmean(self.done[i][1] for i in range(self.k))))
         return statistics.fmean(accs)
 
     def fold_keys(self, i: int) -> list[str]:
@@ -77,16 +84,16 @@ class Folds:
                     with self.lock:
                         self.errors.append((i, e))
                     return
-                self.fold_done(i, acc)
+                self.fold_done(i, acc, run.needed)
         finally:
             if give_back:
                 self.sweep.slots.put(gpus)
 
-    def fold_done(self, i: int, acc: float) -> None:
+    def fold_done(self, i: int, acc: float, needed: int) -> None:
         with self.lock:
-            self.done[i] = acc
+            self.done[i] = (acc, needed)
             n = len(self.done)
-            self.trial.report(statistics.fmean(self.done.values()), n)
+            self.trial.report(statistics.fmean(a for a, _ in self.done.values()), n)
             if n < self.k and self.trial.should_prune():
                 self.pruned = True
 

@@ -61,7 +61,8 @@ class Sweep:
         overrides = [*self.args.overrides, *(f"{k}={v}" for k, v in values.items())]
         trial.set_user_attr("run_dir", run_dir.name)
         try:
-            cfg = load_config(self.args.config, [*overrides, f"run.dir={run_dir}"])
+            folds = [f"data.folds={self.args.folds}", "data.fold=0"] if self.args.folds else []  # as fold 0 runs
+            cfg = load_config(self.args.config, [*overrides, *folds, f"run.dir={run_dir}"])
         except ConfigError as e:
             trial.set_user_attr("error", f"config: {e}")
             raise TrialFailed(str(e)) from None
@@ -72,7 +73,7 @@ class Sweep:
         gpus = self.slots.get()
         try:
             run = TrialRun(trial, run_dir, argv, gpus, cfg, self.stop)
-            return judged(trial, run_dir, values, lambda: run.outcome(run.watch(), values))
+            return judged(trial, run_dir, values, lambda: recorded(run, run.outcome(run.watch(), values)))
         finally:
             self.slots.put(gpus)
 
@@ -142,3 +143,8 @@ class Sweep:
                 t.join(0.5)
         if self.errors:
             raise self.errors[0]
+
+
+def recorded(run: TrialRun, value: float) -> float:
+    run.record()
+    return value

@@ -39,7 +39,9 @@ def rows(study, params: list[str], folds: int = 0) -> tuple[list[dict], int | No
         state = state or t.state.name.lower()
         out.append({"trial": t.number, "best": "*" if t.number == best else "", "state": state,
                     "val_acc": t.value if t.value is not None else (t.intermediate_values[last] if last else None),
-                    **fold_columns(t, folds), ("folds" if folds else "epochs"): last, **{k: t.params.get(k) for k in params}, "seconds": seconds,
+                    **fold_columns(t, folds), ("folds" if folds else "epochs"): last,
+                    **({} if folds else {"best_epoch": t.user_attrs.get("best_epoch")}),
+                    **{k: t.params.get(k) for k in params}, "seconds": seconds,
                     "run_dir": t.user_attrs.get("run_dir", ""), "note": note})
     return out, best
 
@@ -70,8 +72,8 @@ def write_results(sweep_dir: Path, study, params: list[str], overrides: list[str
                f"{states.count('fail')} failed" + (f", {states.count('interrupted')} interrupted and resumed"
                                                    if "interrupted" in states else "")
                + (f", {states.count('retried')} retried after their worker died" if "retried" in states else ""))
-    how = (f"the mean validation accuracy of {folds} folds (val_acc, its std val_std)" if folds
-           else "validation accuracy")
+    how = (f"the mean validation accuracy of {folds} folds, each at the epoch its best.pt holds (val_acc, its "
+           "std val_std)" if folds else "validation accuracy at the epoch best.pt holds (best_epoch)")
     write_text(sweep_dir / "results.md", f"# Sweep {study.study_name}\n\n{summary}; selection on {how} "
                                          f"(best marked *).\n\n" + markdown(table))
     out = {"table": table, "best": best, "summary": summary}
@@ -82,5 +84,6 @@ def write_results(sweep_dir: Path, study, params: list[str], overrides: list[str
         cfg = load_config(sweep_dir / BASE, [*searched, f"run.dir={sweep_dir / 'final'}"])
         write_text(sweep_dir / "best.yaml", f"# best trial {best} of study {study.study_name}: val_acc "
                                             f"{t.value:.4f}\n" + to_yaml(cfg))
-        out.update({"best_value": t.value, "best_params": t.params, "best_overrides": best_overrides})
+        out.update({"best_value": t.value, "best_params": t.params, "best_overrides": best_overrides,
+                    "best_epochs_needed": t.user_attrs.get("epochs_needed")})
     return out

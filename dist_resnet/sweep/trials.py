@@ -209,7 +209,13 @@ class TrialRun:
             why = {EXIT_DIVERGED: "diverged", EXIT_BAD_INPUT: "bad input"}.get(code, f"exit code {code}")
             message = f"{why}: {' | '.join(tail)[-300:]}" if tail else why
             raise TrialFailed(message)
-        return history[-1][1]
+        self.best_epoch, value, self.needed = rundir.selected(metrics)  # best.pt's epoch, not the last one
+        return value
+
+    def record(self) -> None:
+        """The trial's selected epoch and the epochs it needed (for --final), as user attributes."""
+        self.trial.set_user_attr("best_epoch", self.best_epoch)
+        self.trial.set_user_attr("epochs_needed", self.needed)
 
 
 def judged(trial, folder: Path, values: dict, outcome):

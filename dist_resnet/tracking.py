@@ -2,14 +2,18 @@
 
 - TensorBoard (always): the event files in run.dir.
 - `run.csv=true`: run.dir/scalars.csv, one row per scalar (`wall_time,step,epoch,name,value`).
-- `run.mlflow=URI` (`local`: `sqlite:///mlflow.db`, MLflow's default store): the flattened config as params,
-  the scalars as metrics, the pictures and per_class.json as artifacts. A sweep's trials are child runs of
-  the sweep's run (`run.mlflow_parent`, set by the sweep). Needs the `tracking` extra.
+- `run.mlflow=URI` (`local`: an SQLite store in run.dir, or in the sweep's folder for a sweep): the
+  flattened config as params, the scalars as metrics, the pictures and per_class.json as artifacts (beside
+  an SQLite store, in mlartifacts/). The store is fixed at the first start and kept in tracking.json. A
+  sweep's trials are child runs of the sweep's run (`run.mlflow_parent`, set by the sweep). Needs the
+  `tracking` extra.
 - `run.wandb=offline|online`: a W&B run in run.dir/wandb (offline: no network; `wandb sync` uploads it later).
 
 Per-step scalars are logged at the global step, per-epoch ones at the epoch (as TensorBoard has them;
 W&B, whose step must grow, gets them at the global step with `epoch`). A resumed run continues the same
-MLflow and W&B run: their ids are kept in run.dir/tracking.json. A backend that fails (a tracking server
+MLflow and W&B run: their ids are kept in run.dir/tracking.json; a fresh start opens new ones. The steps
+between the checkpoint and a kill are logged twice (docs/PRACTICES.md says what each backend shows). A
+backend that fails (a tracking server
 that is down, unreachable or gone mid-run) gives one warning and is switched off: the training goes on,
 TensorBoard and metrics.json keep everything.
 """
@@ -25,13 +29,39 @@ from typing import Callable
 from .config import Config, ConfigError, flatten, to_dict
 from .fileio import write_json
 
-IDS = "tracking.json"  # the MLflow and W&B run ids of this run folder
-LOCAL_MLFLOW = "sqlite:///mlflow.db"
+IDS = "tracking.json"  # the MLflow and W&B run ids of this run folder, and where its MLflow store is
+CSV = "scalars.csv"
 PROBE_TIMEOUT_S = 5.0
 
 
-def mlflow_uri(value: str) -> str:
-    return LOCAL_MLFLOW if value == "local" else value
+def mlflow_uri(value: str, home: Path) -> str:
+    """The store `run.mlflow` names, fixed once: `local` is an SQLite file in `home` (the run folder, or the
+    sweep's), and a relative SQLite path is made absolute, so a run resumed from another folder (or moved
+    with its store) finds the same store, not a new one in the current directory."""
+    if value == "local":
+        return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+        return f"sqlite:///{Path(value[len('sqlite:///'):]).resolve()}"
+    return value
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an SQLite store (MLflow's default is ./mlruns of
+    whatever folder the command started in); a server or a file store decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def keep_aside(path: Path) -> Path | None:
+    """Move `path` to `name.N.suffix` (the first free N): a fresh start keeps an earlier attempt's file."""
+    if not path.exists():
+        return None
+    n = 1
+    while (aside := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(aside)
+    return aside
 
 
 def _ids(run_dir: Path) -> dict:
@@ -70,13 +100,22 @@ class TensorBoard:
 
 
 class CsvLog:
-    """run.csv: the same scalars as TensorBoard in a CSV file, appended to across resumes."""
+    """run.csv: the same scalars as TensorBoard in a CSV file, appended to across resumes. A resume first
+    drops the rows past the checkpoint's step (logged by the attempt that was killed, and logged again
+    now), so each step is in the file once."""
 
     name = "CSV"
     COLUMNS = ["wall_time", "step", "epoch", "name", "value"]
 
-    def __init__(self, run_dir: Path):
-        path = run_dir / "scalars.csv"
+    def __init__(self, run_dir: Path, resumed_step: int | None):
+        path = run_dir / CSV
+        if resumed_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resumed_step]
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.COLUMNS)
+                w.writeheader()
+                w.writerows(rows)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.out = csv.writer(self.file)
@@ -112,7 +151,7 @@ class MLflow:
     name = "MLflow"
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_dir: Path, params: dict, parent: str = "",
-                 tags: dict | None = None):
+                 tags: dict | None = None, resumed_step: int | None = None):
         # a server that stops answering costs a few short retries, not MLflow's default 7 with minutes of backoff
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -123,13 +162,18 @@ class MLflow:
         self.run_id = ids.get("mlflow_run_id") if ids.get("mlflow_uri") == uri else None
         if self.run_id is None:
             found = self.client.get_experiment_by_name(experiment)
-            exp = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+            exp = found.experiment_id if found is not None else self.client.create_experiment(
+                experiment, artifact_location=artifact_root(uri))
             tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
-            self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags).info.run_id
+            run = self.client.create_run(exp, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
             self.log_params(params)
-            _remember(run_dir, mlflow_uri=uri, mlflow_run_id=self.run_id)
+            _remember(run_dir, mlflow_uri=uri, mlflow_run_id=self.run_id, mlflow_artifacts=run.info.artifact_uri)
         else:  # a resumed run: the same MLflow run, running again (its params are logged already)
             self.client.update_run(self.run_id, status="RUNNING")
+            if resumed_step is not None:  # the steps after it are logged again: say where the second copy starts
+                self.client.set_tag(self.run_id, "dist_resnet.resumed_at_step", str(resumed_step))
+                self.scalars({"resumed_at_step": resumed_step}, resumed_step)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -162,8 +206,12 @@ class WandB:
         import wandb
 
         ids = _ids(run_dir)
+        # init_timeout: a server that does not answer costs 5 s, not W&B's default 90 (and every resume and
+        # sweep trial paid it again); silent: no "Symlinked 1 file" per saved file nor the run's summary block
+        settings = wandb.Settings(init_timeout=PROBE_TIMEOUT_S, silent=True)
         self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), mode=mode, config=params,
-                              id=ids.get("wandb_id"), resume="allow", group=group or None, reinit="create_new")
+                              id=ids.get("wandb_id"), resume="allow", group=group or None, reinit="create_new",
+                              settings=settings)
         _remember(run_dir, wandb_id=self.run.id)
 
     def scalars(self, values: dict, step: int) -> None:
@@ -238,19 +286,25 @@ def check_installed(cfg: Config) -> None:
                               f"(or pip install {module}), or leave {key} unset")
 
 
-def open_tracker(cfg: Config, say: Callable) -> Tracker:
-    """The backends the config asks for, in run.dir (rank 0, once its folder is held)."""
+def open_tracker(cfg: Config, say: Callable, resumed_step: int | None = None) -> Tracker:
+    """The backends the config asks for, in run.dir (rank 0, once its folder is held). Only a resume
+    (`resumed_step`: the checkpoint's global step) continues the tracked runs of tracking.json and the CSV;
+    a fresh start opens new ones, and keeps an earlier attempt's files aside (scalars.1.csv, ...)."""
     r, run_dir = cfg.run, Path(cfg.run.dir)
+    if resumed_step is None:
+        for old in (keep_aside(run_dir / IDS), keep_aside(run_dir / CSV)):
+            if old is not None:
+                say(f"fresh start: an earlier attempt's {old.name.split('.')[0]} file is kept as {old.name}")
     params = flatten(to_dict(cfg))
     # a sweep's trial (or fold) is named with its folder's parent: lr/trial-0003, trial-0003/fold-1
     name = f"{run_dir.parent.name}/{run_dir.name}" if r.mlflow_parent or r.wandb_group else run_dir.name
     backends: list = [TensorBoard(run_dir)]
     if r.csv:
-        backends.append(CsvLog(run_dir))
+        backends.append(CsvLog(run_dir, resumed_step))
     if r.mlflow:
-        uri = mlflow_uri(r.mlflow)
-        backends.append(Guarded(lambda: MLflow(uri, r.mlflow_experiment, name, run_dir, params, r.mlflow_parent),
-                                f"MLflow at {uri}", say))
+        uri = _ids(run_dir).get("mlflow_uri") or mlflow_uri(r.mlflow, run_dir)  # a resume: the store it began in
+        backends.append(Guarded(lambda: MLflow(uri, r.mlflow_experiment, name, run_dir, params, r.mlflow_parent,
+                                               resumed_step=resumed_step), f"MLflow at {uri}", say))
     if r.wandb.value != "off":
         backends.append(Guarded(lambda: WandB(r.wandb.value, r.wandb_project, name, run_dir, params, r.wandb_group),
                                 "W&B", say))
@@ -261,10 +315,12 @@ def sweep_tracking(cfg: Config, study: str, sweep_dir: Path, space: dict, say: C
     """A sweep's own tracking: its MLflow run (made once, its id in SWEEP_DIR/tracking.json), the parent of its
     trials' runs, and its W&B group. The overrides that tie every trial to them, and the parent (or None)."""
     extra, parent = [], None
-    if cfg.run.mlflow:
-        uri, params = mlflow_uri(cfg.run.mlflow), {"sweep.study": study, **{f"space.{k}": v for k, v in space.items()}}
+    if cfg.run.mlflow:  # `local`: the sweep folder's store, for the sweep's run and every trial's
+        uri = _ids(sweep_dir).get("mlflow_uri") or mlflow_uri(cfg.run.mlflow, sweep_dir)
+        params = {"sweep.study": study, **{f"space.{k}": v for k, v in space.items()}}
         parent = Guarded(lambda: MLflow(uri, cfg.run.mlflow_experiment, f"sweep {study}", sweep_dir, params,
                                         tags={"dist_resnet.sweep": study}), f"MLflow at {uri}", say)
+        extra.append(f"run.mlflow={uri}")
         if parent.backend is not None:
             extra.append(f"run.mlflow_parent={parent.backend.run_id}")
     if cfg.run.wandb.value != "off" and not cfg.run.wandb_group:

@@ -226,3 +226,55 @@ def test_a_sweeps_folds_are_child_runs_of_its_mlflow_run(mlflow_server, folded_s
         assert r.data.metrics["val/acc"] == pytest.approx(row[f"fold_{fold[-1]}"])
         assert r.data.params["data.folds"] == "3" and r.data.params["data.fold"] == fold[-1]
     assert "results.md" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+
+def test_attempts_kills_and_the_local_store_each_keep_their_place(tiny_betons, tmp_path):
+    """An attempt that diverged before any checkpoint, then a fresh start of the same command killed after
+    step 17 (checkpoint at step 10, steps 15 logged), resumed from another folder, `run.mlflow=local`:
+    two MLflow runs (the fresh start does not continue the diverged one's), the first attempt's CSV kept
+    aside, each step once in the CSV, the resumed MLflow run marked where its second copy of steps begins,
+    one store in run.dir whatever the current folder, and the artifacts beside it, not in ./mlruns."""
+    from tests.conftest import python_module
+
+    run_dir, a, b = tmp_path / "run", tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "run.csv=true", "run.mlflow=local"]
+    assert python_module("dist_resnet.train", *argv, "optim.lr=1e9", cwd=a, check=False).returncode == 3
+    killed = python_module("dist_resnet.train", *argv, cwd=a, check=False, env={"DIST_RESNET_FAULT": "step:17"})
+    assert killed.returncode == -9 and "kept as scalars.1.csv" in killed.stdout, killed.stdout[-2000:]
+    python_module("dist_resnet.train", *argv, "train.resume=true", cwd=b)
+    rows = list(csv.DictReader(open(run_dir / "scalars.csv")))
+    keys = [(r["step"], r["name"], r["epoch"]) for r in rows]
+    assert len(keys) == len(set(keys)) and {"15", "20"} <= {r["step"] for r in rows}  # step 15 once, not twice
+    assert {r["step"] for r in csv.DictReader(open(run_dir / "scalars.1.csv"))} <= {"1", "2", "3", "4", "5"}
+    assert not [p for p in (a, b) for n in ("mlflow.db", "mlruns") if (p / n).exists()]
+    store = client(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    by_lr = {r.data.params["optim.lr"]: r for r in runs}
+    assert len(runs) == 2 and by_lr["1000000000.0"].info.status == "FAILED"
+    done = by_lr["0.4"]
+    assert done.info.status == "FINISHED" and done.data.tags["dist_resnet.resumed_at_step"] == "10"
+    assert [m.step for m in store.get_metric_history(done.info.run_id, "resumed_at_step")] == [10]
+    assert done.info.artifact_uri.startswith((run_dir / "mlartifacts").as_uri())
+    assert "curves.png" in {f.path for f in store.list_artifacts(done.info.run_id)}
+    assert json.loads((run_dir / "tracking.json").read_text())["mlflow_uri"] == f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def test_wandb_online_with_a_server_that_never_answers_costs_seconds(tiny_betons, tmp_path):
+    """A W&B server that accepts connections and never answers stalled each start by about 100 s; capped,
+    it costs one warning and a few seconds, and the run completes."""
+    from tests.conftest import python_module
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        t0 = time.time()
+        p = python_module("dist_resnet.train", *TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}",
+                          "train.epochs=1", "run.wandb=online", env={
+                              "WANDB_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                              "WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online"})
+        seconds = time.time() - t0
+    assert "warning: W&B tracking failed" in p.stdout and metrics(tmp_path / "run")["completed"]
+    first = float(p.stdout.split("first step after ")[1].split("s")[0])
+    print(f"W&B to a silent server: first step after {first:.1f} s, whole run {seconds:.1f} s")
+    assert first < 30, p.stdout[-2000:]

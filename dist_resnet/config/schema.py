@@ -205,7 +205,7 @@ class RunConfig:
     dir: str = MISSING  # output folder: config.yaml, metrics.json, checkpoints, TensorBoard
     progress: bool = True  # tqdm bar on rank 0
     csv: bool = False  # also log the scalars to run.dir/scalars.csv
-    mlflow: str = ""  # MLflow tracking URI (http://host:5000, sqlite:///x.db, ...; local = sqlite:///mlflow.db); empty = off
+    mlflow: str = ""  # MLflow tracking URI (http://host:5000, sqlite:///x.db, ...; local = an SQLite store in run.dir, or the sweep folder); empty = off
     mlflow_experiment: str = "dist_resnet"  # the MLflow experiment runs are logged to
     mlflow_parent: str = ""  # the MLflow run this run is a child of (a sweep sets it for its trials)
     wandb: WandbMode = WandbMode.off  # Weights & Biases: off | offline | online

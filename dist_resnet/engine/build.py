@@ -363,13 +363,13 @@ def build(cfg: Config, env: DistEnv) -> Components:
                      t.accum_steps, amp, t.tta, report.say, eval_sizes, [a for a in (robust, check_attack) if a])
               if t.warmup_steps else no_warm_up)
     stop = StopRequest(Path(cfg.run.dir) / rundir.STOP)
-    start(cfg, resume, saver, nonfinite, report, loaded, data.split)
+    start(cfg, resume, saver, nonfinite, report, loaded, data.split, state)
     return Components(model, data.train, step, state, evaluator, saver, report, clock, nonfinite, stop, warmup,
                       hooks, betons.classes)
 
 
 def start(cfg: Config, resume: tuple[Path, dict] | None, checkpointer: Checkpointer, nonfinite: StopOnNonFinite,
-          report: Report, pretrained: dict | None, split: dict | None) -> None:
+          report: Report, pretrained: dict | None, split: dict | None, state: RunState) -> None:
     """Now that every component exists: the checkpoint restored into them (or a fresh run begun), then
     rank 0's run folder."""
     if resume is not None:
@@ -378,4 +378,4 @@ def start(cfg: Config, resume: tuple[Path, dict] | None, checkpointer: Checkpoin
         nonfinite.begin(checkpointer)
     if cfg.train.resume and resume is None:
         report.say(f"train.resume=true but {cfg.run.dir} holds no checkpoint yet: starting from scratch")
-    report.open(pretrained, split)
+    report.open(pretrained, split, state.step if resume is not None else None)

@@ -115,9 +115,10 @@ class Report:
         """The GPU memory high-water mark (allocator statistics: no sync)."""
         return {"memory/max_allocated_gib": torch.cuda.max_memory_allocated(self.env.device) / 2**30}
 
-    def open(self, pretrained: dict | None, split: dict | None) -> None:
+    def open(self, pretrained: dict | None, split: dict | None, resumed_step: int | None = None) -> None:
         """Rank 0's run folder: stale temp files cleaned, config.yaml (and pretrained.json, split.json),
-        the tracking backends. Called once everything is built and restored."""
+        the tracking backends (continued from `resumed_step` on a resume). Called once everything is built
+        and restored."""
         if not self.env.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ class Report:
         for name, content in ((rundir.PRETRAINED, pretrained), (rundir.SPLIT, split)):
             if content is not None:
                 write_json(self.run_dir / name, content)
-        self.tracker = open_tracker(self.cfg, self.say)
+        self.tracker = open_tracker(self.cfg, self.say, resumed_step)
 
     def bar(self, epoch: int, total: int, initial: int) -> tqdm:
         return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",

@@ -182,9 +182,10 @@ class Checkpointer:
         if not quiet:
             if self.is_main:  # a kill between a save and its link left last.pt behind the file resumed from
                 checkpoint.adopt(path, self.run_dir)
-            pos = self.state.position
-            inside = f", step {pos['step']} of epoch {self.state.epoch + 1}" if pos else ""
-            self.say(f"resumed from {path} at epoch {self.state.epoch}{inside} (global step {self.state.step})")
+            pos, e = self.state.position, self.state.epoch
+            where = (f"inside epoch {e + 1}, after its step {pos['step']} ({e} whole epochs done" if pos else
+                     f"after epoch {e} ({e} whole epochs done")
+            self.say(f"resumed from {path} {where}; global step {self.state.step})")
 
     def snapshot(self) -> bytes:
         buf = io.BytesIO()

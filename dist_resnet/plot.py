@@ -73,7 +73,9 @@ class PlotError(ValueError):
     pass
 
 
-SPLITS = {"train": ("-", None), "val": ("--", "o"), "test": (":", "s")}  # line style, marker per evaluation
+# each split's line style, marker and (for a single run, where colour does not name the run) colour, the same
+# in the panels and in the legends
+SPLITS = {"train": ("-", "o", "C0"), "val": ("--", "s", "C1"), "test": (":", "^", "C2")}
 
 
 def _per_step(m: dict) -> tuple[list, list, list]:
@@ -91,10 +93,10 @@ def curves(path: str | Path, run_dirs: list[str | Path]) -> Path:
 
 
 def curves_figure(run_dirs: list[str | Path]):
-    """Loss, accuracy and learning rate against epoch, runs overlaid (one colour each, named once in the
-    legend; the line style tells the split): the training loss and the LR at every logged step, train
+    """Loss, accuracy and learning rate against epoch, runs overlaid (several runs: one colour each, named once
+    in the run legend; one run: a colour per split). Each split has its own line style and marker, in the
+    panels and in each panel's legend alike: the training loss and the LR at every logged step, train
     accuracy per epoch, validation and test as points per evaluation, whole epochs on the axis."""
-    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
@@ -102,29 +104,48 @@ def curves_figure(run_dirs: list[str | Path]):
     if not any(rundir.history(m) for _, m in runs):
         raise PlotError(f"no epoch is recorded yet in {', '.join(map(str, run_dirs))}")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    palette = plt.get_cmap("tab10")  # fixed colours, whatever style another plot left behind
+    palette, single = plt.get_cmap("tab10"), len(runs) == 1  # fixed colours, whatever another plot left
+    drawn: list[set] = [{"train"}, set()]  # the splits each panel shows
     for i, (name, m) in enumerate(runs):
-        color, hist = palette(i % 10), rundir.history(m)
+        run_color, hist = palette(i % 10), rundir.history(m)
         x, loss, lr = _per_step(m)
-        axes[0].plot(x, loss, "-", color=color, lw=1, label=name)  # the run's one legend entry
-        axes[2].plot(x, lr, "-", color=color, lw=1.2, marker="." if len(x) < 3 else None)
-        for ax, metric in ((axes[0], "loss"), (axes[1], "acc")):
-            for split, (style, marker) in SPLITS.items():
-                if split == "train" and metric == "loss":
-                    continue
+        few = "o" if len(x) < 3 else None  # one or two logged steps: points, not an invisible line
+        axes[0].plot(x, loss, "-", color=SPLITS["train"][2] if single else run_color, lw=1, marker=few, label=name)
+        axes[2].plot(x, lr, "-", color=run_color, lw=1.2, marker=few)
+        for k, (ax, metric) in enumerate(((axes[0], "loss"), (axes[1], "acc"))):
+            for split, (style, marker, split_color) in SPLITS.items():
                 pts = [(r["epoch"], r[f"{split}_{metric}"]) for r in hist if f"{split}_{metric}" in r]
-                if pts:
-                    ax.plot(*zip(*pts), style, color=color, lw=1, marker=marker or "o", markersize=4)
+                if pts and not (split == "train" and metric == "loss"):
+                    ax.plot(*zip(*pts), style, color=split_color if single else run_color, lw=1.2, marker=marker,
+                            markersize=5, label=f"_{split}")
+                    drawn[k].add(split)
     for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-    if len(runs) > 1:
-        axes[0].legend(fontsize=7, title="run")
-    axes[1].legend(handles=[Line2D([], [], color="0.3", ls=style, marker=marker, label=split)
-                            for split, (style, marker) in SPLITS.items()], fontsize=7, title="split")
+    split_legend(axes[0], drawn[0], single, per_step=True, runs=None if single else [n for n, _ in runs])
+    split_legend(axes[1], drawn[1], single)
     return fig
+
+
+def split_legend(ax, splits: set, single: bool, per_step: bool = False, runs: list[str] | None = None) -> None:
+    """The panel's legend of the splits it draws, each handle drawn as its lines are (style, marker, and the
+    split's colour for one run), long enough to show a dash; with several runs, a second legend names them."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for split, (style, marker, color) in SPLITS.items():
+        if split in splits:
+            stepwise = per_step and split == "train"  # the per-step training loss: a line without markers
+            handles.append(Line2D([], [], color=color if single else "0.3", ls=style, lw=1.2,
+                                  marker=None if stepwise else marker, markersize=5,
+                                  label=f"{split} (each logged step)" if stepwise else split))
+    legend = ax.legend(handles=handles, fontsize=7, title="split", handlelength=4, loc="best")
+    if runs:
+        ax.add_artist(legend)
+        ax.legend(handles=[line for line in ax.get_lines() if line.get_label() in runs], fontsize=7, title="run",
+                  loc="upper center")
 
 
 def sweep(path: str | Path, sweep_dir: str | Path, storage: str | None = None) -> Path:

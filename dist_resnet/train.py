@@ -17,7 +17,7 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, parse_args
-from .data.manifest import DataError
+from .data.manifest import Betons, DataError
 from .distributed import EXIT_BAD_INPUT, EXIT_STOPPED, DistEnv, JobExit
 from .engine.build import build
 from .engine.report import EpochMeter
@@ -86,11 +86,13 @@ class Trainer:
                 self.state.step += 1
                 fault_point("step")
                 self.clock.after_step()
-                if self.state.step % t.log_every == 0:  # the only host sync inside the epoch
-                    self.log(meter)
+                if self.state.step % t.log_every == 0 or self.state.step == 1:  # the only host sync inside the
+                    self.log(meter)  # epoch (and the run's first step: every curve starts where training did)
                 if (i + 1) % t.stop_check_every == 0 and i + 1 < end and self.stop.agreed(self.env.control_group):
                     return self.pause(epoch, i + 1, meter)
                 meter.next_batch()
+        if meter.logged_step < self.state.step:  # the epoch's last steps, logged with its end (synced anyway)
+            self.log(meter)
         return self.epoch_record(epoch, meter)
 
     def log(self, meter: EpochMeter) -> None:
@@ -201,7 +203,7 @@ def out_of_memory(cfg: Config, env: DistEnv) -> JobExit:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, check=lambda c: Betons.open(c.data.dir))  # --check: the launch scripts' first step
 
     def job(env: DistEnv) -> dict:
         summary = Trainer(cfg, env).fit()

@@ -18,6 +18,8 @@ RUN_DIR=${RUN_DIR:?set RUN_DIR to a folder on a filesystem all nodes share}
 NGPU=$(python -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}
 RDZV_ID=${RDZV_ID:-$(printf '%s' "$RUN_DIR" | cksum | cut -d' ' -f1)}
+# the config and data checked here first: a mistake is one line and exit 2, not torchrun's 25-line report
+python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
 echo "node $(hostname): $NPROC process(es), $NNODES node(s), rendezvous $MASTER_ADDR:$MASTER_PORT id $RDZV_ID"
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID" \

@@ -38,6 +38,10 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchinduc
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 NNODES=${SLURM_NNODES:-1}
 
+# the config and data checked here first: a mistake is one line and exit 2 (and no requeue), not torchrun's
+# 25-line report from every node
+python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
+
 mkdir -p "$RUN_DIR"
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $GPUS_PER_NODE, run dir $RUN_DIR"
 

@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 
 from dist_resnet.config import ConfigError, Precision, Schedule, load_config, to_yaml
@@ -234,3 +237,20 @@ def test_every_range_rule_names_a_config_key_once():
     for key in named:  # each is checked: its section's check refuses a value far out of range
         with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
             load_config(ROOT / "configs" / "cpu.yaml", REQUIRED + [f"{key}=-1000"])
+
+
+def test_the_launch_scripts_check_the_config_before_torchrun(tiny_betons, tmp_path):
+    """A bad key or a missing data folder under torchrun printed the one line, then torchrun's 25-line
+    ChildFailedError report, and exited 1: the scripts now check first (train --check): one line, exit 2."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "MASTER_ADDR": "127.0.0.1", "NPROC": "1",
+           "CONFIG": str(ROOT / "configs" / "cpu.yaml"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for script, data, bad, message in (
+            ("launch/single_node.sh", tiny_betons, "train.epochs=0", "'train.epochs': 0; it must be >= 1"),
+            ("launch/multi_node.sh", tmp_path / "nowhere", "train.epochs=1", "has no manifest.json")):
+        p = subprocess.run(["bash", str(ROOT / script), bad], capture_output=True, text=True, cwd=tmp_path,
+                           env={**env, "DATA_DIR": str(data)}, timeout=120)
+        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "torchrun" not in p.stdout + p.stderr and not (tmp_path / "run").exists()

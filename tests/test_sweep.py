@@ -191,8 +191,9 @@ def test_curves_draw_every_logged_step_whole_epoch_ticks_and_name_each_run_once(
     fig = plot.curves_figure(trials)
     loss, acc, lr = fig.axes[:3]
     m = rundir.read_metrics(trials[0])
-    steps = [p[0] for r in m["history"] for p in r["steps"]]  # every train.log_every-th step
-    assert len(steps) == m["epochs"] * m["steps_per_epoch"] // 5 and len(steps) > m["epochs"]
+    steps = [p[0] for r in m["history"] for p in r["steps"]]  # every train.log_every-th step, the first, epoch ends
+    spe, total = m["steps_per_epoch"], m["epochs"] * m["steps_per_epoch"]
+    assert steps == sorted({1, *range(5, total + 1, 5), *range(spe, total + 1, spe)}) and len(steps) > m["epochs"]
     assert list(loss.lines[0].get_xdata()) == [s / m["steps_per_epoch"] for s in steps]
     assert list(lr.lines[0].get_ydata()) == [p[2] for r in m["history"] for p in r["steps"]]
     assert [t.get_text() for t in loss.get_legend().get_texts()] == ["trial-0000", "trial-0001"]  # once each
@@ -201,7 +202,34 @@ def test_curves_draw_every_logged_step_whole_epoch_ticks_and_name_each_run_once(
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
     val = [line for line in acc.lines if line.get_linestyle() == "--"][0]
-    assert list(val.get_xdata()) == [r["epoch"] for r in m["history"] if "val_acc" in r] and val.get_marker() == "o"
+    assert list(val.get_xdata()) == [r["epoch"] for r in m["history"] if "val_acc" in r] and val.get_marker() == "s"
+
+
+def test_each_split_tells_itself_apart_in_the_panels_and_legends_alike(local_sweep, grid_sweep):
+    """One run: each split has its own colour, line style and marker, and its legend handle is drawn as its
+    lines are, long enough to show the dash (the legend used to give train no marker and val a circle, while
+    train accuracy was drawn with circles: one took the train line for val). A 1-epoch run's curves start at
+    its first step and end at its last, however train.log_every falls."""
+    from matplotlib.colors import to_hex
+
+    from dist_resnet import plot, rundir
+
+    out, *_ = local_sweep
+    fig = plot.curves_figure([out / "trial-0000"])
+    for ax in fig.axes[:2]:
+        legend = ax.get_legend()
+        assert legend.handlelength >= 4
+        shown = {h.get_label().split(" ")[0]: (h.get_linestyle(), h.get_marker(), to_hex(h.get_color()))
+                 for h in legend.legend_handles}
+        lines = [ln for ln in ax.lines if ln.get_label().startswith("_") and ln.get_label()[1:] in shown]
+        assert len(set(shown.values())) == len(shown) >= 2 and len({v[2] for v in shown.values()}) == len(shown)
+        for ln in lines:
+            assert (ln.get_linestyle(), ln.get_marker(), to_hex(ln.get_color())) == shown[ln.get_label()[1:]]
+    assert set(shown) == {"train", "val", "test"}
+    grid, *_ = grid_sweep
+    m = rundir.read_metrics(grid / "trial-0000")  # 1 epoch of 8 steps, logged every 5
+    loss_line = plot.curves_figure([grid / "trial-0000"]).axes[0].lines[0]
+    assert list(loss_line.get_xdata()) == [s / 8 for s in (1, 5, 8)] == [p[0] / 8 for p in m["history"][0]["steps"]]
 
 
 # ---------------------------------------------------------------- what a study counts, and where it lives

@@ -46,13 +46,18 @@ def schema_help() -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train") -> Config:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train",
+               check: typing.Callable[[Config], None] | None = None) -> Config:
     """`--config PRESET.yaml key=value ...` -> Config; exits with a clear message on error.
-    `--help` lists every key of the schema; `--print-config` prints the resolved config and exits."""
+    `--help` lists every key of the schema; `--print-config` prints the resolved config and exits;
+    `--check` runs `check(cfg)` too (the caller's checks of the data) and exits 0, or 2 with one line."""
     p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.",
                                 epilog=schema_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the config and the data folder, then exit: 0, or one line and 2 (the launch scripts "
+                        "run this before torchrun, whose own failure report is 25 lines and exit 1)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
@@ -62,7 +67,13 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
                 load_config(args.config, args.overrides)  # the same checks as a run
             print(OmegaConf.to_yaml(cfg), end="")
             raise SystemExit(0)
-        return load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
+        cfg = load_config(args.config, args.overrides)
+        if args.check:
+            if check is not None:
+                check(cfg)
+            print(f"{prog}: config and data ok")
+            raise SystemExit(0)
+        return cfg
+    except (ConfigError, ValueError, RuntimeError) as e:  # ConfigError, or the caller's DataError
+        print(f"{prog}: {'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

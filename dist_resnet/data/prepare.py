@@ -189,12 +189,17 @@ class _Arrays:
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    import functools
+
+    from ffcv import writer
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    # FFCV's writer draws its own progress bar with no label (tqdm(total=N)): it is given one here, so the
+    # output says which of the two bars per split is which ("decode test", then "write test.beton")
+    writer.tqdm = functools.partial(tqdm, desc=f"write {path.name}", unit="img")
     # one worker: the file's bytes (and so its sha256) do not depend on scheduling
-    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Arrays(images, labels))
+    writer.DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Arrays(images, labels))
 
 
 def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int, int] | None = None,

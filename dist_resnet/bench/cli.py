@@ -20,6 +20,14 @@ EPILOG = """examples:
 """
 
 
+NUMBERS = [("steps", int, 50, "throughput: timed steps per repeat"),
+           ("warmup", int, 30, "throughput: untimed warm-up steps"),
+           ("repeats", int, 5, "throughput: timed repeats (mean and std over them)"),
+           ("epochs", int, 3, "loader: timed epochs after the first"),
+           ("target", float, 0.9, "tta: target test accuracy (fraction)"),
+           ("seeds", int, 5, "tta: seeds 0..N-1")]
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist_resnet.bench", description=doc, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,17 +35,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="what to measure; `report` runs the others as a set (see dist_resnet.bench.report)")
     p.add_argument("--config", help="the training preset (YAML), as dist_resnet.train takes it")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (data.dir is required)")
-    p.add_argument("--steps", type=int, default=50, help="throughput: timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=30, help="throughput: untimed warm-up steps")
-    p.add_argument("--repeats", type=int, default=5, help="throughput: timed repeats (mean and std over them)")
+    for name, kind, default, what in NUMBERS:
+        p.add_argument(f"--{name}", type=kind, default=default, help=what)
     p.add_argument("--ablate", action="store_true", help="throughput: switch AMP, channels_last, compile, data off")
     p.add_argument("--compare", metavar="KEY=V1,V2",
                    help="throughput: one row per value of one key (e.g. train.precision=fp32,bf16)")
     p.add_argument("--breakdown", action="store_true",
                    help="throughput: split the step into forward+backward, optimizer, data wait, and eval")
-    p.add_argument("--epochs", type=int, default=3, help="loader: timed epochs after the first")
-    p.add_argument("--target", type=float, default=0.9, help="tta: target test accuracy (fraction)")
-    p.add_argument("--seeds", type=int, default=5, help="tta: seeds 0..N-1")
     p.add_argument("--keep", metavar="DIR", help="tta: keep each seed's run folder as DIR/seed-N")
     p.add_argument("--deadline-s", type=float,
                    help="stop starting new runs (seeds, variants) that would end later than this many seconds "

@@ -77,17 +77,8 @@ def int8_rows(m: dict) -> list[tuple[str, str]]:
 
 def figures(part: dict) -> list[tuple[str, str]]:
     m = part.get("measured")
-    if not m:
-        return []
-    if "written" in m:
-        return int8_rows(m)
-    if "rows" in m:
-        return throughput_rows(m)
-    if "runs" in m:
-        return tta_rows(m)
-    if "first_epoch_s" in m:
-        return loader_rows(m)
-    return []
+    kinds = (("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows), ("first_epoch_s", loader_rows))
+    return next((rows(m) for key, rows in kinds if key in (m or {})), [])  # each part's JSON has its own key
 
 
 def markdown(report: dict) -> str:

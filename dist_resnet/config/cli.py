@@ -54,11 +54,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
     p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.",
                                 epilog=schema_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     p.add_argument("--check", action="store_true",
                    help="check the config and the data folder, then exit: 0, or one line and 2 (the launch scripts "
                         "run this before torchrun, whose own failure report is 25 lines and exit 1)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
         if args.print_config:

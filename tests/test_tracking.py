@@ -129,7 +129,7 @@ def test_mlflow_holds_the_params_metrics_and_artifacts_of_a_resumed_run(mlflow_s
     for m in c.get_metric_history(run.info.run_id, "train/loss"):  # a step logged again after the resume: the same
         assert m.value == pytest.approx(steps[m.step], rel=1e-12)
         history[m.step] = m.value
-    assert sorted(history) == sorted(steps) == list(range(2, 17, 2))
+    assert sorted(history) == sorted(steps) == [1, *range(2, 17, 2)]  # every 2nd step and the first
     lr = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "train/lr")}
     assert lr[16] == pytest.approx(metrics(run_dir)["history"][-1]["lr"])
     val = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "val/acc")}

@@ -38,7 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(module: str, argv: list[str], env: dict, log: str) -> None:
+def _child(module: str, argv: list[str], env: dict, log: str, cwd: str | None = None) -> None:
+    if cwd is not None:
+        os.chdir(cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -51,7 +53,8 @@ def _child(module: str, argv: list[str], env: dict, log: str) -> None:
 class Ranks:
     """`nproc` ranks of `module.main(argv)`, started now (`argv` may also be one list per rank)."""
 
-    def __init__(self, module: str, argv: list, log: Path, nproc: int = 1, env: dict | None = None):
+    def __init__(self, module: str, argv: list, log: Path, nproc: int = 1, env: dict | None = None,
+                 cwd: Path | None = None):
         port = str(free_port())
         self.log = log
         self.procs = []
@@ -60,7 +63,8 @@ class Ranks:
             rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                         "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                         **(env or {})}
-            p = context().Process(target=_child, args=(module, per_rank[rank], rank_env, str(log)))
+            p = context().Process(target=_child, args=(module, per_rank[rank], rank_env, str(log),
+                                                       None if cwd is None else str(cwd)))
             p.start()
             self.procs.append(p)
 
@@ -86,5 +90,5 @@ class Ranks:
 
 
 def launch(module: str, argv: list[str], log: Path, nproc: int = 1, env: dict | None = None,
-           timeout: float = 300) -> list[int]:
-    return Ranks(module, argv, log, nproc, env).wait(timeout)
+           timeout: float = 300, cwd: Path | None = None) -> list[int]:
+    return Ranks(module, argv, log, nproc, env, cwd).wait(timeout)

@@ -234,15 +234,14 @@ def test_attempts_kills_and_the_local_store_each_keep_their_place(tiny_betons, t
     two MLflow runs (the fresh start does not continue the diverged one's), the first attempt's CSV kept
     aside, each step once in the CSV, the resumed MLflow run marked where its second copy of steps begins,
     one store in run.dir whatever the current folder, and the artifacts beside it, not in ./mlruns."""
-    from tests.conftest import python_module
-
     run_dir, a, b = tmp_path / "run", tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "run.csv=true", "run.mlflow=local"]
-    assert python_module("dist_resnet.train", *argv, "optim.lr=1e9", cwd=a, check=False).returncode == 3
-    killed = python_module("dist_resnet.train", *argv, cwd=a, check=False, env={"DIST_RESNET_FAULT": "step:17"})
-    assert killed.returncode == -9 and "kept as scalars.1.csv" in killed.stdout, killed.stdout[-2000:]
-    python_module("dist_resnet.train", *argv, "train.resume=true", cwd=b)
+    log = tmp_path / "log"
+    assert launch("dist_resnet.train", [*argv, "optim.lr=1e9"], log, cwd=a) == [3], log.read_text()[-2000:]
+    assert launch("dist_resnet.train", argv, log, cwd=a, env={"DIST_RESNET_FAULT": "step:17"}) == [-9]
+    assert "kept as scalars.1.csv" in log.read_text(), log.read_text()[-2000:]
+    assert launch("dist_resnet.train", [*argv, "train.resume=true"], log, cwd=b) == [0], log.read_text()[-2000:]
     rows = list(csv.DictReader(open(run_dir / "scalars.csv")))
     keys = [(r["step"], r["name"], r["epoch"]) for r in rows]
     assert len(keys) == len(set(keys)) and {"15", "20"} <= {r["step"] for r in rows}  # step 15 once, not twice
@@ -263,18 +262,18 @@ def test_attempts_kills_and_the_local_store_each_keep_their_place(tiny_betons, t
 def test_wandb_online_with_a_server_that_never_answers_costs_seconds(tiny_betons, tmp_path):
     """A W&B server that accepts connections and never answers stalled each start by about 100 s; capped,
     it costs one warning and a few seconds, and the run completes."""
-    from tests.conftest import python_module
-
+    log = tmp_path / "log"
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         t0 = time.time()
-        p = python_module("dist_resnet.train", *TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}",
-                          "train.epochs=1", "run.wandb=online", env={
-                              "WANDB_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
-                              "WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online"})
+        codes = launch("dist_resnet.train", [*TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}",
+                                             "train.epochs=1", "run.wandb=online"], log, env={
+            "WANDB_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}", "WANDB_API_KEY": "x" * 40,
+            "WANDB_MODE": "online"})
         seconds = time.time() - t0
-    assert "warning: W&B tracking failed" in p.stdout and metrics(tmp_path / "run")["completed"]
-    first = float(p.stdout.split("first step after ")[1].split("s")[0])
+    out = log.read_text()
+    assert codes == [0] and "warning: W&B tracking failed" in out and metrics(tmp_path / "run")["completed"], out
+    first = float(out.split("first step after ")[1].split("s")[0])
     print(f"W&B to a silent server: first step after {first:.1f} s, whole run {seconds:.1f} s")
-    assert first < 30, p.stdout[-2000:]
+    assert first < 30, out[-2000:]

@@ -34,7 +34,7 @@ from ..fileio import atomic_write, write_json
 from ..precision import cpu_bf16_support
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SLACK_S = 15.0  # a part's start (imports) and end (teardown), outside its own deadline
+SLACK_S = 10.0  # a part's start (imports) and end (teardown), outside its own deadline
 QUICK = {"steps": "1", "warmup": "1", "repeats": "2", "seeds": "2", "epochs": "1"}  # --quick: a smoke test
 
 
@@ -137,7 +137,7 @@ def run_part(part: Part, extra: list[str], out: Path, limit: float, done: set[st
     if part.needs and part.needs not in done:
         part.result = {"status": "skipped", "reason": f"it needs what part {part.needs} makes, which did not finish"}
         return
-    if limit < SLACK_S + 5:
+    if limit < SLACK_S + 2:
         part.result = {"status": "skipped", "reason": f"time budget ({limit:.0f} s left)"}
         return
     target = out / "parts" / f"{part.name}.json"

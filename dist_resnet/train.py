@@ -90,6 +90,9 @@ class Trainer:
                     self.log(meter)  # epoch (and the run's first step: every curve starts where training did)
                 if (i + 1) % t.stop_check_every == 0 and i + 1 < end and self.stop.agreed(self.env.control_group):
                     return self.pause(epoch, i + 1, meter)
+                if self.checkpointer.due(self.state.step) and i + 1 < end:  # train.checkpoint_every
+                    self.save_position(i + 1, meter)
+                    self.state.position = None  # the epoch goes on: the position is the checkpoint's only
                 meter.next_batch()
         if meter.logged_step < self.state.step:  # the epoch's last steps, logged with its end (synced anyway)
             self.log(meter)
@@ -103,15 +106,22 @@ class Trainer:
 
     def pause(self, epoch: int, at: int, meter: EpochMeter) -> None:
         """A stop agreed inside the epoch: its position and partial sums go into a checkpoint."""
+        meter.bar.close()
+        self.save_position(at, meter)
+        self.report.say(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {at}/{len(self.data)}; "
+                        "resume with train.resume=true")
+
+    def save_position(self, at: int, meter: EpochMeter) -> None:
+        """A checkpoint inside the epoch, after its step `at`: the position and the partial sums (a stop's, or
+        train.checkpoint_every's, which changes nothing in the run: the sums are read, not reset)."""
         self.clock.sync()
         totals = meter.totals()
         self.nonfinite.check(totals[0])  # never checkpoint a diverged state
         self.state.position = {"step": at, "stats": totals, "elapsed": meter.elapsed(), **meter.carry()}
         self.checkpointer.save()
-        self.report.say(f"stopped ({self.stop.reason}) at epoch {epoch + 1} step {at}/{len(self.data)}; "
-                        "resume with train.resume=true")
 
     def epoch_record(self, epoch: int, meter: EpochMeter) -> dict:
+        meter.bar.close()
         self.clock.sync()
         elapsed = meter.elapsed()
         loss_sum, correct, count = meter.totals()

@@ -3,7 +3,11 @@
 #   sbatch slurm/train.sh                                      # defaults below
 #   sbatch --nodes=2 --gpus-per-node=8 slurm/train.sh train.epochs=80
 #   CONFIG=configs/resnet9.yaml DATA_DIR=/shared/cifar10 sbatch --partition=gpu --account=me slurm/train.sh
-# Partition and account are sbatch options (or SBATCH_PARTITION / SBATCH_ACCOUNT).
+#   CONFIG=configs/cpu.yaml sbatch --nodes=2 --gpus-per-node=0 slurm/train.sh   # CPU nodes: 1 process each
+# Partition and account are sbatch options (or SBATCH_PARTITION / SBATCH_ACCOUNT). On a partition without
+# GPUs, the #SBATCH --gpus-per-node line below is a gres error: override it with --gpus-per-node=0 (one
+# process per node, gloo; NPROC_PER_NODE=N for more). Several network interfaces: export
+# GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME before sbatch (they reach every node; the first line says them).
 #
 # Two signals, two meanings:
 # - USR1: the time-limit warning (--signal=B:USR1@120, to this shell only). The trap writes
@@ -29,8 +33,20 @@ set -uo pipefail
 CONFIG=${CONFIG:-configs/resnet18.yaml}
 DATA_DIR=${DATA_DIR:-data/cifar10}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-dist_resnet}-${SLURM_JOB_ID:?not inside a Slurm job}}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}   # "h100:8" -> "8"
+# processes per node: one per GPU; on a CPU node (no GPU allocated) one, or NPROC_PER_NODE
+if [ -n "${NPROC_PER_NODE:-}" ]; then
+  NPROC=$NPROC_PER_NODE
+elif [ "$GPUS_PER_NODE" -gt 0 ] 2>/dev/null; then
+  NPROC=$GPUS_PER_NODE
+else
+  NPROC=1
+fi
+if ! [ "$NPROC" -ge 1 ] 2>/dev/null; then
+  echo "error: $NPROC processes per node: set NPROC_PER_NODE (CPU nodes) or --gpus-per-node to 1 or more" >&2
+  exit 2
+fi
 MASTER_PORT=${MASTER_PORT:-29500}
 # torch.compile's caches (FX graphs, Triton kernels, autotuning results) on the shared filesystem, so a
 # requeued or later job skips most of the compile on any node (torch's default /tmp is node-local)
@@ -43,7 +59,13 @@ NNODES=${SLURM_NNODES:-1}
 python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
 
 mkdir -p "$RUN_DIR"
-echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $GPUS_PER_NODE, run dir $RUN_DIR"
+# a stop request belongs to the attempt it was made for: one left by a previous attempt (whose node died
+# before its trainer read it, say: Slurm then TERMs this script, whose trap writes STOP after the trainer
+# is gone) would stop the resumed run at once
+rm -f "$RUN_DIR/STOP"
+echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $NPROC process(es)" \
+  "($GPUS_PER_NODE GPUs per node), run dir $RUN_DIR; interfaces: GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-auto}" \
+  "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-auto}"
 
 stop_signal=""
 # shellcheck disable=SC2317  # called from the traps below
@@ -57,7 +79,7 @@ trap 'on_signal TERM' TERM
 
 # --cpus-per-task: srun no longer inherits sbatch's value on every Slurm version (the step would get 1 CPU)
 srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" torchrun \
-  --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+  --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
   -m dist_resnet.train --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" train.resume=true "$@" &
 pid=$!

@@ -138,6 +138,24 @@ def test_a_stop_in_an_epoch_shorter_than_the_check_interval_is_honoured(tiny_bet
     assert_same_run(tiny_reference, run_dir)
 
 
+def test_checkpoint_every_saves_inside_epochs_and_a_kill_resumes_from_the_last_one(tiny_betons, tiny_reference,
+                                                                                     tmp_path):
+    """train.checkpoint_every=4 on 2 epochs of 10 steps: checkpoints after steps 4 and 8 of each epoch, beside
+    the epoch ends. A SIGKILL after step 17 loses only steps 17 back to 16: the resume starts at step 16 (epoch
+    2, after its step 6) and ends bit-identical to an uninterrupted run without checkpoint_every (a
+    checkpoint reads the sums, it changes nothing)."""
+    run_dir = tmp_path / "run"
+    codes, out = train(tiny_betons, run_dir, "train.epochs=2", "train.checkpoint_every=4",
+                       env={"DIST_RESNET_FAULT": "step:17"})
+    assert codes == [-9], out
+    assert load(run_dir / "last.pt")["step"] == 16 and load(run_dir / "last.pt")["position"]["step"] == 6
+    codes, out = train(tiny_betons, run_dir, "train.epochs=2", "train.checkpoint_every=4", "train.resume=true")
+    assert codes == [0] and "inside epoch 2, after its step 6 " in out, out
+    assert_same_run(tiny_reference, run_dir)
+    steps = sorted(load(p)["step"] for p in run_dir.glob("ckpt-*.pt"))
+    assert steps == [16, 20], steps  # train.keep_last=2 counts the checkpoints inside epochs too
+
+
 def test_a_stop_request_during_the_final_evaluation_is_cleared(tiny_betons, tmp_path):
     codes, out = train(tiny_betons, tmp_path / "run", "train.epochs=1", probe="stop_in_final_eval")
     assert codes == [0], out  # the run had finished: nothing to stop, and nothing left to stop the next run

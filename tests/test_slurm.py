@@ -49,7 +49,7 @@ def test_every_srun_in_the_job_scripts_passes_the_cpus_per_task():
 # ---------------------------------------------------------------- slurm/train.sh
 def submit_train(slurm, tmp_path, tiny_betons, name: str, *args: str) -> str:
     """sbatch slurm/train.sh as a user would, with 2 CPU ranks instead of GPUs."""
-    env = {"CONFIG": TINY[1], "DATA_DIR": str(tiny_betons), "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())}
+    env = {"CONFIG": TINY[1], "DATA_DIR": str(tiny_betons), "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     return slurm.sbatch(ROOT / "slurm" / "train.sh", *RESUME, *args, options=(f"--job-name={name}",),
                         env=env, cwd=tmp_path)
 

@@ -38,7 +38,7 @@ RULES: list[Rule] = [
     (at_least(0), ">= 0", ("data.val_seed", "data.fold", "data.translate", "optim.momentum", "optim.weight_decay",
                            "train.seed", "train.max_rollbacks", "train.early_stop_min_delta")),
     (at_least(0), ">= 0 (0 = off)", ("data.resize", "data.cutout", "model.whiten_bias_epochs",
-                                     "optim.lookahead_every", "train.eval_test_every", "train.max_steps",
+                                     "optim.lookahead_every", "train.eval_test_every", "train.max_steps", "train.checkpoint_every",
                                      "train.loss_scale", "train.warmup_steps", "adv.check_images",
                                      "train.early_stop_patience")),
     (above(0), "> 0", ("optim.lr", "optim.head_lr_scale", "optim.norm_bias_lr_scale", "train.timeout_s",

@@ -8,7 +8,7 @@ from .schema import Config
 RESUME_HARMLESS = (
     "run.dir", "run.progress", "run.csv", "run.mlflow", "run.mlflow_experiment", "run.mlflow_parent", "run.wandb",
     "run.wandb_project", "run.wandb_group", "train.resume", "train.log_every", "train.stop_check_every", "train.eval_every",
-    "train.tta", "train.keep_last", "train.eval_test_every", "train.timeout_s", "train.nonfinite", "train.max_rollbacks",
+    "train.tta", "train.keep_last", "train.checkpoint_every", "train.eval_test_every", "train.timeout_s", "train.nonfinite", "train.max_rollbacks",
     "train.ema", "train.ema_decay",  # the EMA only watches the weights; a new one starts from the restored ones
     "data.dir",  # compared by the betons' sha256 instead: a moved folder resumes, different data does not
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",

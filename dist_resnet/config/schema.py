@@ -168,6 +168,7 @@ class TrainConfig:
     device: Device = Device.auto  # auto: cuda:{LOCAL_RANK} when CUDA is available, else cpu
     resume: bool = False  # continue from run.dir's newest checkpoint that loads (config changes are checked)
     keep_last: int = 2  # checkpoints kept (ckpt-<step>.pt); last.pt and best.pt link to the newest and the best
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps inside an epoch (resumable there, bit-exact, as a stop); 0 = at epoch ends only
     timeout_s: float = 600.0  # a collective waits this long for a rank that died or hangs, then the run ends
     nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf loss does (checked at log_every and epoch end)
     max_rollbacks: int = 3  # train.nonfinite=rollback: how many times before giving up

@@ -10,6 +10,7 @@ here, once, before anything is written.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -221,8 +222,16 @@ def wrap(cfg: Config, env: DistEnv, model: nn.Module) -> tuple[nn.Module, nn.Mod
     forward = torch.compile(net, mode=cfg.model.compile_mode.value) if cfg.model.compile else net
     cuda = env.device.type == "cuda"
     ddp = (nn.parallel.DistributedDataParallel(forward, device_ids=[env.device] if cuda else None,
-                                               broadcast_buffers=False) if env.distributed else forward)
+                                               **NO_BUFFER_SYNC) if env.distributed else forward)
     return forward, ddp
+
+
+# DDP's buffer broadcast before every forward, off: torch 2.13 renamed `broadcast_buffers` (deprecated, with a
+# warning at every start) to `forward_sync_buffers`. The new one still syncs the buffers once at init, which
+# changes nothing here: every rank builds the same BatchNorm buffers from the seed, or loads the same checkpoint.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                  inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+                  else {"broadcast_buffers": False})
 
 
 def attacks(cfg: Config, env: DistEnv, mean: list[float], std: list[float], scale) -> tuple:
@@ -328,7 +337,8 @@ def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], s
             "normalize": {"mean": mean, "std": std}, "image_shape": list(betons.image_shape)}
     parts = [ModelWeights(model), Keyed("optimizer", step.optimizer), Keyed("scheduler", step.scheduler),
              step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check]
-    return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say)
+    return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say,
+                        cfg.train.checkpoint_every)
 
 
 def epoch_hooks(cfg: Config, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer) -> list:

@@ -90,8 +90,7 @@ class EpochMeter:
         return {"window": list(self.reduce_window()), "logged": self.logged}
 
     def totals(self) -> list[float]:
-        """The epoch's loss sum, correct and count over all ranks (a host sync)."""
-        self.bar.close()
+        """The epoch's loss sum, correct and count so far, over all ranks (a host sync)."""
         return all_reduce_sum(self.stats.clone()).tolist()
 
 

@@ -159,9 +159,14 @@ class Checkpointer:
     components, and snapshots it in memory (the warm-up, a rollback before the first checkpoint)."""
 
     def __init__(self, run_dir: Path, keep_last: int, is_main: bool, parts: list[Stateful], meta: dict,
-                 state: RunState, say: Callable):
+                 state: RunState, say: Callable, every: int = 0):
         self.run_dir, self.keep_last, self.is_main = run_dir, keep_last, is_main
         self.parts, self.meta, self.state, self.say = parts, meta, state, say
+        self.every = every  # train.checkpoint_every: also save every this many steps inside an epoch; 0 = never
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after global step `step` inside an epoch (the epoch's end saves anyway)."""
+        return bool(self.every) and step % self.every == 0
 
     def state_dict(self) -> dict:
         """Everything a resume needs, in types a weights-only load accepts (tensors, containers,

@@ -96,9 +96,21 @@ case "$stop_signal" in
     scontrol requeue "$SLURM_JOB_ID"
     exit 0 ;;
   TERM)
-    echo "$(date -Is) cancelled or preempted: training stopped with a checkpoint; not requeueing"
+    echo "$(date -Is) cancelled, preempted or a node failed: training stopped (with a checkpoint where the ranks" \
+      "were alive to write one); not requeueing here (after a node failure Slurm requeues a --requeue job itself)"
     echo "  (resume by hand: RUN_DIR=$RUN_DIR sbatch slurm/train.sh, with the same CONFIG and arguments)"
     exit 143 ;;
 esac
+# A failure that another attempt need not repeat (a node lost or hung, a rank killed: torchrun's exit 1) requeues
+# the job, which resumes from the last checkpoint; at most MAX_FAILURE_REQUEUES times over the run (counted in
+# RUN_DIR/.failure-requeues). Exits that would only repeat end it: 0 done, 2 bad input, 3 diverged.
+failures=$(cat "$RUN_DIR/.failure-requeues" 2>/dev/null || echo 0)
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "$rc" -ne 3 ] && [ "$failures" -lt "${MAX_FAILURE_REQUEUES:-3}" ]; then
+  echo $(( failures + 1 )) > "$RUN_DIR/.failure-requeues"
+  echo "$(date -Is) training failed (exit $rc: a node lost, hung or killed?); requeueing job $SLURM_JOB_ID" \
+    "(failure requeue $(( failures + 1 )) of ${MAX_FAILURE_REQUEUES:-3}); it resumes from the last checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
 echo "$(date -Is) training exited with $rc"
 exit "$rc"

@@ -110,9 +110,12 @@ class MultiCluster(Cluster):
         return _run(*self.hosts[host].enter(), *cmd, check=check, env=self.env, **kw)
 
     def popen(self, host: str, cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
+        """`cmd` started on `host` (in `cwd`: nsenter --mount starts in the namespace's root otherwise)."""
         out = open(log, "a")  # noqa: SIM115 - the process's output, kept open by it
-        return subprocess.Popen([*self.hosts[host].enter(), *cmd], stdout=out, stderr=subprocess.STDOUT,
-                                env={**self.env, **(env or {})}, cwd=cwd, start_new_session=True)
+        wd = [f"--wd={cwd}"] if cwd is not None else []
+        enter = self.hosts[host].enter()
+        return subprocess.Popen([*enter[:-1], *wd, "--", *cmd], stdout=out, stderr=subprocess.STDOUT,
+                                env={**self.env, **(env or {})}, start_new_session=True)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.on("n1", *cmd, check=check)
@@ -122,7 +125,7 @@ class MultiCluster(Cluster):
         """Submit `script` from n1 on CPU nodes (no --gpus-per-node: the script's own request is overridden,
         as a CPU partition needs)."""
         p = subprocess.run([*self.hosts["n1"].enter(), "sbatch", "--parsable", "--gpus-per-node=0",
-                            "--cpus-per-task=2", "--time=00:20:00", *options, str(script), *args],
+                            "--cpus-per-task=2", "--time=00:20:00", f"--chdir={cwd}", *options, str(script), *args],
                            capture_output=True, text=True, cwd=cwd, env={**self.env, **(env or {})}, timeout=60)
         if p.returncode:
             raise RuntimeError(f"sbatch: {p.stderr.strip()}")
@@ -152,6 +155,13 @@ class MultiCluster(Cluster):
             f"--pid-file={node}/munged.pid", f"--log-file={node}/munged.log", f"--seed-file={node}/munge.seed"],
             self.root / host / "munged.out")
         _await(lambda: (self.root / host / "munge.socket").exists(), f"munged on {host}", self.root)
+
+    def until(self, ready, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while not ready():
+            if time.time() > deadline:
+                raise AssertionError(f"{what}: not in {timeout:.0f} s; slurmctld log: {self.log('slurmctld')[-1500:]}")
+            time.sleep(0.5)
 
     def node_state(self, host: str) -> str:
         out = self.run("scontrol", "-o", "show", "node", host, check=False).stdout

@@ -1,0 +1,138 @@
+"""Training across hosts, on a real multi-node Slurm (tests/multinode.py: hosts n1, n2 as network
+namespaces joined by a private bridge, munge and slurmd on each, slurmctld on n1), with slurm/train.sh as a
+user submits it: CPU nodes, gloo, one rank per node, over the hosts' own network.
+
+- the same run on 2 nodes as with 2 ranks on one host, bit for bit;
+- the time limit's USR1 on 2 nodes: one checkpoint, a requeue, a resume on both, bit for bit;
+- a node lost mid-run: the job is requeued, and resumes from its last checkpoint when the node is back (what
+  is lost: the steps since it), bit for bit;
+- a hung node: the other rank ends within train.timeout_s, the job is requeued and resumes, bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_resnet.checkpoint import load
+from tests.conftest import RESUME, ROOT, TINY
+from tests.launch import free_port
+from tests.runs import assert_same_run, metrics
+from tests.slurm import ended
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    from tests.multinode import cluster
+
+    with cluster(2) as c:
+        yield c
+
+
+def submit(c, tmp_path: Path, tiny_betons: Path, name: str, *args: str) -> tuple[str, Path, Path]:
+    """sbatch --nodes=2 slurm/train.sh on the CPU nodes (one rank each); the job, its output, its run folder."""
+    # one thread per rank, as each of 2 ranks on one 2-core host has: oneDNN's kernels change with the thread
+    # count, and so would the bits (one rank alone on a "node" would take both cores)
+    env = {"CONFIG": TINY[1], "DATA_DIR": str(tiny_betons), "MASTER_PORT": str(free_port()),
+           "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
+    job = c.sbatch(ROOT / "slurm" / "train.sh", *RESUME, *args, options=("--nodes=2", f"--job-name={name}"), env=env,
+                   cwd=tmp_path)
+    return job, tmp_path / f"slurm-{name}-{job}.out", tmp_path / "runs" / f"{name}-{job}"
+
+
+def has(path: Path, text: str):
+    return lambda: path.exists() and text in path.read_text(errors="replace")
+
+
+def test_two_nodes_train_the_run_two_ranks_train_on_one_host(nodes, tiny_betons, reference_2rank, tmp_path):
+    """One rank on each of n1 and n2, over their own network (gloo on eth0), against 2 ranks on one host:
+    torch.equal for every weight, and the same history (the same world size, so the same global batch,
+    order and all-reduce)."""
+    job, out, run_dir = submit(nodes, tmp_path, tiny_betons, "across")
+    rec = nodes.wait(job, ended, what="the end of the job")
+    log = out.read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["NodeList"] == "n[1-2]", (rec, log)
+    assert "2 node(s) x 1 process(es) (0 GPUs per node)" in log and "GLOO_SOCKET_IFNAME=eth0" in log, log
+    assert_same_run(reference_2rank, run_dir)
+
+
+def test_the_time_limit_on_two_nodes_checkpoints_requeues_and_resumes_on_both(nodes, tiny_betons, reference_2rank,
+                                                                             tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@T sends): both ranks stop after the same step, one
+    checkpoint is written, the job is requeued and resumes on both nodes, bit-identical."""
+    job, out, run_dir = submit(nodes, tmp_path, tiny_betons, "limit")
+    nodes.await_file(job, has(out, "epoch   1 train loss"), "epoch 1")
+    nodes.run("scancel", "-s", "USR1", "-b", job)
+    nodes.requeued(job)
+    rec = nodes.wait(job, ended, what="the end of the requeued job")
+    log = out.read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1" and rec["NodeList"] == "n[1-2]", (rec, log)
+    assert log.count("stopped (") >= 1 and "resumed from" in log and "(restart 1): 2 node(s)" in log, log
+    assert_same_run(reference_2rank, run_dir)
+
+
+def test_a_node_lost_mid_run_is_requeued_and_resumes_when_the_node_is_back(nodes, tiny_betons, reference_2rank,
+                                                                           tmp_path):
+    """n2 dies in epoch 2 (its slurmd, munged and rank SIGKILLed). The rank on n1 fails at its next
+    collective; Slurm declares n2 failed (SlurmdTimeout) and requeues the --requeue job itself; the STOP that
+    its TERM makes the script write, after the trainer is gone, is withdrawn when the job starts again. The
+    job waits for 2 nodes; n2 comes back, and the job resumes on both from the last checkpoint, to the bits
+    of an uninterrupted run. What is lost: the steps since that checkpoint."""
+    job, out, run_dir = submit(nodes, tmp_path, tiny_betons, "lost")
+    nodes.await_file(job, has(out, "epoch   1 train loss"), "epoch 1")
+    t0 = time.time()
+    nodes.crash("n2")
+    try:
+        nodes.wait(job, lambda r: r.get("Restarts") == "1" and r.get("JobState") == "PENDING", 120,
+                   "PENDING after the node failure")
+        requeued = time.time() - t0
+        saved = load(run_dir / "last.pt")["step"]  # the resume point: no rank is left to write another
+        assert (run_dir / "STOP").exists()  # written by the TERM trap after the trainer was gone: stale
+    finally:
+        nodes.revive("n2")
+    nodes.until(lambda: "IDLE" in nodes.node_state("n2"), 60, "n2 back")
+    nodes.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    rec = nodes.wait(job, ended, what="the end of the requeued job")
+    log = out.read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1" and rec["NodeList"] == "n[1-2]", (rec, log)
+    # the rank on n1 fails at once, but srun waits for n2's task until Slurm declares n2 failed, then the step
+    # is cancelled and Slurm requeues the job; where srun returns first, the script requeues it
+    assert "DUE TO NODE FAILURE" in log or "failure requeue 1 of 3" in log, log
+    assert f"global step {saved})" in log and not (run_dir / "STOP").exists(), log
+    print(f"node lost: requeued {requeued:.1f} s after the crash; resumed from global step {saved}")
+    assert_same_run(reference_2rank, run_dir)
+
+
+def test_a_hung_node_ends_the_other_rank_in_its_timeout_and_the_job_resumes(nodes, tiny_betons, reference_2rank,
+                                                                           tmp_path):
+    """SIGSTOP n2's rank: n1's rank gives up after train.timeout_s (10 s) with a message that says so, the
+    step ends on both nodes (srun --kill-on-bad-exit; SIGKILL reaches a stopped process), the script requeues
+    the job, and it resumes on both nodes to the bits of an uninterrupted run."""
+    job, out, run_dir = submit(nodes, tmp_path, tiny_betons, "hung", "train.timeout_s=10")
+    nodes.await_file(job, has(out, "epoch   1 train loss"), "epoch 1")
+    ranks = [p for p in nodes.hosts["n2"].pids() if b"dist_resnet.train" in Path(f"/proc/{p}/cmdline").read_bytes()
+             and b"torchrun" not in Path(f"/proc/{p}/cmdline").read_bytes()
+             and b"srun" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert ranks, "no rank found on n2"
+    t0 = time.time()
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    nodes.await_file(job, has(out, "Another rank died or hangs"), "the other rank's timeout", 60)
+    told = time.time() - t0
+    nodes.wait(job, lambda r: r.get("Restarts") == "1" and r.get("JobState") == "PENDING", 180,
+               "PENDING after the failure requeue")
+    waited = time.time() - t0
+    nodes.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    rec = nodes.wait(job, ended, what="the end of the requeued job")
+    log = out.read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", (rec, log)
+    assert "Another rank died or hangs" in log and "failure requeue 1 of 3" in log, log
+    # the requeue waits for the step to end on n2 too: torchrun's agent there gives its stopped worker a grace
+    # period after SIGTERM, and srun SIGKILLs after KillWait
+    print(f"hung rank: n1's rank said so {told:.1f} s after the SIGSTOP (train.timeout_s=10), the job was "
+          f"requeued after {waited:.1f} s")
+    assert told < 10 + 15
+    assert_same_run(reference_2rank, run_dir)

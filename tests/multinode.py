@@ -61,7 +61,7 @@ JobRequeue=1
 KillWait=10
 MinJobAge=600
 MessageTimeout=10
-SlurmdTimeout=10
+SlurmdTimeout=5
 InactiveLimit=0
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP

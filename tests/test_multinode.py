@@ -47,6 +47,7 @@ def has(path: Path, text: str):
     return lambda: path.exists() and text in path.read_text(errors="replace")
 
 
+@pytest.mark.slow  # the time-limit test below shows the same across hosts, with a requeue in between
 def test_two_nodes_train_the_run_two_ranks_train_on_one_host(nodes, tiny_betons, reference_2rank, tmp_path):
     """One rank on each of n1 and n2, over their own network (gloo on eth0), against 2 ranks on one host:
     torch.equal for every weight, and the same history (the same world size, so the same global batch,
@@ -62,7 +63,9 @@ def test_two_nodes_train_the_run_two_ranks_train_on_one_host(nodes, tiny_betons,
 def test_the_time_limit_on_two_nodes_checkpoints_requeues_and_resumes_on_both(nodes, tiny_betons, reference_2rank,
                                                                              tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@T sends): both ranks stop after the same step, one
-    checkpoint is written, the job is requeued and resumes on both nodes, bit-identical."""
+    checkpoint is written, the job is requeued and resumes on both nodes, bit-identical to 2 ranks on one
+    host (one rank on each of n1 and n2, gloo over their eth0: the same world size, global batch, order and
+    all-reduce, and one thread per rank on either side)."""
     job, out, run_dir = submit(nodes, tmp_path, tiny_betons, "limit")
     nodes.await_file(job, has(out, "epoch   1 train loss"), "epoch 1")
     nodes.run("scancel", "-s", "USR1", "-b", job)
@@ -71,6 +74,7 @@ def test_the_time_limit_on_two_nodes_checkpoints_requeues_and_resumes_on_both(no
     log = out.read_text()
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1" and rec["NodeList"] == "n[1-2]", (rec, log)
     assert log.count("stopped (") >= 1 and "resumed from" in log and "(restart 1): 2 node(s)" in log, log
+    assert "2 node(s) x 1 process(es) (0 GPUs per node)" in log and "GLOO_SOCKET_IFNAME=eth0" in log, log
     assert_same_run(reference_2rank, run_dir)
 
 
@@ -106,6 +110,7 @@ def test_a_node_lost_mid_run_is_requeued_and_resumes_when_the_node_is_back(nodes
     assert_same_run(reference_2rank, run_dir)
 
 
+@pytest.mark.slow  # 2 minutes: the step ends on the hung node only after torchrun's and srun's kill grace
 def test_a_hung_node_ends_the_other_rank_in_its_timeout_and_the_job_resumes(nodes, tiny_betons, reference_2rank,
                                                                            tmp_path):
     """SIGSTOP n2's rank: n1's rank gives up after train.timeout_s (10 s) with a message that says so, the

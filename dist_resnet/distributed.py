@@ -97,11 +97,17 @@ def _init_process_group(backend: str, rank: int, world: int, device_id: torch.de
     # Under torchrun the agent's store outlives a worker-group restart (--max-restarts), and
     # its keys are not namespaced per attempt: a restarted group can read the dead group's
     # addresses and fail to connect (gloo: "connectFullMesh failed ... Connection refused").
-    # A prefix per attempt keeps the rounds apart.
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"dist_resnet/attempt_{attempt}", store), rank=rank,
-                            world_size=world, device_id=device_id, timeout=timeout)
+    # A prefix per attempt keeps the rounds apart. The agent hosts that store unless it was told
+    # not to share its rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, the elastic mode of
+    # launch/multi_node.sh): then it says so (TORCHELASTIC_USE_AGENT_STORE=False), rank 0 hosts a new
+    # store for each round, and there is no old key to keep apart. No prefix then: the agents' restart
+    # counts differ once a node has joined late (its agent counts from 0), and so would their prefixes.
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "True") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout)
+    prefix = f"dist_resnet/attempt_{attempt}" if agent_hosts else "dist_resnet"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
+                            device_id=device_id, timeout=timeout)
 
 
 def cleanup() -> None:

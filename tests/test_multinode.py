@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_resnet import rundir
 from dist_resnet.checkpoint import load
 from tests.conftest import RESUME, ROOT, TINY
 from tests.launch import free_port
@@ -141,3 +142,49 @@ def test_a_hung_node_ends_the_other_rank_in_its_timeout_and_the_job_resumes(node
           f"requeued after {waited:.1f} s")
     assert told < 10 + 15
     assert_same_run(reference_2rank, run_dir)
+
+
+def elastic_agent(nodes, host: str, tmp_path: Path, tiny_betons: Path, run_dir: Path, port: int):
+    """launch/multi_node.sh in its elastic mode on `host`: 1 to 2 nodes, 3 restarts, c10d on n1."""
+    env = {"MASTER_ADDR": "n1", "MASTER_PORT": str(port), "NNODES": "1:2", "MAX_RESTARTS": "3", "NPROC": "1",
+           "RUN_DIR": str(run_dir), "DATA_DIR": str(tiny_betons), "CONFIG": TINY[1], "OMP_NUM_THREADS": "1",
+           "RDZV_CONF": "last_call_timeout=2", "GLOO_SOCKET_IFNAME": "eth0"}
+    return nodes.popen(host, ["bash", str(ROOT / "launch" / "multi_node.sh"), *TINY[2:], "train.epochs=30",
+                              "train.checkpoint_every=5", "train.timeout_s=30"], tmp_path / f"{host}.log", env, ROOT)
+
+
+def test_elastic_torchrun_goes_on_after_a_node_crash_and_takes_back_a_node_that_rejoins(nodes, tiny_betons, tmp_path):
+    """Without Slurm: an agent on n1 and one on n2 (NNODES=1:2). n2 crashes (its agent and worker SIGKILLed):
+    n1's agent restarts its worker, which resumes from the last checkpoint on 1 rank. A replacement agent
+    on n2 then joins: both restart, and resume on 2 ranks; the run completes. The timeline is printed."""
+    run_dir, port = tmp_path / "run", free_port()
+    agents = {h: elastic_agent(nodes, h, tmp_path, tiny_betons, run_dir, port) for h in ("n1", "n2")}
+    logs = {h: tmp_path / f"{h}.log" for h in agents}
+
+    def said(text: str, hosts=("n1", "n2")) -> bool:
+        return any(logs[h].exists() and text in logs[h].read_text(errors="replace") for h in hosts)
+
+    try:
+        nodes.until(lambda: len(rundir.history(rundir.read_metrics(run_dir))) >= 1, 120, "epoch 1 on 2 nodes")
+        t0 = time.time()
+        for pid in nodes.hosts["n2"].pids():  # the node's training processes die; its slurmd and munged stay
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"torchrun" in cmd or b"dist_resnet.train" in cmd or b"multi_node.sh" in cmd:
+                os.kill(pid, signal.SIGKILL)
+        nodes.until(lambda: said("resuming a run of 2 ranks on 1", ("n1",)), 180, "n1 going on alone")
+        alone = time.time() - t0
+        agents["n2"] = elastic_agent(nodes, "n2", tmp_path, tiny_betons, run_dir, port)
+        t1 = time.time()
+        nodes.until(lambda: said("resuming a run of 1 ranks on 2"), 180, "n2 taken back")
+        rejoined = time.time() - t1
+        codes = {h: a.wait(300) for h, a in agents.items()}
+    finally:
+        for a in agents.values():
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+    text = "\n".join(f"--- {h}\n{p.read_text(errors='replace')[-3000:]}" for h, p in logs.items())
+    print(f"elastic: n1 went on alone {alone:.1f} s after n2's crash; a new n2 was taken back {rejoined:.1f} s after "
+          "it started")
+    m = metrics(run_dir)
+    assert codes == {"n1": 0, "n2": 0}, text
+    assert m["completed"] and m["world_size"] == 2 and len(m["history"]) == 30 and m["test_count"] == 200, text

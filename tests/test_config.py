@@ -139,6 +139,7 @@ def test_speed_keys_are_checked(bad, message):
     ("data.mixup_alpha=inf", "'data.mixup_alpha': inf; it must be a finite number"),
     ("optim.lr=nan", "'optim.lr': nan; it must be a finite number"),
     ("train.timeout_s=inf", "'train.timeout_s': inf; it must be a finite number"),
+    ("train.comm_hook=powersgd", r"train.comm_hook=powersgd needs train.warmup_steps >= 2 \(it is 0\)"),
     ("train.early_stop_monitor=foo", r"^bad value for 'train.early_stop_monitor': Invalid value 'foo', expected one "
                                      r"of \[val_acc, val_loss\]$"),
 ])

@@ -156,6 +156,32 @@ def test_checkpoint_every_saves_inside_epochs_and_a_kill_resumes_from_the_last_o
     assert steps == [16, 20], steps  # train.keep_last=2 counts the checkpoints inside epochs too
 
 
+@pytest.mark.parametrize("hook", ["powersgd", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_a_compressing_comm_hook_resumes_bit_exactly(tiny_betons, tmp_path, hook):
+    """train.comm_hook on 2 ranks, killed after step 13 (checkpoint at step 12, inside epoch 2): the resumed
+    run equals the uninterrupted one. PowerSGD's per-rank state (error feedback, warm-start factors, step,
+    RNG) is gathered into the checkpoint and each rank takes its own back. DDP re-orders its buckets after its
+    first step, and PowerSGD's state is in that order: the warm-up (train.warmup_steps >= 2, required) makes
+    both runs train with the re-ordered buckets from their first real step."""
+    opts = ["train.epochs=2", f"train.comm_hook={hook}", "train.powersgd_start=3", "train.powersgd_rank=1",
+            "train.checkpoint_every=4", "train.warmup_steps=2"]
+    codes, out = train(tiny_betons, tmp_path / "ref", *opts, nproc=2)
+    assert codes == [0, 0], out
+    run_dir = tmp_path / "run"
+    codes, out = train(tiny_betons, run_dir, *opts, nproc=2, env={"DIST_RESNET_FAULT": "step:13"})
+    assert codes == [-9, -9], out
+    saved = load(run_dir / "last.pt")
+    assert saved["step"] == 12
+    if hook == "powersgd":
+        ranks = saved["comm_hook"]["ranks"]
+        assert len(ranks) == 2 and ranks[0]["iter"] == ranks[1]["iter"] > 3 and ranks[0]["error_dict"]
+        assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["error_dict"].values(),
+                                                         ranks[1]["error_dict"].values()))  # per rank
+    codes, out = train(tiny_betons, run_dir, *opts, "train.resume=true", nproc=2)
+    assert codes == [0, 0], out
+    assert_same_run(tmp_path / "ref", run_dir)
+
+
 def test_a_stop_request_during_the_final_evaluation_is_cleared(tiny_betons, tmp_path):
     codes, out = train(tiny_betons, tmp_path / "run", "train.epochs=1", probe="stop_in_final_eval")
     assert codes == [0], out  # the run had finished: nothing to stop, and nothing left to stop the next run

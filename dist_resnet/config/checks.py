@@ -29,6 +29,8 @@ def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -
 
 # every key with a range, grouped by what it must be
 RULES: list[Rule] = [
+    (at_least(2), ">= 2 (PowerSGD's warm start needs a step of plain all-reduce before it)", ("train.powersgd_start",)),
+    (at_least(1), ">= 1", ("train.powersgd_rank",)),
     (at_least(1), ">= 1", ("data.batches_ahead", "data.num_workers", "model.width", "train.epochs",
                            "train.batch_size", "train.accum_steps", "train.eval_every", "train.log_every",
                            "train.stop_check_every", "train.keep_last", "adv.steps", "adv.eval_steps",
@@ -102,6 +104,10 @@ def check_optim(o: OptimConfig) -> None:
 
 def check_train(t: TrainConfig) -> None:
     _apply("train", t)
+    if t.comm_hook.value == "powersgd" and t.warmup_steps < 2:
+        raise ConfigError(f"train.comm_hook=powersgd needs train.warmup_steps >= 2 (it is {t.warmup_steps}): DDP "
+                          "re-orders its gradient buckets after its first step, PowerSGD's state follows that order, "
+                          "and a resumed run must find it so before it trains")
 
 
 def check_adv(a: AdvConfig) -> None:

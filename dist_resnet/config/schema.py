@@ -86,6 +86,13 @@ class WandbMode(str, Enum):
     online = "online"  # to the W&B server (needs `wandb login`)
 
 
+class CommHook(str, Enum):
+    none = "none"  # DDP's all-reduce of fp32 gradients
+    bf16 = "bf16"  # torch's bf16_compress_hook: half the bytes on the wire
+    fp16 = "fp16"  # torch's fp16_compress_hook: half the bytes on the wire
+    powersgd = "powersgd"  # torch's PowerSGD: low-rank factors with error feedback (its state is checkpointed)
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda:{LOCAL_RANK} when CUDA is available, else cpu
     cuda = "cuda"
@@ -170,6 +177,9 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (ckpt-<step>.pt); last.pt and best.pt link to the newest and the best
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps inside an epoch (resumable there, bit-exact, as a stop); 0 = at epoch ends only
     timeout_s: float = 600.0  # a collective waits this long for a rank that died or hangs, then the run ends
+    comm_hook: CommHook = CommHook.none  # DDP gradient compression: none | bf16 | fp16 | powersgd (torch's comm hooks)
+    powersgd_rank: int = 2  # train.comm_hook=powersgd: the rank of the gradient factors
+    powersgd_start: int = 1000  # train.comm_hook=powersgd: plain all-reduce for this many steps first (>= 2)
     nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf loss does (checked at log_every and epoch end)
     max_rollbacks: int = 3  # train.nonfinite=rollback: how many times before giving up
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)

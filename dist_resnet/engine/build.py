@@ -34,6 +34,7 @@ from ..models import build_model, check_input, files, freeze, regularize, to_dev
 from ..optim import EMA, Lookahead, build_optimizer, build_scheduler
 from ..precision import Amp
 from ..tracking import check_installed
+from .comm import NoHook, comm_hook
 from .evaluation import Evaluator, NoRobustnessCheck, RobustnessCheck
 from .monitor import Monitor
 from .report import Clock, Report
@@ -331,12 +332,12 @@ def evaluation(cfg: Config, amp: Amp, model: nn.Module, forward: nn.Module, ema:
 
 def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], std: list[float], model: nn.Module,
                  step: Step, state: RunState, evaluator: Evaluator, nonfinite: StopOnNonFinite,
-                 report: Report) -> Checkpointer:
+                 report: Report, hook: NoHook) -> Checkpointer:
     """The Checkpointer over every component that holds state, in restore order, and the run's facts."""
     meta = {"config": to_dict(cfg), "world_size": env.world_size, "data": betons.sha256, "classes": betons.classes,
             "normalize": {"mean": mean, "std": std}, "image_shape": list(betons.image_shape)}
     parts = [ModelWeights(model), Keyed("optimizer", step.optimizer), Keyed("scheduler", step.scheduler),
-             step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check]
+             step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check, hook]
     return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say,
                         cfg.train.checkpoint_every)
 
@@ -362,11 +363,12 @@ def build(cfg: Config, env: DistEnv) -> Components:
     state = RunState(len(data.train), cfg.train.epochs, total_steps(cfg, len(data.train)))
     model, loaded = model_chain(cfg, env, betons, pretrained, data.train, resume is None, report, clock)
     forward, ddp = wrap(cfg, env, model)
+    hook = comm_hook(cfg, env, ddp, report.say)  # train.comm_hook: before the first step
     torch.manual_seed(derive_seed(cfg.train.seed, env.rank))  # per-rank stream for anything random after init
     step, ema, robust, check_attack = optimisation(cfg, env, amp, model, forward, ddp, state, mean, std, report)
     evaluator = evaluation(cfg, amp, model, forward, ema, data, robust, check_attack, report)
     nonfinite = nonfinite_policy(cfg, env, state, step, report)
-    saver = checkpointer(cfg, env, betons, mean, std, model, step, state, evaluator, nonfinite, report)
+    saver = checkpointer(cfg, env, betons, mean, std, model, step, state, evaluator, nonfinite, report, hook)
     hooks, t = epoch_hooks(cfg, model, forward, step.optimizer), cfg.train
     eval_sizes = sorted({n for d in (data.val, data.test, data.check) if d is not None for n in d.batch_sizes()})
     warmup = (WarmUp(t.warmup_steps, step, forward, hooks, saver, clock, example_batch(cfg, env, betons, feed),

@@ -25,8 +25,9 @@ from ..models import load_weights
 
 KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc", "history", "ema",
         "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data", "classes", "normalize",
-        "image_shape", "monitor")  # monitor: since early stopping; older checkpoints, without it, resume too
-OPTIONAL = {"ema": None, "lookahead": None}  # features a run may not have: None in its checkpoints
+        "image_shape", "monitor", "comm_hook")  # monitor, comm_hook: since early stopping, PowerSGD; older
+# checkpoints, without them, resume too
+OPTIONAL = {"ema": None, "lookahead": None, "comm_hook": None}  # features a run may not have: None in its checkpoints
 
 
 class Stateful(Protocol):
@@ -178,6 +179,11 @@ class Checkpointer:
         return {k: gathered[k] for k in KEYS}
 
     def save(self, links: tuple[str, ...] | list[str] = ()) -> None:
+        """Called on every rank: a part whose state is per rank (PowerSGD's) gathers it first, then rank 0
+        writes."""
+        for part in self.parts:
+            if hasattr(part, "gather"):
+                part.gather()
         if self.is_main:
             checkpoint.save(self.state_dict(), self.run_dir, self.keep_last, tuple(links))
 

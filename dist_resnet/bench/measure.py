@@ -5,6 +5,7 @@ steady state is timed with CUDA events on GPU. A `Deadline` lets a measurement o
 between two of them and say what it left out, so one call fits a time slot."""
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -74,7 +75,9 @@ def train_flops_per_image(trainer: Trainer) -> float | None:
     """Forward + backward FLOPs per training image, counted by torch on one micro-batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, side = trainer.model, trainer.cfg.data.resize
+    # a copy: a backward through the trainer's own parameters would fire DDP's gradient hooks outside a step
+    # (a collective the other ranks do not expect, which a comm hook such as PowerSGD turns into a mismatch)
+    model, side = copy.deepcopy(trainer.model), trainer.cfg.data.resize
     h, w = (side, side) if side else trainer.data.betons.image_shape  # what the model sees, not the beton
     x = torch.randn(2, 3, h, w, device=next(model.parameters()).device)
     try:
@@ -82,8 +85,6 @@ def train_flops_per_image(trainer: Trainer) -> float | None:
             model(x).float().sum().backward()
     except Exception:  # noqa: BLE001 - a counter failure must not fail the benchmark
         return None
-    finally:
-        model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2
 
 

@@ -4,8 +4,8 @@
 #       --trials 32 --space 'optim.lr=log(0.05,2)' --space 'optim.weight_decay=choice(5e-4,1e-3)' \
 #       data.val_fraction=0.1 train.epochs=10
 # Arguments go to python -m dist_resnet.sweep. CONFIG, DATA_DIR, SWEEP_DIR and STUDY come from the
-# environment. Several array tasks (nodes) need a shared RDB storage (SWEEP_STORAGE): SQLite and
-# journal files on NFS are not safe across nodes. One task alone may use SWEEP_DIR's journal file.
+# environment. Several array tasks (nodes) share a study through an RDB (SWEEP_STORAGE=postgresql://...) or
+# through SWEEP_DIR's journal file on a shared filesystem (SWEEP_STORAGE=journal); one task alone uses that file.
 #
 # Signals, as in slurm/train.sh:
 # - USR1, the time-limit warning (--signal=B:USR1@180): the running trials checkpoint and stop, are
@@ -31,9 +31,17 @@ DATA_DIR=${DATA_DIR:-data/cifar10}
 STUDY=${STUDY:-${SLURM_JOB_NAME:-sweep}-$JOB}
 SWEEP_DIR=${SWEEP_DIR:-sweeps/$STUDY}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchinductor}
-if [ "${SLURM_ARRAY_TASK_COUNT:-1}" -gt 1 ] && [ -z "${SWEEP_STORAGE:-}" ]; then
+# SWEEP_STORAGE=journal: the tasks share SWEEP_DIR/study.journal (Optuna's journal file, which locks with a
+# symlink, as NFS allows); SWEEP_DIR must be on a filesystem every node shares
+journal=""
+if [ "${SWEEP_STORAGE:-}" = journal ]; then
+  journal=1
+  unset SWEEP_STORAGE
+fi
+if [ "${SLURM_ARRAY_TASK_COUNT:-1}" -gt 1 ] && [ -z "${SWEEP_STORAGE:-}" ] && [ -z "$journal" ]; then
   echo "slurm/sweep.sh: error: $SLURM_ARRAY_TASK_COUNT array tasks share one study: set SWEEP_STORAGE to an RDB URL" \
-       "(e.g. postgresql://user:pw@db-host/sweeps); journal files on NFS are not safe across nodes" >&2
+       "(e.g. postgresql://user:pw@db-host/sweeps), or SWEEP_STORAGE=journal to share SWEEP_DIR's journal file" \
+       "(SWEEP_DIR on a filesystem every node shares)" >&2
   exit 2
 fi
 

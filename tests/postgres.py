@@ -31,8 +31,10 @@ def _port() -> int:
 
 
 @contextlib.contextmanager
-def server():
-    """Yields the URL of a fresh database: postgresql://postgres@127.0.0.1:PORT/postgres."""
+def server(enter: list[str] | None = None, host: str = "127.0.0.1"):
+    """Yields the URL of a fresh database: postgresql://postgres@HOST:PORT/postgres. `enter`: a command
+    prefix that runs the server on another host (nsenter into a namespace of tests/multinode.py), where
+    it listens on `host`."""
     try:
         import psycopg2  # noqa: F401 - the driver the sweep's RDB storage will use
     except ImportError:
@@ -40,7 +42,7 @@ def server():
     initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
     if not initdb or not pg_ctl:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; make test does as root)")
-    prefix: list[str] = []
+    prefix: list[str] = list(enter or [])
     root = tempfile.mkdtemp(prefix="dist_resnet_pg_")
     if os.geteuid() == 0:  # the server refuses root: run it as the package's `postgres` user
         try:
@@ -49,7 +51,7 @@ def server():
             shutil.rmtree(root)
             pytest.skip("running as root, and there is no `postgres` user to run PostgreSQL as")
         os.chown(root, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
+        prefix += ["runuser", "-u", "postgres", "--"]
     data, port = Path(root) / "data", _port()
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -59,12 +61,15 @@ def server():
         p = run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
         if p.returncode:
             pytest.skip(f"initdb failed: {p.stderr.strip()[-300:]}")
-        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        if host != "127.0.0.1":  # clients on the other hosts' private subnet (trust: a throwaway server)
+            with open(data / "pg_hba.conf", "a") as f:
+                f.write(f"host all all {host.rsplit('.', 1)[0]}.0/24 trust\n")
+        opts = f"-p {port} -k {root} -c listen_addresses={host} -c fsync=off -c max_connections=50"
         p = run(pg_ctl, "-D", str(data), "-o", opts, "-w", "-t", "60", "-l", f"{root}/server.log", "start")
         if p.returncode:
             log = Path(root, "server.log").read_text()[-300:] if Path(root, "server.log").exists() else ""
             pytest.skip(f"PostgreSQL did not start: {p.stderr.strip()[-200:]} {log}")
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql://postgres@{host}:{port}/postgres"
     finally:
         if data.exists():
             run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")

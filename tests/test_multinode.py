@@ -96,6 +96,11 @@ def test_a_node_lost_mid_run_is_requeued_and_resumes_when_the_node_is_back(nodes
         requeued = time.time() - t0
         saved = load(run_dir / "last.pt")["step"]  # the resume point: no rank is left to write another
         assert (run_dir / "STOP").exists()  # written by the TERM trap after the trainer was gone: stale
+        # the lost node comes back once Slurm has closed the job's old step on it (a slurmd that returns while
+        # its node is still COMPLETING leaves the requeued job's srun waiting for "busy" nodes)
+        nodes.until(lambda: "COMPLETING" not in nodes.node_state("n2") and "DOWN" in nodes.node_state("n2"), 60,
+                    "n2 down, the lost step closed")
+        time.sleep(2)
     finally:
         nodes.revive("n2")
     nodes.until(lambda: "IDLE" in nodes.node_state("n2"), 60, "n2 back")
@@ -188,3 +193,44 @@ def test_elastic_torchrun_goes_on_after_a_node_crash_and_takes_back_a_node_that_
     m = metrics(run_dir)
     assert codes == {"n1": 0, "n2": 0}, text
     assert m["completed"] and m["world_size"] == 2 and len(m["history"]) == 30 and m["test_count"] == 200, text
+
+
+@pytest.mark.parametrize("storage", ["journal", pytest.param("postgresql", marks=pytest.mark.slow)])
+def test_sweep_tasks_on_two_nodes_share_a_study_and_resume_a_preempted_trial(nodes, tiny_betons, tmp_path, storage):
+    """`sbatch --array=0-1 slurm/sweep.sh`: one task on n1, one on n2 (each takes a whole node), one study,
+    shared through the journal file in the shared folder, or through PostgreSQL on n1's address. USR1 (the
+    time limit) to n2's task while its trial trains: the trial checkpoints and is queued, the task is
+    requeued, and the study ends with both trials complete, the preempted one resumed from its checkpoint."""
+    from contextlib import nullcontext
+
+    from tests.postgres import server
+    from dist_resnet import sweep
+    from tests.test_slurm import SWEEP, job_output
+
+    with (server(nodes.hosts["n1"].enter(), nodes.hosts["n1"].address) if storage == "postgresql"
+          else nullcontext("journal")) as url:
+        env = {"CONFIG": TINY[1], "DATA_DIR": str(tiny_betons), "STUDY": "two", "SWEEP_DIR": "sweeps/two",
+               "SWEEP_STORAGE": url}
+        job = nodes.sbatch(ROOT / "slurm" / "sweep.sh", "--trials", "2", "--sampler", "grid", "--space",
+                           "optim.lr=[0.3,0.4]", *SWEEP, "train.epochs=4", options=("--array=0-1", "--job-name=two"),
+                           env=env, cwd=tmp_path)
+        sweep_dir = tmp_path / "sweeps" / "two"
+        nodes.until(lambda: all(nodes.job(f"{job}_{r}").get("JobState") == "RUNNING" for r in (0, 1)), 60,
+                    "both tasks running")
+        placed = {nodes.job(f"{job}_{r}")["NodeList"]: r for r in (0, 1)}
+        assert set(placed) == {"n1", "n2"}, placed
+        task = f"{job}_{placed['n2']}"
+        nodes.until(lambda: len(list(sweep_dir.glob("trial-*/ckpt-*.pt"))) >= 2, 120, "both trials training")
+        nodes.run("scancel", "-s", "USR1", "-b", task)
+        nodes.requeued(task)
+        for r in (0, 1):
+            nodes.wait(f"{job}_{r}", ended, what=f"the end of task {r}")
+        log = job_output(tmp_path, "two")
+        assert "trials checkpointed and queued to resume; requeueing task" in log, log
+        report = ["--report", str(sweep_dir)] + (["--storage", url] if storage == "postgresql" else [])
+        table = sweep.main(report)["table"]
+        assert sorted(r["state"] for r in table) == ["complete", "complete", "interrupted"], table
+        resumed = [t for t in sweep_dir.glob("trial-*") if "resumed from" in (t / "train.log").read_text()]
+        assert len(resumed) == 1, log
+        for t in sweep_dir.glob("trial-*"):
+            assert metrics(t)["completed"] and metrics(t)["epochs"] == 4

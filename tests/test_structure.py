@@ -82,7 +82,7 @@ def branches(node: ast.AST) -> list[ast.AST]:
     return [n for n in ast.walk(node) if isinstance(n, (ast.If, ast.IfExp))]
 
 
-def test_the_step_has_no_branch_on_the_config_and_the_epoch_loop_two_cadences():
+def test_the_step_has_no_branch_on_the_config_and_the_epoch_loop_only_cadences():
     step = next(n for n in tree(PACKAGE / "engine" / "step.py").body if isinstance(n, ast.ClassDef) and n.name == "Step")
     hot = [f for f in step.body if isinstance(f, ast.FunctionDef) and f.name != "__init__"]
     assert {f.name for f in hot} >= {"__call__", "forward_backward", "micro_batch", "apply"}
@@ -93,7 +93,8 @@ def test_the_step_has_no_branch_on_the_config_and_the_epoch_loop_two_cadences():
     loop = max((n for n in ast.walk(epoch) if isinstance(n, ast.For)), key=lambda n: n.end_lineno - n.lineno)
     cadences = [ast.unparse(b.test) for b in branches(loop)]
     print("the epoch loop's branches:", cadences)
-    assert len(cadences) == 2 and "log_every" in cadences[0] and "stop_check_every" in cadences[1]
+    assert len(cadences) == 3 and "log_every" in cadences[0] and "stop_check_every" in cadences[1]
+    assert cadences[2].startswith("self.checkpointer.due(")  # train.checkpoint_every: the checkpointer's own cadence
 
 
 def imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:

@@ -68,10 +68,12 @@ def test_the_checkpoint_keeps_its_keys_and_format(cpu_run):
 
     keys = ["format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc",
             "history", "ema", "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data",
-            "classes", "normalize", "image_shape", "monitor"]  # monitor: added with early stopping
+            "classes", "normalize", "image_shape", "monitor", "comm_hook"]  # monitor, comm_hook: added with early
+    # stopping and with the DDP communication hooks (None without PowerSGD)
     assert FORMAT_VERSION == 1 and list(KEYS) == keys[1:]
     ckpt = load(cpu_run[0] / "last.pt")
     assert list(ckpt) == keys and ckpt["ema"] is None and ckpt["lookahead"] is None and ckpt["rollbacks"] == []
+    assert ckpt["comm_hook"] is None
     assert ckpt["scaler"] == {} and ckpt["best_robust"] == -1.0 and ckpt["collapses"] == []
 
 

@@ -46,8 +46,8 @@ class Trainer:
         self.report.say(f"{self.cfg.model.name} on {self.env.device} x{self.env.world_size} ({self.precision}), "
                         f"global batch {t.batch_size}, {len(self.data)} steps/epoch, "
                         f"epochs {self.state.epoch + 1}..{t.epochs}")
-        self.warmup(self.state)
         try:
+            self.warmup(self.state)  # inside: an out-of-memory in the warm-up gets the same advice as in training
             while not self.done:
                 record = self.guarded_epoch()
                 if record is None:  # stop requested: the checkpoint holds the position inside the epoch

@@ -78,3 +78,39 @@ def test_fast_preset_under_ddp_trains_across_the_whitening_bias_switch(tiny_beto
     assert codes == [0, 0], (tmp_path / "log").read_text()[-3000:]
     first, last = (load(p)["model"]["stem.bias"] for p in sorted(run_dir.glob("ckpt-*.pt")))
     assert first.abs().sum() > 0 and torch.equal(first, last)
+
+
+def test_tta_keeps_the_first_view_when_the_model_returns_one_buffer():
+    """CUDA-graph compile modes hand back the same output buffer at every call; with fp32 logits `.float()`
+    is that buffer, and the mirrored view's call used to overwrite the first view's logits."""
+    from dist_resnet.config import TTA
+    from dist_resnet.engine.evaluation import predict
+
+    class OneBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = torch.zeros(2, 3)
+
+        def forward(self, x):
+            self.out.copy_(x.mean((2, 3)))  # every call writes the same tensor, as a CUDA graph's output does
+            return self.out
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4) ** 2
+    expected = 0.5 * (x.mean((2, 3)) + x.flip(3).mean((2, 3)))
+    assert torch.equal(predict(OneBuffer(), x, TTA.flip), expected)
+
+
+def test_an_out_of_memory_in_the_warm_up_gets_the_exit_2_advice(tiny_betons, tmp_path, monkeypatch):
+    """A CUDA out-of-memory raised in the warm-up's steps used to escape the handler as a raw traceback."""
+    from dist_resnet.distributed import EXIT_BAD_INPUT, JobExit
+    from dist_resnet.engine import step as step_module
+
+    trainer = build_trainer(tiny_betons, tmp_path, "train.warmup_steps=1")
+
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(step_module.Step, "__call__", oom)
+    with pytest.raises(JobExit) as e:
+        trainer.fit()
+    assert e.value.code == EXIT_BAD_INPUT and "Raise train.accum_steps" in str(e.value)

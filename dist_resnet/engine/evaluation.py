@@ -26,7 +26,10 @@ from .monitor import Monitor
 def predict(model: nn.Module, x: torch.Tensor, tta: TTA = TTA.none) -> torch.Tensor:
     """fp32 logits of `x`, averaged over the test-time augmented views."""
     def mirrored(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (model(v).float() + model(v.flip(3)).float())
+        # cloned: a model compiled with CUDA graphs (compile_mode=reduce_overhead) returns the same output
+        # buffer at every call, and an fp32 output's .float() is that buffer, which the second call overwrites
+        first = model(v).float().clone()
+        return 0.5 * (first + model(v.flip(3)).float())
 
     if tta == TTA.none:
         return model(x).float()

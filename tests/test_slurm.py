@@ -58,6 +58,7 @@ def output_has(path: Path, text: str):
     return lambda: path.exists() and text in path.read_text(errors="replace")
 
 
+@pytest.mark.slow  # tests/test_multinode.py does the same on two nodes, bit for bit against the same reference
 def test_slurm_script_checkpoints_requeues_and_resumes(slurm, tiny_betons, reference_2rank, tmp_path):
     """The time-limit warning as Slurm sends it (--signal=B:USR1: `scancel -s USR1 -b`, the batch shell
     only): the ranks checkpoint, the script requeues the job, Slurm restarts it with the same job id,

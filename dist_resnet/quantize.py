@@ -50,16 +50,6 @@ class Batches:
         return next(self.items, None)
 
 
-def quantized_ops() -> list[str]:
-    """onnxruntime's default operator list, without BatchNormalization: a BN that follows a max-pool stays
-    in the graph (the exporter folds the others into their convs), its CPU kernel has no int8 form, and
-    quantizing its 1-D scale per channel (along axis 1, as for conv weights) is what made onnxruntime warn
-    "Axis 1 is out-of-range for weight ... with rank 1" for each such BN."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    return sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"BatchNormalization"})
-
-
 def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
     """The int8 QDQ graph of `fp32`, calibrated on `calibration`, with the fp32 graph's metadata."""
     import onnx
@@ -72,7 +62,11 @@ def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(str(pre), str(out), Batches("image", calibration), quant_format=QuantFormat.QDQ,
                             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=quantized_ops())
+                            calibrate_method=CalibrationMethod.MinMax,
+                            # a BatchNormalization left after a max-pool has a 1-D scale: per channel along axis
+                            # 0, not conv weights' axis 1 (onnxruntime warned "Axis 1 is out-of-range for weight
+                            # ... with rank 1" for each, and fell back to per-tensor)
+                            extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}})
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many types; name the failure
             raise QuantizeError(f"onnxruntime could not quantize this graph ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None

@@ -135,9 +135,10 @@ def tiny_betons(tmp_path_factory, subset_dir) -> Path:
     return root / "betons"
 
 
-# the tiny runs: resnet9 at width 8, 10 steps of 100 per epoch
+# the tiny runs: resnet9 at width 8, 10 steps of 100 per epoch, in fp32 on every CPU (the preset's `auto` is
+# bf16 where the CPU has it: tests/test_precision.py covers that choice)
 TINY = ["--config", str(ROOT / "configs" / "cpu.yaml"), "model.width=8", "train.batch_size=100", "run.progress=false",
-        "data.num_workers=1", "train.log_every=5"]
+        "data.num_workers=1", "train.log_every=5", "train.precision=fp32"]
 
 
 def run(args: list[str], timeout: float = 600, env: dict | None = None, check: bool = True,
@@ -177,3 +178,17 @@ def reference_2rank(tiny_betons, tmp_path_factory) -> Path:
 
     return shared(tmp_path_factory, "reference_2rank", build) / "run"
 
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: dynamo traces and guards as on a GPU, nothing is built."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    yield lambda: counters["stats"]["unique_graphs"]  # how many graphs dynamo has built so far
+    torch._dynamo.reset()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dist_resnet.checkpoint import load
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,3 +76,13 @@ def read_until(p: subprocess.Popen, marker: str, timeout: float = 300) -> str:
 def finish(p: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = p.communicate(timeout=timeout)
     return out
+
+
+def build_trainer(tiny_betons, tmp_path, *overrides):
+    """A 1-rank CPU Trainer of the tiny runs, built in-process (its steps driven by the test)."""
+    from dist_resnet.config import load_config
+    from dist_resnet.distributed import DistEnv
+    from dist_resnet.train import Trainer
+
+    cfg = load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", *overrides])
+    return Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))

@@ -1,35 +1,10 @@
 """The GPU-only paths, shown on CPU: what compiles when, what DDP sees, what an out-of-memory says."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from tests.conftest import TINY
-
-
-def build_trainer(tiny_betons, tmp_path, *overrides):
-    from dist_resnet.config import load_config
-    from dist_resnet.distributed import DistEnv
-    from dist_resnet.train import Trainer
-
-    cfg = load_config(TINY[1], [*TINY[2:], f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", *overrides])
-    return Trainer(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
-
-
-@pytest.fixture
-def eager_compile(monkeypatch):
-    """torch.compile with dynamo's eager backend: dynamo traces and guards as on a GPU, nothing is built."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager"))
-    torch._dynamo.reset()
-    counters.clear()
-    yield functools.partial(lambda: counters["stats"]["unique_graphs"])
-    torch._dynamo.reset()
+from tests.runs import build_trainer
 
 
 ATTACKS = ["train.adversarial=fgsm", "train.eval_attack=pgd", "adv.eval_steps=2", "adv.check_images=50",

@@ -71,9 +71,12 @@ class DynamicLossScale(NoLossScale):
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         self.scaler.unscale_(optimizer)
-        # the flags unscale_ left, as GradScaler.step reads them: the one host sync per step fp16 costs
+        # the flags unscale_ left, read once: the one host sync per step fp16 costs. GradScaler.step would read
+        # them a second time (a second sync) to decide the same thing, so the optimizer is stepped here;
+        # update() takes the flags from unscale_ and changes the scale on the device
         skipped = bool(sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values()))
-        self.scaler.step(optimizer)
+        if not skipped:
+            optimizer.step()
         self.scaler.update()
         return not skipped
 

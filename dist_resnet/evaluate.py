@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["attack"] = attack.describe()
         result = {**result, "classes": classes, "per_class_acc": per_class(result["confusion"], classes),
                   "checkpoint": args.checkpoint, "ema": args.ema, "tta": cfg.train.tta.value,
-                  "world_size": env.world_size}
+                  "world_size": env.world_size, "precision": amp.precision.value, "precision_why": amp.why}
         if env.is_main:
             print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "classes")}))
             if args.out:

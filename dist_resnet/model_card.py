@@ -36,6 +36,15 @@ def run_record(path: str) -> dict:
     return rundir.read_metrics(Path(path).parent) or {}
 
 
+def precision(record: dict, configured: str) -> str:
+    """What the run trained in and why (`bf16 (auto: the CPU has AVX512-BF16 ...)`), from its metrics.json;
+    without one, only what the config asked for."""
+    if "precision" not in record:
+        return f"train.precision={configured} (what it resolved to was not recorded)"
+    why = record.get("precision_why")
+    return f"{record['precision']} ({why})" if why else record["precision"]
+
+
 def _training(mf, cfg, ema: bool) -> list[str]:
     s, record = mf.state, run_record(mf.path)
     hist = s.get("history") or []
@@ -46,7 +55,7 @@ def _training(mf, cfg, ema: bool) -> list[str]:
     lines = [f"- {len(hist)} of {t.epochs} epochs, global batch {t.batch_size}, optimizer SGD lr {cfg.optim.lr:g} "
              f"({cfg.optim.schedule.value}), label smoothing {cfg.optim.label_smoothing:g}, seed {t.seed}",
              f"- Hardware: {record.get('device', 'not recorded')} x {s.get('world_size', '?')}, precision "
-             f"{record.get('precision', t.precision.value)}; training time {times:.0f} s"]
+             f"{precision(record, t.precision.value)}; training time {times:.0f} s"]
     evals = [r for r in hist if f"{prefix}test_acc" in r]
     which = f"the EMA weights (decay {t.ema_decay:g})" if ema else "the weights"
     if evals:
@@ -153,7 +162,7 @@ def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict, 
             "## Input and output",
             f"- float32 RGB, N x 3 x {size[0]} x {size[1]}, values in [0, 1]; normalisation (mean "
             f"{[round(v, 4) for v in mf.mean]}, std {[round(v, 4) for v in mf.std]})"
-            + (f" and the resize to {cfg.data.resize} px" if cfg.data.resize else "") + " are inside the model",
+            + (f" and the resize to {cfg.data.resize} px are" if cfg.data.resize else " is") + " inside the model",
             f"- Output: logits over {len(mf.classes)} classes, in this order: {', '.join(mf.classes)}", "",
             "## Data", *_data(mf, cfg), "", "## Training", *_training(mf, cfg, ema), "",
             "## Measured by this export", *_measured(result, mf.classes, name), "",

@@ -37,9 +37,18 @@ def cpu_bf16_support() -> dict:
             "onednn_max_isa": onednn or None}
 
 
-def resolve_precision(precision: Precision, cuda: bool) -> Precision:
-    """`auto` is bf16 on GPU and fp32 on CPU."""
-    return precision if precision != Precision.auto else (Precision.bf16 if cuda else Precision.fp32)
+def resolve_precision(precision: Precision, device: torch.device) -> tuple[Precision, str]:
+    """The one rule for `train.precision` (training, evaluate, predict and bench all come here), and why:
+    `auto` is bf16 on a GPU that has it (fp16 on one that has not), and on a CPU bf16 where the CPU computes
+    it natively (cpu_bf16_support), fp32 elsewhere."""
+    if precision != Precision.auto:
+        return precision, "as set"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision.bf16, "auto: this GPU computes bf16"
+        return Precision.fp16, "auto: this GPU has no bf16"
+    support = cpu_bf16_support()
+    return (Precision.bf16 if support["native"] else Precision.fp32), f"auto: {support['why']}"
 
 
 @dataclass(frozen=True)
@@ -48,15 +57,20 @@ class Amp:
 
     precision: Precision  # resolved: never auto
     device: torch.device
+    why: str = "as set"  # how it was chosen: "as set", or "auto: " and the reason
 
     @classmethod
     def on(cls, precision: Precision, device: torch.device) -> "Amp":
         """The precision for `device`; ConfigError for bf16 on a GPU that has none."""
-        cuda = device.type == "cuda"
-        resolved = resolve_precision(precision, cuda)
-        if resolved == Precision.bf16 and cuda and not torch.cuda.is_bf16_supported():
+        resolved, why = resolve_precision(precision, device)
+        if resolved == Precision.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision=bf16 but this GPU has no bf16; use train.precision=fp16")
-        return cls(resolved, device)
+        return cls(resolved, device, why)
+
+    def describe(self) -> str:
+        """`bf16 (auto: the CPU has AVX512-BF16 and ...)`, or `fp32 (as set)`: the start line, metrics.json
+        and the model card say it so."""
+        return f"{self.precision.value} ({self.why})"
 
     @property
     def dtype(self) -> torch.dtype:

@@ -43,7 +43,7 @@ class Trainer:
             self.report.say(f"{self.cfg.run.dir} already finished ({self.state.epoch} of {t.epochs} epochs): "
                             "nothing to train")
             return self.finish()
-        self.report.say(f"{self.cfg.model.name} on {self.env.device} x{self.env.world_size} ({self.precision}), "
+        self.report.say(f"{self.cfg.model.name} on {self.env.device} x{self.env.world_size} ({self.step.amp.describe()}), "
                         f"global batch {t.batch_size}, {len(self.data)} steps/epoch, "
                         f"epochs {self.state.epoch + 1}..{t.epochs}")
         try:
@@ -159,7 +159,7 @@ class Trainer:
         return s
 
     def summary(self, stopped: bool = False) -> dict:
-        facts = {"precision": self.precision, **self.nonfinite.summary(), **self.evaluator.summary(),
+        facts = {"precision": self.precision, "precision_why": self.step.amp.why, **self.nonfinite.summary(), **self.evaluator.summary(),
                  **self.clock.summary(), "steps_per_epoch": self.state.steps_per_epoch}
         return {**self.report.summary(self.state.history, facts), "stopped": stopped}
 

@@ -21,7 +21,7 @@ from tests.runs import assert_same_run, children, finish, metrics, read_until, r
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # the cpu preset at half its width: these tests are about what the ranks do, not the accuracy
 COMMON = ["--config", str(ROOT / "configs" / "cpu.yaml"), "run.progress=false", "train.stop_check_every=2",
-          "model.width=8"]
+          "model.width=8", "train.precision=fp32"]
 def train_argv(betons, run_dir, *overrides) -> list[str]:
     return [*COMMON, f"data.dir={betons}", f"run.dir={run_dir}", *overrides]
 

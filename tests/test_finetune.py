@@ -205,7 +205,7 @@ def halves(tmp_path_factory) -> tuple[Path, Path]:
 def run(betons: Path, run_dir: Path, *overrides: str) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         return train_module.main(["--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={betons}",
-                                  f"run.dir={run_dir}", "model.width=8", "data.pipeline=device", "run.progress=false",
+                                  f"run.dir={run_dir}", "model.width=8", "data.pipeline=device", "run.progress=false", "train.precision=fp32",
                                   *overrides])
 
 

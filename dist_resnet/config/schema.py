@@ -9,7 +9,7 @@ from omegaconf import MISSING
 
 
 class Precision(str, Enum):
-    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    auto = "auto"  # bf16 on GPU; on CPU bf16 where it is native (AMX/AVX512-BF16), else fp32
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
@@ -171,7 +171,7 @@ class TrainConfig:
     seed: int = 0  # >= 0: initial weights, sample order and augmentation all derive from it
     ema: bool = False  # keep an EMA of the weights (and BN buffers), evaluated beside the raw model
     ema_decay: float = 0.999  # per optimizer step
-    precision: Precision = Precision.auto  # autocast dtype: auto = bf16 on GPU, fp32 on CPU
+    precision: Precision = Precision.auto  # autocast dtype: auto = bf16 on GPU; CPU: bf16 if native
     device: Device = Device.auto  # auto: cuda:{LOCAL_RANK} when CUDA is available, else cpu
     resume: bool = False  # continue from run.dir's newest checkpoint that loads (config changes are checked)
     keep_last: int = 2  # checkpoints kept (ckpt-<step>.pt); last.pt and best.pt link to the newest and the best

@@ -331,3 +331,17 @@ def test_the_betons_tables_read_without_ffcv_are_ffcvs_own(betons, tmp_path):
         DatasetWriter(str(tmp_path / f"{name}.beton"), fields, num_workers=1).from_indexed_dataset(rows)
         assert read_raw(str(tmp_path / f"{name}.beton"), np.arange(3)) is None
     assert table(str(tmp_path / "jpeg.beton"))["image"]["mode"].tolist() == [0, 0, 0]
+
+
+def test_ffcv_threads_are_the_ranks_share_of_the_cores(monkeypatch):
+    """8 ranks on a node each asking 8 decode threads would put 64 threads on 8 cores: each rank gets its
+    share of the cores it may run on (LOCAL_WORLD_SIZE, as torchrun sets it), never fewer than one."""
+    from dist_resnet.data.ffcv import workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert workers(8) == 8 and workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert workers(8) == 2 and workers(1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert workers(8) == 1

@@ -103,7 +103,7 @@ class Device(str, Enum):
 class DataConfig:
     dir: str = MISSING  # folder with train.beton, test.beton, manifest.json
     pipeline: Pipeline = Pipeline.ffcv  # ffcv: decode every batch; device: decode once into device memory
-    num_workers: int = 8  # FFCV decode threads per rank
+    num_workers: int = 8  # FFCV decode threads per rank, at most its share of the node's cores
     batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
     os_cache: bool = True  # share the beton through the page cache
     flip: bool = True  # random horizontal flip (train only)

@@ -26,8 +26,12 @@ from .manifest import DataError
 
 
 def workers(requested: int) -> int:
-    """FFCV's decode threads; numba refuses more threads than this machine has cores."""
-    return max(1, min(requested, os.cpu_count() or 1))
+    """FFCV's decode threads for this rank: `data.num_workers`, at most this rank's share of the cores it may
+    run on (divided among the node's ranks, LOCAL_WORLD_SIZE as torchrun and slurm/train.sh set it): 8 ranks
+    of 8 threads each on an 8-core node would oversubscribe it 8 times. numba refuses more threads than cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return max(1, min(requested, cores // (int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1)))
 
 
 def pipelines(device: torch.device, dtype: torch.dtype) -> dict:

@@ -102,6 +102,8 @@ def _check(result: dict, name: str) -> list[str]:
              f"{c['fp32_max_logit_diff']:.2e}, top-1 agreement {c['fp32_top1_agreement']:.2%}"
              + (f" (this file, `{name}`)." if result["written"] == "fp32" else " (the graph this file was quantized "
                                                                              "from; not written).")]
+    if c.get("rewrites"):
+        lines.append(f"- Rewritten before export, computing the same: {'; '.join(c['rewrites'])}.")
     if "int8" in result:
         q = result["int8"]
         lines += [f"- This file (int8) against the fp32 graph on the check sample: top-1 agreement "

@@ -40,7 +40,8 @@ def test_int8_keeps_the_accuracy_in_a_third_of_the_size(int8_export):
     assert w and max(len(i.dims) for i in w) == 4  # the conv weights are int8
     meta = {p.key: p.value for p in graph.metadata_props}
     assert json.loads(meta["input_size"]) == [32, 32] and "int8 static QDQ" in meta["quantization"]
-    assert "Sub" in speed["float_ops"] and "Div" in speed["float_ops"]  # the normalisation is in the graph, in float
+    assert set(speed["float_ops"]) == {"Sub", "Div"}  # only the normalisation in float: the BNs folded, MaxPool
+    assert len(r["check"]["rewrites"]) == 2 and r["check"]["fp32_max_logit_diff"] <= 1e-4  # (dist_resnet.rewrite)
 
 
 def test_predict_reads_the_int8_file_like_any_onnx(int8_export, subset_dir, capsys):
@@ -71,6 +72,7 @@ def test_the_model_card_holds_the_measured_figures(int8_export, trained_run):
     for c, acc in r["test"]["per_class"].items():
         assert f"| {c} | {acc:.3f} |" in card
     assert "JPEG quality 75" in card and "## Training config" in card and "in [0, 1]" in card
+    assert "Rewritten before export, computing the same: 3 max-pool(s) moved after their BatchNorm" in card
 
 
 @pytest.mark.parametrize("name, overrides", [("fastnet", []), ("tv_resnet18", [])])
@@ -104,3 +106,29 @@ def test_int8_bad_arguments_are_one_line_errors(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_export_rewrites_compute_the_same_and_leave_a_negative_bn_scale_alone():
+    """dist_resnet.rewrite: resnet9's pools moved after BN + ReLU and its global max as a MaxPool give the same
+    logits (exactly here; 1e-5 allows a kernel that rounds a vector's tail another way); a block whose BN has a negative scale is not moved (there the max and the BN do not commute,
+    which the same check would catch)."""
+    from dist_resnet import rewrite
+    from dist_resnet.models import PixelInput, build_model
+
+    torch.manual_seed(0)
+    model = PixelInput(build_model("resnet9", 10, 16), [0.5] * 3, [0.25] * 3).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 2.0), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(8, 3, 32, 32)
+    same, notes = rewrite.for_export(model, (32, 32))
+    kinds = [type(m).__name__ for m in same.modules()]
+    assert "AdaptiveMaxPool2d" not in kinds and len(notes) == 2 and "3 max-pool(s)" in notes[0]
+    with torch.no_grad():
+        assert (model(x) - same(x)).abs().max() <= 1e-5
+        bn = model.net.features[1][2]
+        bn.weight[0] = -1.0  # one channel's scale below zero: max(-x) != -max(x)
+        kept, notes = rewrite.for_export(model, (32, 32))
+        assert type(kept.net.features[1][1]).__name__ == "MaxPool2d" and "2 max-pool(s)" in notes[0]
+        assert (model(x) - kept(x)).abs().max() <= 1e-5
+        bn.weight[0] = 1.0

@@ -18,7 +18,7 @@ def test_throughput_ablation_and_loader_report(tiny_betons, tmp_path, capsys):
                                             "device-resident data", "no data (one fixed batch)"]
     assert all(r["img_per_s"] > 0 and r["repeats"] == 2 for r in rows)
     assert 0.035 < rows[0]["train_gflop_per_img"] < 0.04  # resnet9 width 8: 0.037 GFLOP fwd+bwd per image
-    assert "| variant | img_per_s |" in out and "| component | ms_per_step |" in out
+    assert "| variant | precision | img_per_s |" in out and "| component | ms_per_step |" in out
     fwd_bwd, optim, data, step, evaluation = parts
     assert step["ms_per_step"] > 0 and fwd_bwd["ms_per_step"] > 0 and 0 < evaluation["share_of_epoch"] < 1
     assert fwd_bwd["ms_per_step"] + optim["ms_per_step"] + data["ms_per_step"] == pytest.approx(step["ms_per_step"])

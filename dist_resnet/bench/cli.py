@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, doc: str = "") -> dict:
         if args.what == "throughput":
             rows_out = ablation(rows, env, args.steps, args.warmup, args.repeats, deadline,
                                 lambda r: save({"rows": r, "partial": True}, env))
-            text = table(rows_out, ["variant", "img_per_s", "img_per_s_std", "warmup_s", "tflops", "mfu",
+            text = table(rows_out, ["variant", "precision", "img_per_s", "img_per_s_std", "warmup_s", "tflops", "mfu",
                                     "train_gflop_per_img", "error", "skipped"])
             result = {"rows": rows_out}
             last = next((r["wall_s"] for r in reversed(rows_out) if "wall_s" in r), 0.0)

@@ -23,6 +23,10 @@ class DataError(RuntimeError):
     """Data that cannot be used; the message names the file and the command that remakes it."""
 
 
+class PrepareError(RuntimeError):
+    """Bad source data for prepare; the message names the file or folder and what to do."""
+
+
 def _manifest_problem(m: object) -> str | None:
     """What is wrong with a parsed manifest, or None."""
     if not isinstance(m, dict):
@@ -108,7 +112,10 @@ class Betons:
 
     @property
     def image_shape(self) -> tuple[int, int]:
-        """(height, width) of the images (manifests before `image_shape` held CIFAR's 32x32)."""
+        """(height, width) of the images (manifests before `image_shape` held CIFAR's 32x32); photo betons
+        have no one size (dist_resnet.data.sizes gives what the loaders make of them)."""
+        if self.manifest.get("variable_resolution"):
+            raise DataError(f"{self.dir} holds photos of many sizes, not one: set data.res and data.test_res")
         h, w = (self.manifest.get("image_shape") or [32, 32])[:2]
         return int(h), int(w)
 

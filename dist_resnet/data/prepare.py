@@ -1,12 +1,15 @@
 """Write CIFAR-10 (or any ImageFolder, any image size) as FFCV betons.
 
     python -m dist_resnet.data.prepare --source SRC --out DIR [--force] [--resize N | --resize H W]
+    python -m dist_resnet.data.prepare --source SRC --out DIR --write-mode smart   # photos of mixed sizes
     python -m dist_resnet.data.prepare --verify DIR      # check the betons against the manifest
 
 SRC is `torchvision` (download CIFAR-10), an ImageFolder directory with
 `train/<class>/*` and `test/<class>/*`, or a .tar/.tar.gz/.tgz of one.
 Writes DIR/train.beton and DIR/test.beton (RGBImageField raw mode: lossless;
-IntField label) and DIR/manifest.json. Everything is validated and written into
+IntField label) and DIR/manifest.json. With any photo option (--write-mode, --max-resolution,
+--jpeg-quality, --compress-probability), each image keeps its own size instead (dist_resnet.data.photos).
+Everything is validated and written into
 a temporary folder first, so a failure leaves DIR as it was.
 """
 from __future__ import annotations
@@ -26,14 +29,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..fileio import sha256
-from .manifest import SPLITS, Betons, DataError
+from .manifest import SPLITS, Betons, DataError, PrepareError
 
 FILES = ("train.beton", "test.beton", "manifest.json")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-class PrepareError(RuntimeError):
-    """Bad source data; the message names the file or folder and what to do."""
 
 
 # ---------------------------------------------------------------- sources
@@ -117,7 +116,8 @@ def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int] | None, spl
     if len(shapes) > 1:
         seen = ", ".join(f"{w}x{h} ({n})" for (h, w), n in shapes.most_common(3))
         raise PrepareError(f"the {split} images have {len(shapes)} different sizes ({seen}{', ...' if len(shapes) > 3 else ''}): "
-                           "pass --resize N (N x N) or --resize H W to bring them all to one size")
+                           "pass --resize N (N x N) or --resize H W to bring them all to one size, or --write-mode smart to "
+                           "keep each photo's size for random-resized crops (data.crop=rrc)")
     return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
 
 
@@ -155,13 +155,18 @@ def load_source(source: str, size: tuple[int, int] | None, download_root: Path, 
         relabel = np.full(len(names), -1)
         relabel[[names.index(n) for n in keep]] = np.arange(len(keep))
         return keep, {s: (x[relabel[y] >= 0], relabel[y][relabel[y] >= 0]) for s, (x, y) in data.items()}
+    return load_folder(unpack(source, tmp), size, workers, modes, only)
+
+
+def unpack(source: str, tmp: Path) -> Path:
+    """The ImageFolder directory that `source` names: itself, or the tarball extracted under `tmp`."""
     src = Path(source)
     if not src.exists():
         raise PrepareError(f"source {src} does not exist; give 'torchvision', an ImageFolder directory or a tarball")
     if src.is_dir():
         if not any(src.iterdir()):
             raise PrepareError(f"source directory {src} is empty")
-        return load_folder(src, size, workers, modes, only)
+        return src
     if not src.name.endswith(TAR_SUFFIXES):
         raise PrepareError(f"source {src} is a file but not a {'/'.join(TAR_SUFFIXES)} archive")
     try:
@@ -171,7 +176,7 @@ def load_source(source: str, size: tuple[int, int] | None, download_root: Path, 
             tar.extractall(tmp / "src", filter="data")
     except tarfile.TarError as e:
         raise PrepareError(f"cannot read archive {src}: {e}") from None
-    return load_folder(tmp / "src", size, workers, modes, only)
+    return tmp / "src"
 
 
 # ---------------------------------------------------------------- writing
@@ -202,11 +207,60 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     writer.DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Arrays(images, labels))
 
 
+def fixed(source: str, size: tuple[int, int] | None, download_root: Path, workers: int, tmp: Path,
+          classes: list[str] | None) -> dict:
+    """Decode every image (to `size`, or at the one size they share) and write raw betons into `tmp`; the
+    manifest. CIFAR-10's path: its betons are the same bytes on every run (the fingerprint's test)."""
+    modes: Counter = Counter()
+    names, data = load_source(source, size, download_root, workers, tmp, modes, classes)
+    train_x = data["train"][0]
+    manifest = {
+        "format": 1,
+        "source": source if source == "torchvision" else str(Path(source).resolve()),
+        "classes": names,
+        "image_shape": list(train_x.shape[1:]),  # H, W, 3
+        "resized_to": list(size) if size else None,
+        # original modes converted to RGB (e.g. {"L": 3, "RGBA": 1}); RGBA loses its alpha
+        "converted_modes": {m: n for m, n in sorted(modes.items()) if m != "RGB"},
+        # per-channel statistics of the train split, in [0, 1]; the loader normalises with them
+        "mean": (train_x.reshape(-1, 3).mean(0, dtype=np.float64) / 255).round(6).tolist(),
+        "std": (train_x.reshape(-1, 3).std(0, dtype=np.float64) / 255).round(6).tolist(),
+    }
+    for split in SPLITS:
+        images, labels = data[split]
+        path = tmp / f"{split}.beton"
+        write_beton(path, images, labels)
+        manifest[split] = {
+            "file": path.name,
+            "count": int(len(labels)),
+            "bytes": path.stat().st_size,
+            "sha256": sha256(path),
+            "class_counts": np.bincount(labels, minlength=len(names)).tolist(),
+        }
+    return manifest
+
+
+def photos(source: str, storage: "Storage", workers: int, tmp: Path, classes: list[str] | None) -> dict:
+    """Variable-resolution betons of a folder of mixed-size photos (dist_resnet.data.photos); the manifest."""
+    from .photos import write_photos
+
+    if source == "torchvision":
+        raise PrepareError("--write-mode and the other photo options take an ImageFolder directory or tarball; "
+                           "torchvision's CIFAR-10 is written raw at 32x32 (leave them out)")
+    problem = storage.problem()
+    if problem:
+        raise PrepareError(problem)
+    names, items = _list_images(_find_root(unpack(source, tmp)), classes)
+    return write_photos(tmp, names, items, storage, workers, str(Path(source).resolve()))
+
+
 def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int, int] | None = None,
-            download_root: Path | None = None, workers: int | None = None, classes: list[str] | None = None) -> dict:
+            download_root: Path | None = None, workers: int | None = None, classes: list[str] | None = None,
+            storage: "Storage | None" = None) -> dict:
     """Write `out`/{train,test}.beton and manifest.json. `resize`: N (N x N) or (H, W) brings every image
     to that size; without it, all images must share one size, which is kept. `classes`: only these
-    classes (labels 0..k-1 in the source's order)."""
+    classes (labels 0..k-1 in the source's order). `storage` (photos.Storage): variable-resolution betons
+    of mixed-size photos instead, stored as it says (not with `resize`)."""
     out = Path(out)
     existing = [f for f in FILES if (out / f).exists()]
     if existing and not force:
@@ -214,37 +268,18 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
     size = (resize, resize) if isinstance(resize, int) else (tuple(resize) if resize else None)
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise PrepareError(f"--resize takes N or H W (positive), not {resize}")
-    modes: Counter = Counter()
+    if size is not None and storage is not None:
+        raise PrepareError("--resize brings every image to one size; the photo options (--write-mode ...) keep "
+                           "each image's own size for random-resized crops. Give one or the other")
     download_root = download_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_resnet"
     workers = workers or min(8, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp_str:
         tmp = Path(tmp_str)
-        names, data = load_source(source, size, download_root, workers, tmp, modes, classes)
-        train_x = data["train"][0]
-        manifest = {
-            "format": 1,
-            "source": source if source == "torchvision" else str(Path(source).resolve()),
-            "classes": names,
-            "image_shape": list(train_x.shape[1:]),  # H, W, 3
-            "resized_to": list(size) if size else None,
-            # original modes converted to RGB (e.g. {"L": 3, "RGBA": 1}); RGBA loses its alpha
-            "converted_modes": {m: n for m, n in sorted(modes.items()) if m != "RGB"},
-            # per-channel statistics of the train split, in [0, 1]; the loader normalises with them
-            "mean": (train_x.reshape(-1, 3).mean(0, dtype=np.float64) / 255).round(6).tolist(),
-            "std": (train_x.reshape(-1, 3).std(0, dtype=np.float64) / 255).round(6).tolist(),
-        }
-        for split in SPLITS:
-            images, labels = data[split]
-            path = tmp / f"{split}.beton"
-            write_beton(path, images, labels)
-            manifest[split] = {
-                "file": path.name,
-                "count": int(len(labels)),
-                "bytes": path.stat().st_size,
-                "sha256": sha256(path),
-                "class_counts": np.bincount(labels, minlength=len(names)).tolist(),
-            }
+        if storage is None:
+            manifest = fixed(source, size, download_root, workers, tmp, classes)
+        else:
+            manifest = photos(source, storage, workers, tmp, classes)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         out.mkdir(parents=True, exist_ok=True)
         for f in FILES:  # manifest last: a folder with a manifest is complete
@@ -258,7 +293,7 @@ def verify(data_dir: Path) -> dict:
     return Betons.open(data_dir, verify=True).manifest
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist_resnet.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", help="'torchvision', an ImageFolder directory, or a .tar/.tar.gz of one")
     p.add_argument("--out", type=Path, help="output folder for train.beton, test.beton, manifest.json")
@@ -269,7 +304,32 @@ def main(argv: list[str] | None = None) -> None:
                         "must share one size, which is kept")
     p.add_argument("--classes", help="only these classes, comma-separated (e.g. airplane,automobile,bird)")
     p.add_argument("--download-root", type=Path, default=None, help="torchvision download cache (default ~/.cache/dist_resnet)")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="decode/write processes (default: CPU count, at most 8)")
+    g = p.add_argument_group("photos of mixed sizes (any of these: variable-resolution betons, each image at its "
+                             "own size, cropped when read: data.crop=rrc, data.res, data.test_res)")
+    g.add_argument("--write-mode", choices=("raw", "jpg", "smart", "proportion"), default=None,
+                   help="raw: lossless; jpg: JPEG; smart (default): JPEG above 256x256's raw size, raw below; "
+                        "proportion: JPEG for a random --compress-probability share (FFCV's ImageNet recipe)")
+    g.add_argument("--max-resolution", type=int, default=None, help="longer side at most N px (default 512)")
+    g.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality 1..100 (default 90)")
+    g.add_argument("--compress-probability", type=float, default=None, help="proportion: the JPEG share (default 0.5)")
+    return p
+
+
+def storage_of(args: argparse.Namespace):
+    """photos.Storage from the photo options, or None when none was given (fixed-size betons)."""
+    given = {k: v for k, v in (("write_mode", args.write_mode), ("max_resolution", args.max_resolution),
+                               ("jpeg_quality", args.jpeg_quality),
+                               ("compress_probability", args.compress_probability)) if v is not None}
+    if not given:
+        return None
+    from .photos import Storage
+
+    return Storage(**given)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     if args.verify is not None:
         try:
@@ -287,13 +347,18 @@ def main(argv: list[str] | None = None) -> None:
             raise PrepareError(f"--resize takes N or H W, not {' '.join(map(str, args.resize))}")
         resize = None if args.resize is None else (args.resize[0] if len(args.resize) == 1 else tuple(args.resize))
         only = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        m = prepare(args.source, args.out, args.force, resize, args.download_root, args.workers, only)
+        m = prepare(args.source, args.out, args.force, resize, args.download_root, args.workers, only, storage_of(args))
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    h, w = m["image_shape"][:2]
+    if m["image_shape"]:
+        h, w = m["image_shape"][:2]
+        shape = f"{w}x{h}"
+    else:
+        lo, hi = m["train"]["sizes"]["min_hw"], m["train"]["sizes"]["max_hw"]
+        shape = f"{lo[1]}x{lo[0]} to {hi[1]}x{hi[0]} ({m['train']['stored_jpeg']} train images as JPEG)"
     converted = ", ".join(f"{n} {k}" for k, n in m["converted_modes"].items())
-    print(f"wrote {args.out}: train {m['train']['count']}, test {m['test']['count']} images of {w}x{h}, "
+    print(f"wrote {args.out}: train {m['train']['count']}, test {m['test']['count']} images of {shape}, "
           f"{len(m['classes'])} classes" + (f"; converted to RGB: {converted}" if converted else ""))
 
 

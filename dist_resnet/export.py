@@ -77,7 +77,10 @@ def pixel_model(path: str, overrides: list[str], ema: bool):
 
 
 def metadata(mf: files.ModelFile, cfg_dict: dict, size: tuple[int, int]) -> dict[str, str]:
+    data = cfg_dict.get("data", {})
+    crop = data.get("test_crop_ratio") if data.get("test_res") else None  # photos: predict's centre crop
     return {"format": files.META_FORMAT, "classes": json.dumps(mf.classes), "input_size": json.dumps(list(size)),
+            "crop_ratio": json.dumps(crop),
             "image_shape": json.dumps(list(size)), "mean": json.dumps(mf.mean), "std": json.dumps(mf.std),
             "config": json.dumps(cfg_dict), "source_sha256": sha256(mf.path), "dist_resnet_version": version()}
 

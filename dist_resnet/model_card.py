@@ -165,6 +165,9 @@ def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict, 
             f"- float32 RGB, N x 3 x {size[0]} x {size[1]}, values in [0, 1]; normalisation (mean "
             f"{[round(v, 4) for v in mf.mean]}, std {[round(v, 4) for v in mf.std]})"
             + (f" and the resize to {cfg.data.resize} px are" if cfg.data.resize else " is") + " inside the model",
+            *([f"- Photos: the central {cfg.data.test_crop_ratio:g} of the shorter side, square, resized to "
+               f"{size[1]}x{size[0]} (as evaluated: data.test_res={cfg.data.test_res}); predict does this"]
+              if cfg.data.test_res else []),
             f"- Output: logits over {len(mf.classes)} classes, in this order: {', '.join(mf.classes)}", "",
             "## Data", *_data(mf, cfg), "", "## Training", *_training(mf, cfg, ema), "",
             "## Measured by this export", *_measured(result, mf.classes, name), "",

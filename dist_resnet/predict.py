@@ -55,13 +55,21 @@ def image_paths(paths: list[str]) -> Iterator[Path]:
             yield p
 
 
-def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """HxWx3 uint8 at the model's (H, W): (image, the original (W, H) if it was resized)."""
+def read_image(path: Path, size: tuple[int, int],
+               crop: float | None = None) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """HxWx3 uint8 at the model's (H, W): (image, the original (W, H) if it was resized). `crop` (a model
+    trained on photos, data.test_res): first the central `crop` of the shorter side, square, as evaluated."""
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()  # a truncated file fails here, not later
         rgb = im.convert("RGB")
+    if crop is not None:
+        w, h = rgb.size
+        c = int(crop * min(w, h))
+        top, left = (h - c) // 2, (w - c) // 2
+        rgb = rgb.crop((left, top, left + c, top + c)).resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8), (w, h)
     if rgb.size == (size[1], size[0]):
         return np.asarray(rgb, dtype=np.uint8), None
     return np.asarray(rgb.resize((size[1], size[0]), Image.BICUBIC), dtype=np.uint8), rgb.size
@@ -76,6 +84,7 @@ class TorchModel:
             raise PredictError(f"{path} was written before checkpoints held their class names and normalisation; "
                                "evaluate it instead, or re-export it")
         self.classes, self.size = mf.classes, tuple(mf.image_shape or (32, 32))
+        self.crop = cfg.data.test_crop_ratio if cfg.data.test_res else None
         self.device, self.cl = device, cfg.model.channels_last
         self.amp = Amp.on(cfg.train.precision, device)
         self.dtype = self.amp.input_dtype(cfg.data.fp32_input)  # normalised as training normalised
@@ -104,6 +113,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             meta = self.session.get_modelmeta().custom_metadata_map
             self.classes, self.size = json.loads(meta["classes"]), tuple(json.loads(meta["input_size"]))
+            self.crop = json.loads(meta.get("crop_ratio", "null"))
         except (KeyError, json.JSONDecodeError):
             raise PredictError(f"{path} is not an ONNX model exported by dist_resnet (no classes/input_size "
                                "metadata)") from None
@@ -217,7 +227,7 @@ def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: 
     batch: list[tuple[Path, np.ndarray]] = []
     for path in image_paths(paths):
         try:
-            image, original = read_image(path, model.size)
+            image, original = read_image(path, model.size, model.crop)
         except FileNotFoundError:
             print(f"dist_resnet.predict: error: {path}: no such file or folder", file=err)
             failed += 1
@@ -235,7 +245,8 @@ def run(model, paths: list[str], topk: int, tta: TTA, batch_size: int, as_json: 
     flush(batch)
     if resized:
         (p, (w, h)), (mh, mw) = resized[0], model.size
-        print(f"note: {len(resized)} image(s) resized to the model's {mw}x{mh} (e.g. {p}, {w}x{h})", file=err)
+        how = "centre-cropped and resized" if model.crop else "resized"
+        print(f"note: {len(resized)} image(s) {how} to the model's {mw}x{mh} (e.g. {p}, {w}x{h})", file=err)
     return done, failed
 
 

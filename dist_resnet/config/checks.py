@@ -39,7 +39,9 @@ RULES: list[Rule] = [
     (within(0, 1), "in [0, 1]", ("data.mix_prob", "data.switch_prob")),
     (at_least(0), ">= 0", ("data.val_seed", "data.fold", "data.translate", "optim.momentum", "optim.weight_decay",
                            "train.seed", "train.max_rollbacks", "train.early_stop_min_delta")),
-    (at_least(0), ">= 0 (0 = off)", ("data.resize", "data.cutout", "model.whiten_bias_epochs",
+    (at_least(0), ">= 0 (0 = as stored)", ("data.res", "data.test_res")),
+    (within(0, 1, lo_open=True), "in (0, 1] (a share of the shorter side)", ("data.test_crop_ratio",)),
+    (at_least(0), ">= 0 (0 = off)", ("data.res_end", "data.resize", "data.cutout", "model.whiten_bias_epochs",
                                      "optim.lookahead_every", "train.eval_test_every", "train.max_steps", "train.checkpoint_every",
                                      "train.loss_scale", "train.warmup_steps", "adv.check_images",
                                      "train.early_stop_patience")),
@@ -77,6 +79,34 @@ def check_data(d: DataConfig) -> None:
                           + ("" if d.folds else " (set data.folds=K first)"))
     if d.flip_alternate and not d.flip:
         raise ConfigError("data.flip_alternate=true needs data.flip=true")
+    check_crop(d)
+
+
+def _pair(d: DataConfig, key: str, ok: Callable[[float, float], bool], requirement: str) -> None:
+    v = list(getattr(d, key))
+    if len(v) != 2 or not ok(*v):
+        raise ConfigError(f"bad value for 'data.{key}': {v}; it must be {requirement}")
+
+
+def check_crop(d: DataConfig) -> None:
+    """The random-resized crop, the train and test resolutions and progressive resizing."""
+    _pair(d, "rrc_scale", lambda a, b: 0 < a <= b <= 1, "[min, max] with 0 < min <= max <= 1 (shares of the area)")
+    _pair(d, "rrc_ratio", lambda a, b: 0 < a <= b, "[min, max] with 0 < min <= max (width / height)")
+    _pair(d, "res_ramp", lambda a, b: 0 <= a <= b, "[E0, E1] with 0 <= E0 <= E1 (epochs)")
+    rrc = d.crop.value == "rrc"
+    if d.res and not rrc:
+        raise ConfigError(f"data.res={d.res} sets the size of the random-resized crop: set data.crop=rrc "
+                          "(to upsample fixed-size images, use data.resize)")
+    if rrc and d.resize:
+        raise ConfigError(f"data.crop=rrc crops and resizes while decoding, to data.res: leave data.resize at 0 "
+                          f"(it is {d.resize}) and set data.res={d.resize}")
+    if d.res_end:
+        if not (rrc and d.res):
+            raise ConfigError(f"data.res_end={d.res_end} grows the train side from data.res: set data.crop=rrc "
+                              "and data.res (e.g. 160)")
+        if d.res_end < d.res or d.res_ramp[1] <= d.res_ramp[0]:
+            raise ConfigError(f"progressive resizing needs data.res_end >= data.res ({d.res_end} < {d.res}?) and "
+                              f"data.res_ramp=[E0,E1] with E0 < E1 (it is {list(d.res_ramp)})")
 
 
 def check_model(m: ModelConfig) -> None:
@@ -91,6 +121,9 @@ def check_model(m: ModelConfig) -> None:
     if m.drop_path and not models.has_residual_branches(m.name, m.residual):
         raise ConfigError(f"model.drop_path={m.drop_path:g} drops residual branches, and model.name={m.name} has none: "
                           "use model.dropout, or model.residual=true (fastnet with a residual in each stage)")
+    if m.blurpool and not m.name.startswith("tv_"):
+        raise ConfigError(f"model.blurpool blurs before strided convolutions of the torchvision ResNets (tv_resnet18, "
+                          f"tv_resnet34, tv_resnet50); model.name={m.name} has none to blur")
     if m.name != "fastnet" and (m.residual or m.whiten_bias_epochs):
         raise ConfigError(f"model.residual and model.whiten_bias_epochs apply to model.name=fastnet, not {m.name}")
 
@@ -121,6 +154,9 @@ def check_across(cfg: Config) -> None:
         raise ConfigError(f"Mixup/CutMix (data.mixup_alpha, data.cutmix_alpha) and train.adversarial="
                           f"{t.adversarial.value} do not combine here: the attack is made against one label per "
                           "image, not a mixed one; train with one of them")
+    if d.res_end and d.res_ramp[1] > t.epochs:
+        raise ConfigError(f"data.res_ramp={list(d.res_ramp)} ends after the run's {t.epochs} epochs: "
+                          f"set its end to at most train.epochs")
     if t.early_stop_patience and not (d.val_fraction or d.folds):
         raise ConfigError(f"train.early_stop_patience={t.early_stop_patience} needs a validation split to watch "
                           "(early stopping never looks at the test set): set data.val_fraction, e.g. 0.1, or data.folds")

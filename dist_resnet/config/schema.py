@@ -25,6 +25,11 @@ class Pipeline(str, Enum):
     device = "device"  # the beton is read once into device memory; batches are gathered there
 
 
+class Crop(str, Enum):
+    translate = "translate"  # the stored image, flipped and translated on the device (CIFAR's recipe)
+    rrc = "rrc"  # a random-resized crop decoded from the beton at data.res, then flipped (ImageNet's recipe)
+
+
 class Normalization(str, Enum):
     auto = "auto"  # imagenet for torchvision's pretrained weights (tv_* models), else dataset
     dataset = "dataset"  # the train split's per-channel mean/std, from the manifest
@@ -107,7 +112,7 @@ class DataConfig:
     batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
     os_cache: bool = True  # share the beton through the page cache
     flip: bool = True  # random horizontal flip (train only)
-    translate: int = 2  # random translation of up to N pixels of a 32-px image, scaled to the image side
+    translate: int = 2  # random translation of up to N pixels of a 32-px image, scaled to the image side (crop=translate)
     translate_pad: Pad = Pad.zeros  # what a translation shifts in: zeros (the mean) or the mirrored border
     flip_alternate: bool = False  # derandomised flip: random in epoch 1, then each image flips every other epoch
     cutout: int = 0  # side of a square (cutout x cutout, clipped at the border) zeroed at a random centre; 0 = off
@@ -116,6 +121,14 @@ class DataConfig:
     mix_prob: float = 1.0  # the share of steps that mix (with Mixup or CutMix on)
     switch_prob: float = 0.5  # with both on: the share of mixing steps that use CutMix rather than Mixup
     verify: bool = False  # check every beton's sha256 against the manifest before training (sizes: always)
+    crop: Crop = Crop.translate  # translate: today's CIFAR augmentation; rrc: random-resized crop while decoding (FFCV)
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # rrc: the crop's share of the image's area
+    rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])  # rrc: the crop's aspect ratio (w/h) range
+    res: int = 0  # train side in px (crops are resized to res x res); 0 = as stored (needs one stored size)
+    res_end: int = 0  # progressive resizing: the train side grows from data.res to this, in steps of 32 px; 0 = off
+    res_ramp: list[int] = field(default_factory=lambda: [0, 0])  # progressive resizing: epochs [E0, E1] of the ramp
+    test_res: int = 0  # evaluation side: a centre crop resized to test_res x test_res; 0 = as stored
+    test_crop_ratio: float = 0.875  # evaluation's centre crop: this share of the shorter side (224/256)
     resize: int = 0  # upsample every batch to resize x resize on the device before the model; 0 = off
     normalize: Normalization = Normalization.auto  # whose mean/std the inputs are normalised with
     fp32_input: bool = False  # normalise in fp32 and feed fp32 batches (fastnet's whitening stem then runs in fp32)
@@ -139,6 +152,7 @@ class ModelConfig:
     residual: bool = False  # fastnet: a residual around each stage's second conv (airbench's stage has none)
     dropout: float = 0.0  # dropout before the classifier, in training only (timm --drop); 0 = off
     drop_path: float = 0.0  # stochastic depth: the last residual block's drop rate, rising linearly from 0 (timm --drop-path)
+    blurpool: bool = False  # tv_* models: blur (3x3 binomial) before each strided conv, as FFCV's ResNet-50 recipe
     whiten_bias_epochs: int = 0  # fastnet: train the whitening bias this many epochs, then freeze it; 0 = always
 
 

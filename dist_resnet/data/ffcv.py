@@ -22,6 +22,7 @@ from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
 
+from . import crops
 from .manifest import DataError
 
 
@@ -34,7 +35,8 @@ def workers(requested: int) -> int:
     return max(1, min(requested, cores // (int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1)))
 
 
-def pipelines(device: torch.device, dtype: torch.dtype) -> dict:
+def pipelines(device: torch.device, dtype: torch.dtype, decoder=None) -> dict:
+    """The image pipeline (`decoder`, default: the stored image as it is) and the label pipeline."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -43,7 +45,7 @@ def pipelines(device: torch.device, dtype: torch.dtype) -> dict:
     # ToTorchImage(channels_last=True) is a free NHWC->NCHW view; its False path returns CPU tensors
     # even after ToDevice(cuda), so the memory format is changed on the device instead (to_format)
     return {
-        "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda),
+        "image": [SimpleRGBImageDecoder() if decoder is None else decoder, ToTensor(), ToDevice(device, non_blocking=cuda),
                   ToTorchImage(channels_last=True), Convert(dtype)],
         "label": [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=cuda), Squeeze(1)],
     }
@@ -54,6 +56,15 @@ class _EpochIterator(EpochIterator):
     exception and leaves the consumer waiting forever on its queue (a hung rank, then a hung job)."""
 
     error: BaseException | None = None
+
+    def start(self) -> None:
+        """Hand each seeded crop decoder its epoch's key (in a buffer FFCV just allocated), then decode."""
+        graph = self.loader.graph
+        for op, nodes in graph.operation_to_node.items():
+            if isinstance(op, crops.SeededRandomResizedCrop):
+                for node in nodes:
+                    op.arm(self.memory_allocations["operation"][graph.node_to_id[node]], op.key)
+        super().start()
 
     def run(self) -> None:
         try:
@@ -108,19 +119,19 @@ class Order(TraversalOrder):
 
 
 def shuffled(path: str, order, batch_size: int, num_workers: int, os_cache: bool, batches_ahead: int, seed: int,
-             device: torch.device, dtype: torch.dtype) -> Loader:
+             device: torch.device, dtype: torch.dtype, decoder=None) -> Loader:
     """A loader of `order`'s samples (drop_last): the train split, in the world-size-invariant order."""
     return Loader(path, batch_size=batch_size, num_workers=workers(num_workers), os_cache=os_cache,
-                  order=Order(order), seed=seed, pipelines=pipelines(device, dtype), drop_last=True,
+                  order=Order(order), seed=seed, pipelines=pipelines(device, dtype, decoder), drop_last=True,
                   batches_ahead=batches_ahead)
 
 
 def sequential(path: str, indices: np.ndarray, batch_size: int, num_workers: int, os_cache: bool,
-               batches_ahead: int, device: torch.device, dtype: torch.dtype) -> Loader:
+               batches_ahead: int, device: torch.device, dtype: torch.dtype, decoder=None) -> Loader:
     """A loader of `indices` in their order, every one once (evaluation, or reading a split into memory)."""
     return Loader(path, batch_size=batch_size, num_workers=workers(num_workers), os_cache=os_cache,
                   order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
-                  pipelines=pipelines(device, dtype), drop_last=False, batches_ahead=batches_ahead)
+                  pipelines=pipelines(device, dtype, decoder), drop_last=False, batches_ahead=batches_ahead)
 
 
 def iterate(loader: Loader, threads: int | None) -> Iterator:

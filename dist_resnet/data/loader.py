@@ -22,10 +22,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import DataConfig, Pad, Pipeline
+from ..config import Crop, DataConfig, Pad, Pipeline
 from .augment import AlternateFlips, Augment, Normalize, derive_seed
 from .beton import read_raw
 from .manifest import Betons, DataError
+from .sizes import shapes, train_side
 
 
 def _ffcv():
@@ -111,24 +112,56 @@ def available_memory(device: torch.device) -> int:
 
 def read_resident(betons: Betons, cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device,
                   dtype: torch.dtype, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode `indices` of a beton once into device memory: (N, 3, H, W) images in `dtype`, labels."""
-    h, w = betons.image_shape
+    """Decode `indices` of a beton once into device memory: (N, 3, H, W) images in `dtype`, labels. With
+    data.test_res (photos), FFCV decodes their centre crops at that side, as evaluation sees them."""
+    shape = shapes(cfg, betons)[1]
+    if shape is None:
+        raise DataError(f"{betons.dir} holds photos of many sizes: set data.test_res to read them at one size")
+    h, w = shape
     need = len(indices) * (3 * h * w * torch.finfo(dtype).bits // 8 + 8)
     free = available_memory(device)
     if need > 0.5 * free:
         where = "the GPU has" if device.type == "cuda" else "this machine has"
         raise DataError(f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but {where} "
                         f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv")
-    raw = read_raw(betons.path(split), indices)
+    raw = None if cfg.test_res else read_raw(betons.path(split), indices)
     if raw is not None:  # the beton's bytes as they are: FFCV's decoder would only copy them
         images, labels = (torch.from_numpy(a).to(device) for a in raw)
         return to_format(images.permute(0, 3, 1, 2).to(dtype), channels_last), labels
     ffcv, threads = _ffcv(), torch.get_num_threads()  # FFCV's Loader changes the thread count
     loader = ffcv.sequential(betons.path(split), indices, 1000, cfg.num_workers, cfg.os_cache, cfg.batches_ahead,
-                             device, dtype)
+                             device, dtype, centre_crop(cfg))
     xs, ys = zip(*[(x.clone(), y.clone()) for x, y in ffcv.iterate(loader, threads)])
     torch.set_num_threads(threads)
     return to_format(torch.cat(xs), channels_last), torch.cat(ys)
+
+
+class StoredImages:
+    """data.crop=translate: FFCV hands over the stored images as they are; nothing changes per epoch."""
+
+    decoder = None
+
+    def start(self, epoch: int) -> None:
+        pass
+
+
+class RandomResizedCrops:
+    """data.crop=rrc: a random-resized crop, drawn from (seed, epoch, image), decoded by FFCV at the epoch's
+    train side (data.res, or the progressive-resizing ramp to data.res_end)."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.decoder = _ffcv().crops.SeededRandomResizedCrop((cfg.res, cfg.res), cfg.rrc_scale, cfg.rrc_ratio)
+
+    def start(self, epoch: int) -> None:
+        side = train_side(self.cfg, epoch)
+        self.decoder.output_size = (side, side)
+        self.decoder.key = _ffcv().crops.epoch_key(self.seed, epoch)
+
+
+def centre_crop(cfg: DataConfig):
+    """data.test_res: FFCV's centre crop of data.test_crop_ratio of the shorter side, resized; else None."""
+    return _ffcv().crops.centre((cfg.test_res, cfg.test_res), cfg.test_crop_ratio) if cfg.test_res else None
 
 
 class TrainData:
@@ -148,15 +181,17 @@ class TrainData:
         self.order = GlobalBatchOrder(n, global_batch, seed, feed.rank, feed.world, indices)
         self.indices = np.arange(n) if indices is None else indices
         self.resident = None
+        self.crops = RandomResizedCrops(cfg, seed) if cfg.crop == Crop.rrc else StoredImages()
         if cfg.pipeline == Pipeline.device:  # the same order, gathered from device memory
             self.resident = read_resident(betons, cfg, "train", self.indices, feed.device, feed.dtype,
                                           feed.channels_last)
         else:
             self.loader = _ffcv().shuffled(betons.path("train"), self.order, self.micro, cfg.num_workers, cfg.os_cache,
-                                           cfg.batches_ahead, seed, feed.device, feed.dtype)
+                                           cfg.batches_ahead, seed, feed.device, feed.dtype, self.crops.decoder)
         self.normalize = feed.normalizer()
-        side = min(betons.image_shape)
-        translate, cutout = round(cfg.translate * side / 32), round(cfg.cutout * side / 32)
+        side = cfg.res or min(betons.image_shape)  # rrc: no translation (the crop moves the image)
+        translate = 0 if cfg.crop == Crop.rrc else round(cfg.translate * side / 32)
+        cutout = round(cfg.cutout * side / 32)
         self.augment = Augment(cfg.flip, translate, cutout, feed.device, Pad(cfg.translate_pad).value)
         self.flips = AlternateFlips(seed, n, feed.device) if cfg.flip_alternate else None
         feed.restore_threads()
@@ -173,6 +208,7 @@ class TrainData:
         share = self.global_batch // self.feed.world
         step, micro = start_step, []
         flips = None
+        self.crops.start(epoch)
         if self.flips is not None:  # one host-to-device copy per epoch
             flips = self.flips.epoch(epoch, torch.from_numpy(self.order.permutation(epoch)).to(self.feed.device))
         with closing(self.raw_batches(epoch)) as raw:
@@ -234,7 +270,7 @@ class TestData:
             self.resident = read_resident(betons, cfg, split, mine, feed.device, feed.dtype, feed.channels_last)
         else:
             self.loader = _ffcv().sequential(betons.path(split), mine, batch_size, cfg.num_workers, cfg.os_cache,
-                                             cfg.batches_ahead, feed.device, feed.dtype)
+                                             cfg.batches_ahead, feed.device, feed.dtype, centre_crop(cfg))
         self.normalize = feed.normalizer()
         feed.restore_threads()
 

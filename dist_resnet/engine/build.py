@@ -24,6 +24,7 @@ from torch import nn
 from .. import rundir
 from ..attacks import Adversary, RobustEval, default_alpha
 from ..config import Adversarial, Config, ConfigError, EvalAttack, NonFinite, Normalization, Precision, to_dict
+from ..data import sizes
 from ..data.augment import derive_seed
 from ..data.loader import Feed, TestData, TrainData, check_partition
 from ..data.manifest import Betons
@@ -77,7 +78,9 @@ def runtime_checks(cfg: Config, env: DistEnv) -> Amp:
 
 def data_checks(cfg: Config, env: DistEnv, betons: Betons, train_count: int, val_count: int) -> None:
     """What the config asks of this data: images the model takes, batches that fit, ranks with images."""
-    size = (cfg.data.resize,) * 2 if cfg.data.resize else betons.image_shape
+    sizes.check(cfg.data, betons)
+    train_hw = sizes.shapes(cfg.data, betons)[0]
+    size = (cfg.data.resize,) * 2 if cfg.data.resize else train_hw
     try:
         check_input(cfg.model.name, *size, f"data.dir={cfg.data.dir}" +
                     (f" with data.resize={cfg.data.resize}" if cfg.data.resize else ""))
@@ -87,8 +90,8 @@ def data_checks(cfg: Config, env: DistEnv, betons: Betons, train_count: int, val
     if train_count < b:
         raise ConfigError(f"the global batch of {b} is larger than the {train_count} train images, so an epoch "
                           f"would have no step; lower train.batch_size (each of {world} ranks would take {b // world})")
-    side, translate = min(betons.image_shape), round(cfg.data.translate * min(betons.image_shape) / 32)
-    if cfg.data.translate_pad.value == "reflect" and translate >= side:
+    side, translate = min(train_hw), round(cfg.data.translate * min(train_hw) / 32)
+    if cfg.data.crop.value == "translate" and cfg.data.translate_pad.value == "reflect" and translate >= side:
         raise ConfigError(f"data.translate_pad=reflect needs a translation below the image side ({side} px); "
                           f"data.translate={cfg.data.translate} gives {translate} px")
     check_partition(world, betons.count("test"), "test")
@@ -185,7 +188,7 @@ def model_chain(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.Mod
                 fresh: bool, report: Report, clock: Clock) -> tuple[nn.Module, dict | None]:
     """pretrained -> (SyncBN) -> freeze -> device, channels_last -> a data-dependent first layer's fit."""
     m = cfg.model
-    model = build_model(m.name, len(betons.classes), m.width, m.norm.value, m.residual)
+    model = build_model(m.name, len(betons.classes), m.width, m.norm.value, m.residual, m.blurpool)
     regularize(model, m.dropout, m.drop_path)
     loaded = None
     if pretrained is not None:
@@ -261,8 +264,10 @@ def example_batch(cfg: Config, env: DistEnv, betons: Betons, feed: Feed):
     micro = cfg.train.batch_size // env.world_size // cfg.train.accum_steps
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
-    def make(g: torch.Generator, n: int = micro) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn((n, 3, *betons.image_shape), generator=g, device=env.device)
+    train_hw, test_hw = sizes.shapes(cfg.data, betons)
+
+    def make(g: torch.Generator, n: int = micro, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, 3, *(test_hw if test else train_hw)), generator=g, device=env.device)
         y = torch.randint(0, len(betons.classes), (n,), generator=g, device=env.device)
         return x.to(feed.dtype).contiguous(memory_format=fmt), y
 
@@ -335,7 +340,8 @@ def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], s
                  report: Report, hook: NoHook) -> Checkpointer:
     """The Checkpointer over every component that holds state, in restore order, and the run's facts."""
     meta = {"config": to_dict(cfg), "world_size": env.world_size, "data": betons.sha256, "classes": betons.classes,
-            "normalize": {"mean": mean, "std": std}, "image_shape": list(betons.image_shape)}
+            "normalize": {"mean": mean, "std": std},
+            "image_shape": list(sizes.shapes(cfg.data, betons)[1])}  # the test side: evaluate, predict, export
     parts = [ModelWeights(model), Keyed("optimizer", step.optimizer), Keyed("scheduler", step.scheduler),
              step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check, hook]
     return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say,

@@ -87,7 +87,7 @@ class WarmUp:
         with torch.no_grad(), self.amp.autocast():
             self.forward.eval()
             for n in self.eval_sizes or [len(x)]:
-                xe, ye = self.example(torch.Generator(device=device).manual_seed(n), n)
+                xe, ye = self.example(torch.Generator(device=device).manual_seed(n), n, True)
                 predict(self.forward, xe, self.tta)
                 for attack in self.attacks:  # the evaluation's attacks: an input that needs its gradient
                     attack(self.forward, xe, ye, 0)

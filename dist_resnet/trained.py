@@ -41,7 +41,8 @@ def build_trained(mf: files.ModelFile, trained: Config, cfg: Config, num_classes
     if describe(trained, was) != describe(cfg, num_classes):
         raise CheckpointError(f"{mf.path} holds a {describe(trained, was)}, but this config and data make a "
                               f"{describe(cfg, num_classes)}: use data with its classes, without model.* overrides")
-    model = build_model(cfg.model.name, num_classes, cfg.model.width, cfg.model.norm.value, cfg.model.residual)
+    model = build_model(cfg.model.name, num_classes, cfg.model.width, cfg.model.norm.value, cfg.model.residual,
+                        cfg.model.blurpool)
     load_weights(model, mf.weights, mf.path)
     return model.eval()
 

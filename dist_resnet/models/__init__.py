@@ -76,11 +76,16 @@ def check_input(name: str, height: int, width: int, where: str) -> None:
 
 
 def build_model(name: str, num_classes: int = 10, width: int = 64, norm: str = "batch",
-                residual: bool = False) -> nn.Module:
+                residual: bool = False, blurpool: bool = False) -> nn.Module:
     """`norm`: "batch" (BatchNorm2d) or "group" (GroupNorm, independent of the batch); `residual`: fastnet's
-    earlier stage shape (model.residual)."""
+    earlier stage shape (model.residual); `blurpool`: blur before each strided convolution (tv_* models)."""
     check_model(name, norm, width)
-    return MODELS[name](num_classes, width, NORMS[norm], **({"residual": True} if residual else {}))
+    model = MODELS[name](num_classes, width, NORMS[norm], **({"residual": True} if residual else {}))
+    if blurpool:
+        from .torchvision import apply_blurpool
+
+        apply_blurpool(model)
+    return model
 
 
 def parameter_depths(model: nn.Module) -> tuple[dict[int, int], int]:

@@ -67,6 +67,28 @@ def build(name: str, num_classes: int, norm: Norm) -> nn.Module:
     return resnet_class()(block_classes()[block], layers, num_classes=num_classes, norm_layer=norm)
 
 
+class BlurConv2d(nn.Conv2d):
+    """A strided convolution that first blurs its input with a 3x3 binomial filter, per channel (BlurPool,
+    Zhang 2019, as FFCV's ResNet-50 recipe applies it). Its keys are the convolution's own (the filter is
+    not saved), so torchvision's weights load into it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blur = self.blur_filter.to(x.dtype).expand(self.in_channels, 1, 3, 3)
+        return super().forward(nn.functional.conv2d(x, blur, padding=1, groups=self.in_channels))
+
+
+def apply_blurpool(model: nn.Module) -> int:
+    """Every strided convolution of 16 or more input channels becomes a BlurConv2d (FFCV's rule); how many."""
+    n = 0
+    for conv in model.modules():
+        if type(conv) is nn.Conv2d and max(conv.stride) > 1 and conv.in_channels >= 16:
+            conv.__class__ = BlurConv2d
+            k = torch.tensor([1.0, 2.0, 1.0], device=conv.weight.device)
+            conv.register_buffer("blur_filter", (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3), persistent=False)
+            n += 1
+    return n
+
+
 def default_weights(name: str):
     """torchvision's default ImageNet weights enum entry for `name` (e.g. ResNet50_Weights.DEFAULT)."""
     import torchvision.models as tvm

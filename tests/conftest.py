@@ -55,7 +55,7 @@ def source_images(subset_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 # --no-loadscope-reorder) hands files to its workers in collection order, so these start first and the
 # short ones fill the gaps. test_slurm.py waits on Slurm much of its time: it starts early, beside them.
 LONGEST_FIRST = ["test_adversarial_training.py", "test_slurm.py", "test_multinode.py", "test_train.py", "test_tracking.py",
-                 "test_reliability.py", "test_sweep.py", "test_explain.py", "test_distributed.py", "test_finetune.py",
+                 "test_reliability.py", "test_sweep.py", "test_explain.py", "test_distributed.py", "test_photos.py", "test_finetune.py",
                  "test_loader.py", "test_adversarial.py", "test_int8.py", "test_mix.py", "test_early_stop.py"]
 
 

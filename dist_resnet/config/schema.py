@@ -30,6 +30,11 @@ class Crop(str, Enum):
     rrc = "rrc"  # a random-resized crop decoded from the beton at data.res, then flipped (ImageNet's recipe)
 
 
+class Order(str, Enum):
+    random = "random"  # a permutation of every image each epoch (data that the page cache holds)
+    quasi_random = "quasi_random"  # pages in random order, images mixed within a window of pages (os_cache=false)
+
+
 class Normalization(str, Enum):
     auto = "auto"  # imagenet for torchvision's pretrained weights (tv_* models), else dataset
     dataset = "dataset"  # the train split's per-channel mean/std, from the manifest
@@ -110,7 +115,8 @@ class DataConfig:
     pipeline: Pipeline = Pipeline.ffcv  # ffcv: decode every batch; device: decode once into device memory
     num_workers: int = 8  # FFCV decode threads per rank, at most its share of the node's cores
     batches_ahead: int = 2  # FFCV prefetch depth; must be >= 1
-    os_cache: bool = True  # share the beton through the page cache
+    os_cache: bool = True  # share the beton through the page cache; false: FFCV reads the pages each batch needs
+    order: Order = Order.random  # quasi_random: page by page, for data that does not fit in memory (os_cache=false)
     flip: bool = True  # random horizontal flip (train only)
     translate: int = 2  # random translation of up to N pixels of a 32-px image, scaled to the image side (crop=translate)
     translate_pad: Pad = Pad.zeros  # what a translation shifts in: zeros (the mean) or the mirrored border

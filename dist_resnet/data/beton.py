@@ -36,6 +36,16 @@ def table(path: str) -> dict[str, np.ndarray] | None:
     return {"image": rows["f0"], "label": rows["f1"]}
 
 
+def pages(path: str) -> np.ndarray:
+    """The page (of the file's page size) where each sample's image starts: what FFCV's memory managers
+    read together."""
+    header = np.fromfile(path, dtype=HEADER, count=1)
+    rows = table(path)
+    if rows is None:
+        raise ValueError(f"{path} is not a beton of an image and a label field")
+    return (rows["image"]["data_ptr"] // np.uint64(header[0]["page_size"])).astype(np.int64)
+
+
 def is_raw(path: str) -> bool:
     """Whether every image of the beton is stored raw at one size (read_raw reads any of them)."""
     rows = table(path)

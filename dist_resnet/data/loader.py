@@ -22,10 +22,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import Crop, DataConfig, Pad, Pipeline
+from ..config import Crop, DataConfig, Order, Pad, Pipeline
 from .augment import AlternateFlips, Augment, Normalize, derive_seed
+from .beton import pages as beton_pages
 from .beton import read_raw
 from .manifest import Betons, DataError
+from .orders import GlobalBatchOrder, QuasiRandomOrder
 from .sizes import shapes, train_side
 
 
@@ -60,43 +62,6 @@ class Feed:
 
 def to_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-class GlobalBatchOrder:
-    """A sample order that does not depend on the world size.
-
-    Each epoch draws one permutation from (seed, epoch) and cuts it into global
-    batches; rank r takes the r-th contiguous slice of every global batch. So 1 rank
-    with batch 2B sees, step for step, the union of what 2 ranks with batch B see,
-    with no padded duplicates, and a run can resume at any step on any world size.
-    (FFCV's `distributed=True` wraps DistributedSampler, whose order and padding
-    change with the world size; this replaces it.)
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world: int, indices: np.ndarray | None = None):
-        self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
-        self.indices = indices  # the beton index of each of the n positions (None: the identity)
-        self.steps = n // global_batch
-        self.skip: tuple[int, int] | None = None  # (epoch, steps): resume mid-epoch
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The epoch's global order: step s takes samples [s * global_batch, (s + 1) * global_batch)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)[: self.steps * self.global_batch]
-
-    def sample_order(self, epoch: int) -> np.ndarray:
-        """This rank's samples of the epoch, as beton indices (what FFCV asks for)."""
-        positions = self.positions(epoch)
-        return positions if self.indices is None else self.indices[positions]
-
-    def positions(self, epoch: int) -> np.ndarray:
-        """This rank's samples of the epoch, as positions 0..n-1 (a held-out split leaves gaps in the beton)."""
-        perm = self.permutation(epoch)
-        start = 0
-        if self.skip is not None and self.skip[0] == epoch:
-            start, self.skip = self.skip[1], None
-        share = self.global_batch // self.world
-        batches = perm.reshape(self.steps, self.global_batch)
-        return np.ascontiguousarray(batches[start:, self.rank * share:(self.rank + 1) * share]).reshape(-1)
 
 
 def available_memory(device: torch.device) -> int:
@@ -178,7 +143,12 @@ class TrainData:
         n = betons.count("train") if indices is None else len(indices)
         self.betons, self.cfg, self.feed, self.seed, self.accum = betons, cfg, feed, seed, accum
         self.global_batch, self.micro = global_batch, global_batch // (feed.world * accum)
-        self.order = GlobalBatchOrder(n, global_batch, seed, feed.rank, feed.world, indices)
+        if cfg.order == Order.quasi_random:  # pages of the beton read together: data that does not fit in memory
+            pages = beton_pages(betons.path("train"))
+            self.order = QuasiRandomOrder(n, global_batch, seed, feed.rank, feed.world, indices,
+                                          pages if indices is None else pages[indices])
+        else:
+            self.order = GlobalBatchOrder(n, global_batch, seed, feed.rank, feed.world, indices)
         self.indices = np.arange(n) if indices is None else indices
         self.resident = None
         self.crops = RandomResizedCrops(cfg, seed) if cfg.crop == Crop.rrc else StoredImages()

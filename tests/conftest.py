@@ -188,7 +188,7 @@ def eager_compile(monkeypatch):
     from torch._dynamo.utils import counters
 
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager"))
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager", **kw))
     torch._dynamo.reset()
     counters.clear()
     yield lambda: counters["stats"]["unique_graphs"]  # how many graphs dynamo has built so far

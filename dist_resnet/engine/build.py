@@ -43,7 +43,7 @@ from .state import (Checkpointer, Keyed, ModelWeights, RollbackOnNonFinite, RunS
                     agreed_checkpoint, find_resume_point)
 from .step import (DynamicLossScale, EMAHook, FixedLossScale, LookaheadHook, NoLossScale, Step, StepSeed, no_attack,
                    unseeded)
-from .warmup import TrainMode, WarmUp, WhitenBias, no_warm_up
+from .warmup import TrainMode, WarmUp, WhitenBias, example_batch, no_warm_up
 
 WHITENING_IMAGES = 5000  # train images that fit a model's data-dependent first layer (fastnet)
 
@@ -223,7 +223,10 @@ def wrap(cfg: Config, env: DistEnv, model: nn.Module) -> tuple[nn.Module, nn.Mod
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
         setattr(config, name, max(getattr(config, name), 16))
-    forward = torch.compile(net, mode=cfg.model.compile_mode.value) if cfg.model.compile else net
+    # progressive resizing: a static graph per train side, each compiled in the warm-up (docs/resize_compile.py:
+    # as fast as one dynamic graph or faster, and the dynamic one recompiled at a third side anyway)
+    static = {"dynamic": False} if cfg.data.res_end else {}
+    forward = torch.compile(net, mode=cfg.model.compile_mode.value, **static) if cfg.model.compile else net
     cuda = env.device.type == "cuda"
     ddp = (nn.parallel.DistributedDataParallel(forward, device_ids=[env.device] if cuda else None,
                                                **NO_BUFFER_SYNC) if env.distributed else forward)
@@ -257,21 +260,6 @@ def loss_scale(cfg: Config, amp: Amp):
     if amp.precision != Precision.fp16:
         return NoLossScale()
     return FixedLossScale(cfg.train.loss_scale) if cfg.train.loss_scale else DynamicLossScale(amp.device)
-
-
-def example_batch(cfg: Config, env: DistEnv, betons: Betons, feed: Feed):
-    """The warm-up's throw-away micro-batch, shaped, typed and laid out as the loader's."""
-    micro = cfg.train.batch_size // env.world_size // cfg.train.accum_steps
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-
-    train_hw, test_hw = sizes.shapes(cfg.data, betons)
-
-    def make(g: torch.Generator, n: int = micro, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn((n, 3, *(test_hw if test else train_hw)), generator=g, device=env.device)
-        y = torch.randint(0, len(betons.classes), (n,), generator=g, device=env.device)
-        return x.to(feed.dtype).contiguous(memory_format=fmt), y
-
-    return make
 
 
 @dataclass
@@ -378,7 +366,8 @@ def build(cfg: Config, env: DistEnv) -> Components:
     hooks, t = epoch_hooks(cfg, model, forward, step.optimizer), cfg.train
     eval_sizes = sorted({n for d in (data.val, data.test, data.check) if d is not None for n in d.batch_sizes()})
     warmup = (WarmUp(t.warmup_steps, step, forward, hooks, saver, clock, example_batch(cfg, env, betons, feed),
-                     t.accum_steps, amp, t.tta, report.say, eval_sizes, [a for a in (robust, check_attack) if a])
+                     t.accum_steps, amp, t.tta, report.say, eval_sizes, [a for a in (robust, check_attack) if a],
+                     sizes.train_sides(cfg.data, t.epochs) if cfg.data.res_end else [])
               if t.warmup_steps else no_warm_up)
     stop = StopRequest(Path(cfg.run.dir) / rundir.STOP)
     start(cfg, resume, saver, nonfinite, report, loaded, data.split, state)

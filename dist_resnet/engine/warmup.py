@@ -14,7 +14,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import TTA
+from ..config import TTA, Config
+from ..data import sizes
+from ..data.loader import Feed
+from ..data.manifest import Betons
+from ..distributed import DistEnv
 from ..precision import Amp
 from .evaluation import predict
 from .report import Clock
@@ -61,29 +65,50 @@ def no_warm_up(state: RunState) -> None:
     """train.warmup_steps=0: the first steps of the run pay for compile and autotuning."""
 
 
+def example_batch(cfg: Config, env: DistEnv, betons: Betons, feed: Feed):
+    """The warm-up's throw-away micro-batch, shaped, typed and laid out as the loader's (at a train `side`,
+    the test side with `test`)."""
+    micro = cfg.train.batch_size // env.world_size // cfg.train.accum_steps
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    train_hw, test_hw = sizes.shapes(cfg.data, betons)
+
+    def make(g: torch.Generator, n: int = micro, test: bool = False,
+             side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        hw = test_hw if test else ((side, side) if side else train_hw)
+        x = torch.randn((n, 3, *hw), generator=g, device=env.device)
+        y = torch.randint(0, len(betons.classes), (n,), generator=g, device=env.device)
+        return x.to(feed.dtype).contiguous(memory_format=fmt), y
+
+    return make
+
+
 class WarmUp:
-    """`steps` training steps on a seeded random batch shaped like the loader's, and an evaluation forward
+    """`steps` training steps on a seeded random batch shaped like the loader's (at each train side, with
+    progressive resizing), and an evaluation forward
     (and the evaluation's attacks) at every batch size the evaluations will see (`eval_sizes`: the full
     batch and each split's last, partial one; a compiled model would recompile at each new one inside
     the timed run), then the checkpoint state and the RNGs restored as they were."""
 
     def __init__(self, steps: int, step: Step, forward: nn.Module, hooks: list, checkpointer: Checkpointer,
                  clock: Clock, example: Callable[..., tuple[torch.Tensor, torch.Tensor]], accum: int,
-                 amp: Amp, tta: TTA, say: Callable, eval_sizes: list[int] = (), attacks: list = ()):
+                 amp: Amp, tta: TTA, say: Callable, eval_sizes: list[int] = (), attacks: list = (),
+                 sides: list[int] = ()):
         self.steps, self.step, self.forward, self.hooks = steps, step, forward, hooks
         self.checkpointer, self.clock, self.example, self.accum = checkpointer, clock, example, accum
         self.amp, self.tta, self.say, self.eval_sizes, self.attacks = amp, tta, say, list(eval_sizes), list(attacks)
+        self.sides = list(sides)  # progressive resizing: every train side the run will see
 
     def __call__(self, state: RunState) -> None:
         t0 = time.perf_counter()
         saved = self.checkpointer.snapshot()
         device = self.amp.device
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        x, y = self.example(torch.Generator(device=device).manual_seed(0))
-        for i in range(self.steps):
-            for hook in self.hooks:
-                hook.warm_up(i)
-            self.step([(x, y)] * self.accum, state.step)
+        for side in self.sides or [None]:
+            x, y = self.example(torch.Generator(device=device).manual_seed(0), side=side)
+            for i in range(self.steps):
+                for hook in self.hooks:
+                    hook.warm_up(i)
+                self.step([(x, y)] * self.accum, state.step)
         with torch.no_grad(), self.amp.autocast():
             self.forward.eval()
             for n in self.eval_sizes or [len(x)]:

@@ -16,7 +16,7 @@ from dist_resnet.data.manifest import Betons
 from dist_resnet.data.photos import SMART_BYTES, Storage, stored_size
 from dist_resnet.data.prepare import PrepareError, prepare
 from tests import photos
-from tests.conftest import ROOT, python_module
+from tests.conftest import ROOT
 from tests.launch import launch
 from tests.loaders import test_data, train_data
 from tests.runs import assert_same_run, metrics
@@ -78,12 +78,15 @@ def test_an_unreadable_photo_is_named_and_nothing_is_written(mixed_src, tmp_path
     (["--jpeg-quality", "0"], "--jpeg-quality must be in 1..100, not 0"),
     (["--compress-probability", "1.5"], r"--compress-probability must be in \[0, 1\], not 1.5"),
 ])
-def test_bad_photo_options_are_one_line_errors_with_exit_2(mixed_src, tmp_path, args, message):
+def test_bad_photo_options_are_one_line_errors_with_exit_2(mixed_src, tmp_path, capsys, args, message):
     import re
 
-    p = python_module("dist_resnet.data.prepare", "--source", str(mixed_src), "--out", str(tmp_path / "o"), *args,
-                      check=False)
-    assert p.returncode == 2 and re.search(message, p.stderr) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    from dist_resnet.data import prepare as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--source", str(mixed_src), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
 
@@ -164,21 +167,21 @@ def photo_cfg(d, **kw) -> DataConfig:
 def test_seeded_crops_do_not_depend_on_threads_ranks_or_the_step_a_run_resumes_at(mixed_betons):
     """The train batches of an epoch: the same with 1 or 2 decode threads; 2 ranks' batches are the two
     halves of 1 rank's; a resumed epoch (start_step=1) gives the very batches from step 1 on; another
-    epoch draws other crops."""
-    def batches(cfg, rank=0, world=1, epoch=0, start=0):
-        data = train_data(cfg, 8, 7, CPU, torch.float32, True, rank, world)
+    epoch draws other crops; with progressive resizing the side changes at the ramp."""
+    def batches(data, epoch=0, start=0):
         return [torch.cat([x for x, _ in micro]) for _, micro in data.epoch(epoch, start)]
 
-    cfg = photo_cfg(mixed_betons)
-    one = batches(cfg)
+    cfg = photo_cfg(mixed_betons, res_end=96, res_ramp=[0, 1])  # 64 px in epoch 0, 96 px from epoch 1
+    data = train_data(cfg, 8, 7, CPU, torch.float32, True)
+    one = batches(data)
     assert len(one) == 3 and one[0].shape == (8, 3, 64, 64)
-    assert all(torch.equal(a, b) for a, b in zip(one, batches(photo_cfg(mixed_betons, num_workers=2))))
-    halves = [batches(cfg, r, 2) for r in (0, 1)]
+    two_threads = train_data(photo_cfg(mixed_betons, num_workers=2), 8, 7, CPU, torch.float32, True)
+    assert all(torch.equal(a, b) for a, b in zip(one, batches(two_threads)))
+    halves = [batches(train_data(cfg, 8, 7, CPU, torch.float32, True, r, 2)) for r in (0, 1)]
     assert all(torch.equal(a, torch.cat([h0, h1])) for a, h0, h1 in zip(one, *halves))
-    assert all(torch.equal(a, b) for a, b in zip(one[1:], batches(cfg, start=1)))
-    assert not any(torch.equal(a, b) for a, b in zip(one, batches(cfg, epoch=1)))
-    ramp = train_data(photo_cfg(mixed_betons, res_end=96, res_ramp=[0, 1]), 8, 7, CPU, torch.float32, True)
-    assert [[m[0][0].shape[-1] for _, m in ramp.epoch(e)] for e in range(3)] == [[64] * 3, [96] * 3, [96] * 3]
+    assert all(torch.equal(a, b) for a, b in zip(one[1:], batches(data, start=1)))
+    assert not any(torch.equal(a, b) for a, b in zip(one, batches(two_threads, epoch=1)))  # other crops
+    assert [batches(data, epoch=e)[0].shape[-1] for e in (1, 2)] == [96, 96]
 
 
 def test_progressive_resizing_grows_the_side_in_steps_of_32():
@@ -198,10 +201,14 @@ def test_progressive_resizing_grows_the_side_in_steps_of_32():
     (["data.pipeline=device", "data.crop=rrc", "data.res=64", "data.test_res=64"],
      "crop while FFCV decodes: set data.pipeline=ffcv"),
 ])
-def test_photo_betons_need_the_crop_keys_and_ffcv(mixed_betons, tmp_path, overrides, message):
-    p = python_module("dist_resnet.train", "--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={mixed_betons}",
-                      f"run.dir={tmp_path / 'r'}", *overrides, check=False)
-    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_photo_betons_need_the_crop_keys_and_ffcv(mixed_betons, tmp_path, capsys, overrides, message):
+    from dist_resnet import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={mixed_betons}",
+                    f"run.dir={tmp_path / 'r'}", *overrides])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.pt"))
 
 
@@ -217,13 +224,14 @@ def test_crop_keys_are_checked_before_anything_starts(overrides, message):
         load_config(ROOT / "configs" / "cpu.yaml", ["data.dir=x", "run.dir=y", "train.epochs=2", *overrides])
 
 
+PHOTO_KEYS = ["data.pipeline=ffcv", "data.crop=rrc", "data.res=32", "data.res_end=64", "data.res_ramp=[0,1]",
+              "data.test_res=48", "train.epochs=2"]  # 32 px in epoch 0, 64 px in epoch 1, evaluated at 48 px
 PHOTO_RUN = ["--config", str(ROOT / "configs" / "cpu.yaml"), "model.width=8", "train.batch_size=8",
-             "run.progress=false", "data.num_workers=1", "train.precision=fp32", "data.pipeline=ffcv",
-             "data.crop=rrc", "data.res=32", "data.res_end=64", "data.res_ramp=[0,1]", "data.test_res=48",
-             "train.epochs=2", "train.checkpoint_every=2", "optim.warmup_epochs=0.5"]
+             "run.progress=false", "data.num_workers=1", "train.precision=fp32", *PHOTO_KEYS,
+             "train.checkpoint_every=2", "optim.warmup_epochs=0.5"]
 
 
-def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, mixed_betons, tmp_path):
+def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, mixed_betons, tmp_path, capsys):
     """3 steps per epoch at 32 px, then 64 px: a kill at step 5 (after the change) resumes from the
     checkpoint of step 4 to the same weights and history; evaluation runs at 48 px, as the checkpoint says,
     and predict, the ONNX export and its card take that side and the centre crop from it."""
@@ -242,14 +250,19 @@ def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, m
     assert metrics(run_dir)["history"][-1]["test_count"] == 12
     # the photo model's test side and centre crop reach predict, the ONNX file and its card
     photo = sorted((mixed_src / "test" / "class0").iterdir())[0]
-    p = python_module("dist_resnet.predict", str(run_dir / "last.pt"), str(photo), "--topk", "1")
-    assert p.stdout.startswith(f"{photo}\tclass") and "centre-cropped and resized to the model's 48x48" in p.stderr, p
-    out = tmp_path / "m.onnx"
-    python_module("dist_resnet.export", str(run_dir / "last.pt"), "--format", "onnx", "--out", str(out))
-    card = out.with_name("m.onnx.md").read_text()
+    from dist_resnet import export, predict
+
+    capsys.readouterr()
+    assert predict.main([str(run_dir / "last.pt"), str(photo), "--topk", "1"]) == 1  # images predicted
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{photo}\tclass") and "centre-cropped and resized to the model's 48x48" in err, (out, err)
+    onnx = tmp_path / "m.onnx"
+    export.main([str(run_dir / "last.pt"), "--format", "onnx", "--out", str(onnx)])
+    card = onnx.with_name("m.onnx.md").read_text()
     assert "N x 3 x 48 x 48" in card and "the central 0.875 of the shorter side, square, resized to 48x48" in card
-    p = python_module("dist_resnet.predict", str(out), str(photo), "--topk", "1")
-    assert "centre-cropped and resized to the model's 48x48" in p.stderr, p.stderr
+    capsys.readouterr()
+    assert predict.main([str(onnx), str(photo), "--topk", "1"]) == 1
+    assert "centre-cropped and resized to the model's 48x48" in capsys.readouterr().err
 
 
 def test_blurpool_blurs_before_each_strided_conv_and_keeps_torchvision_keys():
@@ -273,3 +286,72 @@ def test_blurpool_blurs_before_each_strided_conv_and_keeps_torchvision_keys():
     plain.eval(), blurred.eval()
     y = torch.randn(1, 3, 64, 64)
     assert not torch.allclose(plain(y), blurred(y))
+
+
+def test_the_quasi_random_order_reads_few_pages_per_batch_and_stays_world_size_invariant():
+    """5,000 images over 40 pages: each global batch of the quasi-random order touches a few pages (the
+    random one nearly all); every image once per epoch; 2 ranks slice the same global batches; a resume
+    at step 3 gives the rest of the epoch."""
+    from dist_resnet.data.orders import WINDOW, GlobalBatchOrder, QuasiRandomOrder
+
+    pages = np.repeat(np.arange(40), 125)
+    q = QuasiRandomOrder(5000, 250, 3, 0, 1, None, pages)
+    perm = q.permutation(0)
+    assert sorted(perm.tolist()) == list(range(5000)) and not np.array_equal(perm, q.permutation(1))
+    touched = [len(np.unique(pages[perm[i:i + 250]])) for i in range(0, 5000, 250)]
+    rand = GlobalBatchOrder(5000, 250, 3, 0, 1).permutation(0)
+    touched_random = [len(np.unique(pages[rand[i:i + 250]])) for i in range(0, 5000, 250)]
+    print(f"pages per batch: quasi-random {np.mean(touched):.1f} (max {max(touched)}), random {np.mean(touched_random):.1f}")
+    assert max(touched) <= WINDOW + 3 and np.mean(touched_random) > 3 * np.mean(touched)
+    halves = [QuasiRandomOrder(5000, 250, 3, r, 2, None, pages).sample_order(0).reshape(20, 125) for r in range(2)]
+    assert np.array_equal(np.concatenate(halves, 1).reshape(-1), perm)
+    q.skip = (0, 3)
+    assert np.array_equal(q.sample_order(0), perm[3 * 250:])
+
+
+def test_a_quasi_random_run_reads_the_beton_without_the_page_cache(tiny_betons):
+    cfg = DataConfig(dir=str(tiny_betons), order="quasi_random", os_cache=False, num_workers=1)
+    data = train_data(cfg, 100, 0, CPU, torch.float32, True)
+    seen = torch.cat([y for _, micro in data.epoch(0) for _, y in micro])
+    assert len(seen) == 1000 and torch.equal(torch.bincount(seen), torch.full((10,), 100))
+
+
+def test_progressive_resizing_compiles_each_side_in_the_warm_up_and_nothing_after(mixed_betons, tmp_path,
+                                                                                    eager_compile):
+    """A compiled model (dynamo with its eager backend) across a resolution change, 32 px then 64 px, and
+    an evaluation at 48 px: the warm-up compiles what every side needs, the epochs and evaluations after it
+    compile nothing more (dynamo marks the changing side dynamic at the second size, so a third side
+    would not recompile either)."""
+    from tests.runs import build_trainer
+
+    trainer = build_trainer(mixed_betons, tmp_path, "model.compile=true", "train.batch_size=8",
+                            "train.warmup_steps=1", *PHOTO_KEYS)
+    trainer.warmup(trainer.state)
+    graphs = eager_compile()
+    batches = trainer.batches()
+    shapes = set()
+    for _ in range(6):  # 3 steps per epoch: epoch 0 at 32 px, epoch 1 at 64 px
+        micro = next(batches)
+        shapes.add(micro[0][0].shape[-1])
+        trainer.train_step(micro)
+    batches.close()
+    trainer.evaluate()
+    assert shapes == {32, 64} and eager_compile() == graphs, (graphs, eager_compile())
+    trainer.close()
+
+
+def test_two_ranks_train_a_photo_run_as_one_rank_does(mixed_betons, tmp_path):
+    """The world-size test of tests/test_distributed.py on photos: random-resized crops at 32 px, GroupNorm,
+    1 rank x 8 against 2 ranks x 4 per step: the same crops reach the same step, so the weights agree to
+    the same tolerance (fp32 reduction order)."""
+    from tests.runs import relative_distance
+
+    opts = [*PHOTO_RUN[:7], f"data.dir={mixed_betons}", "data.pipeline=ffcv", "data.crop=rrc", "data.res=32",
+            "data.test_res=32", "train.epochs=1", "model.norm=group", "optim.lr=0.02"]
+    for name, nproc in (("w1", 1), ("w2", 2)):
+        codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / name}"], tmp_path / f"{name}.log", nproc)
+        assert codes == [0] * nproc, (tmp_path / f"{name}.log").read_text()
+    rel = relative_distance(tmp_path / "w1", tmp_path / "w2")
+    assert rel < 5e-5, rel
+    ma, mb = metrics(tmp_path / "w1")["history"][0], metrics(tmp_path / "w2")["history"][0]
+    assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-5) and mb["test_count"] == 12

@@ -23,6 +23,17 @@ def test_manifest_describes_the_betons(betons):
     assert m["mean"] == pytest.approx([0.49, 0.48, 0.45], abs=0.03)  # CIFAR-10's channel means
 
 
+# the subset's betons as prepare wrote them before issue 27 (at 195f1a1, ffcv 1.0.2): the photo path must leave
+# CIFAR's bytes exactly as they were (docs/BENCHMARKS.md "Beyond CIFAR": the full copy and a run, fingerprinted)
+SUBSET_SHA256 = {"train": "beac118934f8cb62d971b9a84025af31bc8d1e59d248707ac7fd2c13521d128f",
+                 "test": "e6f3e505b6f5962625579a5642896eb68d25bf2096bc8480c47e1da03588d49e"}
+
+
+def test_cifar_betons_are_the_bytes_written_before_the_photo_path(betons):
+    m = json.loads((betons / "manifest.json").read_text())
+    assert {s: m[s]["sha256"] for s in ("train", "test")} == SUBSET_SHA256
+
+
 def test_beton_bytes_are_reproducible(betons, tmp_path):
     m = prepare(str(SUBSET), tmp_path / "again", workers=1)
     assert m["train"]["sha256"] == json.loads((betons / "manifest.json").read_text())["train"]["sha256"]

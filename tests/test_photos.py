@@ -310,10 +310,14 @@ def test_the_quasi_random_order_reads_few_pages_per_batch_and_stays_world_size_i
 
 
 def test_a_quasi_random_run_reads_the_beton_without_the_page_cache(tiny_betons):
-    cfg = DataConfig(dir=str(tiny_betons), order="quasi_random", os_cache=False, num_workers=1)
+    """CIFAR's betons read without the page cache, in the quasi-random order, with random-resized crops at
+    the stored size (data.res=0)."""
+    cfg = DataConfig(dir=str(tiny_betons), order="quasi_random", os_cache=False, num_workers=1, crop="rrc")
     data = train_data(cfg, 100, 0, CPU, torch.float32, True)
-    seen = torch.cat([y for _, micro in data.epoch(0) for _, y in micro])
+    batches = [micro[0] for _, micro in data.epoch(0)]
+    seen = torch.cat([y for _, y in batches])
     assert len(seen) == 1000 and torch.equal(torch.bincount(seen), torch.full((10,), 100))
+    assert all(x.shape == (100, 3, 32, 32) for x, _ in batches)
 
 
 def test_progressive_resizing_compiles_each_side_in_the_warm_up_and_nothing_after(mixed_betons, tmp_path,

@@ -114,13 +114,13 @@ class RandomResizedCrops:
     """data.crop=rrc: a random-resized crop, drawn from (seed, epoch, image), decoded by FFCV at the epoch's
     train side (data.res, or the progressive-resizing ramp to data.res_end)."""
 
-    def __init__(self, cfg: DataConfig, seed: int):
-        self.cfg, self.seed = cfg, seed
-        self.decoder = _ffcv().crops.SeededRandomResizedCrop((cfg.res, cfg.res), cfg.rrc_scale, cfg.rrc_ratio)
+    def __init__(self, cfg: DataConfig, seed: int, stored: tuple[int, int]):
+        self.cfg, self.seed, self.stored = cfg, seed, stored  # stored: the size without data.res (CIFAR's)
+        self.decoder = _ffcv().crops.SeededRandomResizedCrop(stored, cfg.rrc_scale, cfg.rrc_ratio)
 
     def start(self, epoch: int) -> None:
         side = train_side(self.cfg, epoch)
-        self.decoder.output_size = (side, side)
+        self.decoder.output_size = (side, side) if side else self.stored
         self.decoder.key = _ffcv().crops.epoch_key(self.seed, epoch)
 
 
@@ -151,7 +151,7 @@ class TrainData:
             self.order = GlobalBatchOrder(n, global_batch, seed, feed.rank, feed.world, indices)
         self.indices = np.arange(n) if indices is None else indices
         self.resident = None
-        self.crops = RandomResizedCrops(cfg, seed) if cfg.crop == Crop.rrc else StoredImages()
+        self.crops = RandomResizedCrops(cfg, seed, shapes(cfg, betons)[0]) if cfg.crop == Crop.rrc else StoredImages()
         if cfg.pipeline == Pipeline.device:  # the same order, gathered from device memory
             self.resident = read_resident(betons, cfg, "train", self.indices, feed.device, feed.dtype,
                                           feed.channels_last)

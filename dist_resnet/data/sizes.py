@@ -46,8 +46,6 @@ def shapes(d: DataConfig, betons: Betons) -> tuple[tuple[int, int], tuple[int, i
 
 def check(d: DataConfig, betons: Betons) -> None:
     """What the data asks of the crop keys: photos need both sides and FFCV's decoders."""
-    if d.res_end and d.res_end < d.res:
-        raise ConfigError(f"data.res_end={d.res_end} is below data.res={d.res}")
     if d.pipeline.value == "device" and (d.crop.value == "rrc" or d.test_res):
         raise ConfigError("data.crop=rrc and data.test_res crop while FFCV decodes: set data.pipeline=ffcv "
                           "(the device pipeline holds the stored images, one size, in memory)")

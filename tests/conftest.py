@@ -137,9 +137,10 @@ def tiny_betons(tmp_path_factory, subset_dir) -> Path:
 
 
 # the tiny runs: resnet9 at width 8, 10 steps of 100 per epoch, in fp32 on every CPU (the preset's `auto` is
-# bf16 where the CPU has it: tests/test_precision.py covers that choice)
+# bf16 where the CPU has it: tests/test_precision.py covers that choice), without the PNGs at the end (a quarter
+# of a tiny run's CPU; the tests of the pictures set run.pictures=true)
 TINY = ["--config", str(ROOT / "configs" / "cpu.yaml"), "model.width=8", "train.batch_size=100", "run.progress=false",
-        "data.num_workers=1", "train.log_every=5", "train.precision=fp32"]
+        "data.num_workers=1", "train.log_every=5", "train.precision=fp32", "run.pictures=false"]
 
 
 def run(args: list[str], timeout: float = 600, env: dict | None = None, check: bool = True,

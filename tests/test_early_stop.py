@@ -77,7 +77,8 @@ def test_a_run_stops_at_the_evaluation_patience_allows_and_records_it(stopped_ru
     best = load(stopped_run / "best.pt")
     assert best["epoch"] == m["monitor_best_epoch"] and best["monitor"]["best"] == min(vals)
     assert load(stopped_run / "last.pt")["monitor"]["stop_epoch"] == 3
-    assert json.loads((stopped_run / "per_class.json").read_text())["classes"]  # the end of a run: its pictures
+    assert json.loads((stopped_run / "per_class.json").read_text())["classes"]  # the end of a run: its results
+    assert not list(stopped_run.glob("*.png"))  # run.pictures=false (TINY): per_class.json, without the PNGs
 
 
 def test_a_run_killed_before_its_stop_resumes_to_the_same_stop(stopped_run, tiny_betons, tmp_path):

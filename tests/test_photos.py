@@ -228,7 +228,7 @@ PHOTO_KEYS = ["data.pipeline=ffcv", "data.crop=rrc", "data.res=32", "data.res_en
               "data.test_res=48", "train.epochs=2"]  # 32 px in epoch 0, 64 px in epoch 1, evaluated at 48 px
 PHOTO_RUN = ["--config", str(ROOT / "configs" / "cpu.yaml"), "model.width=8", "train.batch_size=8",
              "run.progress=false", "data.num_workers=1", "train.precision=fp32", *PHOTO_KEYS,
-             "train.checkpoint_every=2", "optim.warmup_epochs=0.5"]
+             "train.checkpoint_every=2", "optim.warmup_epochs=0.5", "run.pictures=false"]
 
 
 def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, mixed_betons, tmp_path, capsys):

@@ -95,7 +95,7 @@ def logged_steps(run_dir: Path) -> dict[int, float]:
 
 
 TRACKED = [*TINY, "train.epochs=2", "data.val_fraction=0.2", "train.log_every=2", "train.stop_check_every=2",
-           "run.csv=true", "run.wandb=offline"]
+           "run.csv=true", "run.wandb=offline", "run.pictures=true"]
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,8 @@ def test_attempts_kills_and_the_local_store_each_keep_their_place(tiny_betons, t
     one store in run.dir whatever the current folder, and the artifacts beside it, not in ./mlruns."""
     run_dir, a, b = tmp_path / "run", tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "run.csv=true", "run.mlflow=local"]
+    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "run.csv=true", "run.mlflow=local",
+            "run.pictures=true"]
     log = tmp_path / "log"
     assert launch("dist_resnet.train", [*argv, "optim.lr=1e9"], log, cwd=a) == [3], log.read_text()[-2000:]
     assert launch("dist_resnet.train", argv, log, cwd=a, env={"DIST_RESNET_FAULT": "step:17"}) == [-9]

@@ -105,6 +105,7 @@ class Report:
         cuda = env.device.type == "cuda"
         self.device_name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
         self.memory = self._memory if cuda else dict  # the GPU's high-water mark; nothing on CPU
+        self.draw = plot if cfg.run.pictures else None  # run.pictures=false: the numbers without the PNGs
 
     def say(self, *args) -> None:
         if self.env.is_main:
@@ -201,16 +202,17 @@ class Report:
 
     def pictures(self, summary: dict, confusion: list[list[int]] | None, classes: list[str]) -> None:
         """At the end (rank 0): per_class.json and confusion.png of a completed run's final evaluation,
-        and curves.png once an epoch is recorded."""
+        and curves.png once an epoch is recorded (the PNGs unless run.pictures=false)."""
         if not self.env.is_main:
             return
         if summary["completed"] and confusion is not None:
             write_json(self.run_dir / rundir.PER_CLASS, {"classes": classes, "accuracy": per_class(confusion, classes),
                                                          "confusion": confusion})
-            plot.confusion(self.run_dir / rundir.CONFUSION, confusion, classes,
-                           f"{self.cfg.model.name}, epoch {summary['epochs']}")
-        if summary["history"]:
-            plot.curves(self.run_dir / rundir.CURVES, [self.run_dir])  # from metrics.json, written by now
+            if self.draw:
+                self.draw.confusion(self.run_dir / rundir.CONFUSION, confusion, classes,
+                                    f"{self.cfg.model.name}, epoch {summary['epochs']}")
+        if summary["history"] and self.draw:
+            self.draw.curves(self.run_dir / rundir.CURVES, [self.run_dir])  # from metrics.json, written by now
         self.tracker.files([self.run_dir / n for n in (rundir.CURVES, rundir.CONFUSION, rundir.PER_CLASS,
                                                        rundir.METRICS, rundir.CONFIG)])
 

@@ -28,7 +28,6 @@ $(BIN)/.installed: pyproject.toml
 	  fi; \
 	fi
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	@# not --no-compile: it saves 20 s here, but where PYTHONDONTWRITEBYTECODE is set (this VM, many containers)
 	@# every process then compiles torch's modules again at each import (the suite took 12 min instead of 8.5)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)

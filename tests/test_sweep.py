@@ -20,7 +20,7 @@ from tests.conftest import ROOT, TINY
 
 pytest.importorskip("optuna", reason="sweeps need optuna (pip install 'dist_resnet[sweep]'; make test does)")
 
-# every trial: the tiny data with a 20 % validation split, 3 epochs of 10 steps
+# every trial: the tiny data with a 20 % validation split, 3 epochs of 10 steps, and its curves.png (checked below)
 BASE = [*TINY[2:], "data.val_fraction=0.2", "train.epochs=3", "train.stop_check_every=2", "run.pictures=true"]
 
 

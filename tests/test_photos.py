@@ -359,3 +359,26 @@ def test_two_ranks_train_a_photo_run_as_one_rank_does(mixed_betons, tmp_path):
     assert rel < 5e-5, rel
     ma, mb = metrics(tmp_path / "w1")["history"][0], metrics(tmp_path / "w2")["history"][0]
     assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-5) and mb["test_count"] == 12
+
+
+def test_the_loader_bench_measures_each_loader_and_refuses_bad_input_in_one_line(mixed_src, mixed_betons, tmp_path,
+                                                                                  capsys):
+    """`python -m dist_resnet.bench.photos` at tiny settings: every loader is timed at the side asked, and
+    bad arguments get one line and exit 2 before anything is measured."""
+    from dist_resnet.bench import photos as bench
+
+    out = bench.main(["--folder", str(mixed_src), "--betons", str(mixed_betons), "--res", "32", "--workers", "1",
+                      "--batch", "8", "--epochs", "2", "--rounds", "1", "--out", str(tmp_path / "b.json")])
+    assert {(r["loader"], r["res"]) for r in out["rows"]} == {(n, 32) for n in bench.LOADERS}
+    assert all(r["img_per_s"] > 0 and r["epochs"] == 2 for r in out["rows"])
+    assert json.loads((tmp_path / "b.json").read_text())["rows"] == out["rows"]
+    for bad, message in ((["--folder", str(tmp_path / "none")], "is not a folder"),
+                         (["--betons", str(tmp_path)], "--betons: data.dir="),
+                         (["--batch", "25"], "more than the 24 train images"), (["--res", "0"], "at least 1")):
+        args = {"--folder": str(mixed_src), "--betons": str(mixed_betons), "--res": "32"}
+        args.update(dict(zip(bad[::2], bad[1::2])))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            bench.main([x for kv in args.items() for x in kv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +97,23 @@ def measure(args) -> list[dict]:
              "img_per_s_per_core": float(np.mean(r)) / n_cores, "epochs": len(r)} for (name, res), r in rates.items()]
 
 
+def bad_input(args) -> str | None:
+    """What is wrong with the arguments, in one line, before anything is measured (None: nothing)."""
+    from ..data.manifest import Betons, DataError
+
+    if min(args.res + [args.workers, args.batch, args.epochs, args.rounds]) < 1:
+        return "--res, --workers, --batch, --epochs and --rounds must be at least 1"
+    if not args.folder.is_dir():
+        return f"--folder {args.folder} is not a folder: give the ImageFolder the betons were written from"
+    try:
+        n = Betons.open(args.betons).count("train")
+    except DataError as e:
+        return f"--betons: {e}"
+    if args.batch > n:
+        return f"--batch {args.batch} is more than the {n} train images of {args.betons}: no batch would be timed"
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="dist_resnet.bench.photos", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
@@ -108,6 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="every loader and side in turn, this many times")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
+    problem = bad_input(args)
+    if problem:
+        print(f"dist_resnet.bench.photos: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     rows = measure(args)
     for row in rows:
         print(f"{row['loader']:14s} {row['res']:3d} px: {row['img_per_s']:7.0f} ± {row['img_per_s_std']:4.0f} img/s, "

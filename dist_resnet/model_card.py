@@ -108,8 +108,9 @@ def _check(result: dict, name: str) -> list[str]:
         q = result["int8"]
         lines += [f"- This file (int8) against the fp32 graph on the check sample: top-1 agreement "
                   f"{q['check_agreement']:.2%}.",
-                  f"- int8: static post-training quantization (onnxruntime, QDQ, per-channel int8 weights, uint8 "
-                  f"activations), calibrated on {q['calibration_images']} train images (seeded; never test images)."]
+                  f"- int8: static post-training quantization (onnxruntime, QDQ, per-channel int8 weights in 7 bits, "
+                  f"so that CPUs without VNNI cannot saturate, uint8 activations), calibrated on "
+                  f"{q['calibration_images']} train images (seeded; never test images)."]
     return lines
 
 

@@ -3,8 +3,13 @@ measurements that say what it costs and gains.
 
 - `quantize_int8`: onnxruntime's pre-processing (`quant_pre_process`: shape inference and graph
   optimisation), then `quantize_static` in QDQ format with per-channel int8 weights and uint8 activations,
-  calibrated (MinMax) on images of the **train** beton, never the test set. The normalisation stays inside
-  the graph (the input is still float RGB in [0, 1]), and the fp32 graph's metadata is carried over.
+  calibrated (MinMax) on images of the **train** beton, never the test set. The weights use 7 of their 8 bits
+  (`reduce_range`): on x86 CPUs without VNNI (AVX2, AVX512 before VNNI), onnxruntime multiplies uint8 by int8
+  with VPMADDUBSW, whose int16 pair sums saturate for 8-bit weights (onnxruntime's quantization docs). On a
+  2-core AVX2 EPYC the trained test checkpoint's int8 graph agreed with its fp32 graph on 89.1 % of the 256
+  check images with 8-bit weights and 98.0 % with 7-bit ones; the file then runs the same on any CPU. The
+  normalisation stays inside the graph (the input is still float RGB in [0, 1]), and the fp32 graph's
+  metadata is carried over.
 - `speed`: both graphs' throughput at batch 1 and 64, measured side by side (the two alternate, round
   after round); their accuracy on the test set is measured by dist_resnet.verify, with every other graph.
 """
@@ -61,8 +66,8 @@ def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(str(pre), str(out), Batches("image", calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
+                            per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
                             # a BatchNormalization left after a max-pool has a 1-D scale: per channel along axis
                             # 0, not conv weights' axis 1 (onnxruntime warned "Axis 1 is out-of-range for weight
                             # ... with rank 1" for each, and fell back to per-tensor)
@@ -77,7 +82,7 @@ def quantize_int8(fp32: bytes, calibration: torch.Tensor) -> bytes:
         entry = proto.metadata_props.add()
         entry.key, entry.value = p.key, p.value
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "quantization", f"int8 static QDQ, per-channel weights, {len(calibration)} train images"
+    entry.key, entry.value = "quantization", f"int8 static QDQ, per-channel 7-bit weights, {len(calibration)} train images"
     return proto.SerializeToString()
 
 

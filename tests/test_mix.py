@@ -87,7 +87,9 @@ def test_two_ranks_mix_as_one_rank_with_the_doubled_batch(mixed_runs):
     d, _ = mixed_runs
     rel = relative_distance(d / "s1", d / "s2")
     print(f"Mixup/CutMix, 2 ranks vs 1: relative L2 {rel:.1e}")
-    assert rel < 5e-5, rel  # the fp32 reduction order only (tests/test_distributed.py: ~6e-6)
+    # the fp32 reduction order only, grown over 20 steps: 6.4e-5 on an AVX2 EPYC, below 5e-5 on an AVX512 one
+    # (tests/test_distributed.py, without mixing: ~6e-6); a batch mixed with the wrong partner is ~1e-1
+    assert rel < 2e-4, rel
     a, b = metrics(d / "s1")["history"][0], metrics(d / "s2")["history"][0]
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["train_acc"] == b["train_acc"]
 

@@ -125,11 +125,39 @@ EXIT_STOPPED = 75  # stopped on request with a checkpoint: resume with train.res
 
 class JobExit(Exception):
     """Raised by a job to end with `code` after a one-line `message` (and cleanup on every rank).
-    `agreed`: every rank raises it from the same all-reduced facts, so only rank 0 prints it."""
+    `agreed`: every rank raises it from the same all-reduced facts, so only rank 0 prints it. `reason`: what
+    the outcome record says beside the code (a stop's cause)."""
 
-    def __init__(self, code: int, message: str = "", agreed: bool = False):
+    def __init__(self, code: int, message: str = "", agreed: bool = False, reason: str = ""):
         super().__init__(message)
-        self.code, self.agreed = code, agreed
+        self.code, self.agreed, self.reason = code, agreed, reason
+
+
+# The job's outcome for its launcher. torchrun reports every worker's failure as its own exit 1, so a script
+# around it (slurm/train.sh) cannot tell a bad input (2) or a diverged run (3), which another attempt would only
+# repeat, from a lost node, which a requeue fixes. Where $DIST_RESNET_OUTCOME names a file, a rank whose job ends
+# in one of these codes writes it there (atomically; every rank that ends so writes the same code), and the
+# script reads it. Nothing is written for an error (1) or a kill: "no outcome" is what another attempt may fix.
+OUTCOME_ENV = "DIST_RESNET_OUTCOME"
+OUTCOMES = {EXIT_OK: "completed", EXIT_BAD_INPUT: "bad input", EXIT_DIVERGED: "diverged", EXIT_STOPPED: "stopped"}
+
+
+def record_outcome(code: int, message: str | None = None, reason: str = "") -> None:
+    """Write the outcome (code, its name, the one-line message, a stop's reason) to $DIST_RESNET_OUTCOME."""
+    path = os.environ.get(OUTCOME_ENV)
+    if not path or code not in OUTCOMES:
+        return
+    import json
+    import socket
+
+    from .fileio import write_text
+
+    record = {"exit": code, "outcome": OUTCOMES[code], "message": message, "reason": reason or None,
+              "rank": int(os.environ.get("RANK", 0)), "host": socket.gethostname()}
+    try:
+        write_text(path, json.dumps(record) + "\n")
+    except OSError as e:  # the launcher then sees no outcome, as after a kill: say why
+        print(f"warning: could not write the outcome to {OUTCOME_ENV}={path}: {e}", file=sys.stderr, flush=True)
 
 
 ERROR_KEY = "dist_resnet/error"
@@ -199,13 +227,14 @@ def run_job(prog: str, device: str, job: Callable[[DistEnv], T], user_errors: tu
     try:
         env = setup(device, timeout_s)
     except SetupError as e:
+        record_outcome(EXIT_BAD_INPUT, f"error: {e}")
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    code, message = EXIT_OK, None
+    code, message, reason = EXIT_OK, None, ""
     try:
         result = job(env)
     except JobExit as e:
-        code, message = e.code, (str(e) or None) if env.is_main or not e.agreed else None
+        code, message, reason = e.code, (str(e) or None) if env.is_main or not e.agreed else None, e.reason
     except user_errors + (SetupError,) as e:
         code, message = EXIT_BAD_INPUT, f"error: {e}"
     except Exception as e:
@@ -223,6 +252,7 @@ def run_job(prog: str, device: str, job: Callable[[DistEnv], T], user_errors: tu
         if code in (EXIT_BAD_INPUT, EXIT_DIVERGED) and message:
             publish_error(env.rank, message.removeprefix("error: "))
         cleanup()
+    record_outcome(code, message, reason)
     if message:
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
     if code or env.distributed:

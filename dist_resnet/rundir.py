@@ -7,8 +7,11 @@ script asks a run to stop by creating STOP.
   `epoch`, `train_loss`, `train_acc`, `lr`, `epoch_time_s`, `img_per_s`, and after an evaluation
   `test_loss`/`test_acc`/`test_count` (and `val_*` with a validation split, `ema_*` with EMA,
   `*_robust_acc` under an attack, `check_*` in adversarial training); then the summary: `completed`,
-  `stopped`, `failure`, `test_acc`, `val_acc`, `best_val_acc`, times, ...
+  `stopped` (and `stop_reason`: the stop file, or the signal), `failure`, `test_acc`, `val_acc`, `best_val_acc`,
+  times, ...
 - `STOP`: its existence asks the run to checkpoint and stop (exit 75); the run removes it once handled.
+- `.outcome-<job id>`: slurm/train.sh's outcome record for one attempt (dist_resnet.distributed.record_outcome,
+  named by $DIST_RESNET_OUTCOME), removed by the script once read.
 - `.lock`: held (flock) by the one trainer that writes here, with its host, pid and start time inside.
 - `last.pt`, `best.pt`, `ckpt-<step>.pt`: checkpoints (dist_resnet.checkpoint).
 - `curves.png`, `confusion.png`, `per_class.json`, `split.json`, `pretrained.json`: written at the end

@@ -161,7 +161,8 @@ class Trainer:
     def summary(self, stopped: bool = False) -> dict:
         facts = {"precision": self.precision, "precision_why": self.step.amp.why, **self.nonfinite.summary(), **self.evaluator.summary(),
                  **self.clock.summary(), "steps_per_epoch": self.state.steps_per_epoch}
-        return {**self.report.summary(self.state.history, facts), "stopped": stopped}
+        return {**self.report.summary(self.state.history, facts), "stopped": stopped,
+                "stop_reason": self.stop.reason if stopped else None}
 
     @property
     def done(self) -> bool:
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     def job(env: DistEnv) -> dict:
         summary = Trainer(cfg, env).fit()
-        if summary["stopped"]:
-            raise JobExit(EXIT_STOPPED)  # stopped with a checkpoint: "resume later", not "finished"
+        if summary["stopped"]:  # stopped with a checkpoint: "resume later", not "finished"
+            raise JobExit(EXIT_STOPPED, reason=summary["stop_reason"])
         return summary
 
     return distributed.run_job("dist_resnet.train", cfg.train.device.value, job,

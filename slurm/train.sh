@@ -18,6 +18,15 @@
 #   requeued: scancel must cancel. Where a site preempts with PreemptMode=REQUEUE, Slurm requeues
 #   the job itself, and it resumes from that checkpoint.
 # torchrun itself is never sent USR1: it would die of it.
+#
+# How a job ends: torchrun turns every worker's failure into its own exit 1, so the trainer also writes its
+# outcome to a file ($DIST_RESNET_OUTCOME, below), and this script decides from that:
+# - finished (0): COMPLETED. Diverged (3) or a bad input the check missed (2): FAILED with that code, never
+#   requeued (another attempt would only repeat it).
+# - stopped on request with a checkpoint (75) without a signal from Slurm (`touch RUN_DIR/STOP`, a signal
+#   sent to the ranks): COMPLETED, not requeued; resume by submitting again with the same RUN_DIR.
+# - the time-limit warning (USR1): requeued, resumes from the checkpoint. scancel (TERM): CANCELLED.
+# - no outcome at all (a node lost, a rank killed or hung): requeued, at most MAX_FAILURE_REQUEUES times.
 #SBATCH --job-name=dist_resnet
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -59,6 +68,10 @@ NNODES=${SLURM_NNODES:-1}
 python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
 
 mkdir -p "$RUN_DIR"
+# where the ranks record the outcome (a shared path: any node's rank 0 may write it); this attempt's own
+OUTCOME=$(realpath -m "$RUN_DIR")/.outcome-$SLURM_JOB_ID
+export DIST_RESNET_OUTCOME=$OUTCOME
+rm -f "$OUTCOME"
 # a stop request belongs to the attempt it was made for: one left by a previous attempt (whose node died
 # before its trainer read it, say: Slurm then TERMs this script, whose trap writes STOP after the trainer
 # is gone) would stop the resumed run at once
@@ -90,6 +103,26 @@ while true; do
   kill -0 "$pid" 2>/dev/null || break
 done
 
+# what the trainer recorded: its exit code, and a stop's reason
+recorded=""
+reason=""
+if [ -f "$OUTCOME" ]; then
+  IFS=$'\t' read -r recorded reason < <(python -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(r["exit"], r["reason"] or "", sep="\t")' "$OUTCOME" 2>/dev/null)
+  rm -f "$OUTCOME"
+fi
+case "$recorded" in
+  0)
+    echo "$(date -Is) training finished (torchrun exited $rc)"
+    exit 0 ;;
+  2)
+    echo "$(date -Is) bad input (the error above): not requeueing; fix it and submit again"
+    exit 2 ;;
+  3)
+    echo "$(date -Is) training diverged (the error above): not requeueing; lower optim.lr, or set" \
+      "train.nonfinite=rollback, and submit again"
+    exit 3 ;;
+esac
 case "$stop_signal" in
   USR1)
     echo "$(date -Is) time limit near: training stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
@@ -101,14 +134,19 @@ case "$stop_signal" in
     echo "  (resume by hand: RUN_DIR=$RUN_DIR sbatch slurm/train.sh, with the same CONFIG and arguments)"
     exit 143 ;;
 esac
-# A failure that another attempt need not repeat (a node lost or hung, a rank killed: torchrun's exit 1) requeues
-# the job, which resumes from the last checkpoint; at most MAX_FAILURE_REQUEUES times over the run (counted in
-# RUN_DIR/.failure-requeues). Exits that would only repeat end it: 0 done, 2 bad input, 3 diverged.
+if [ "$recorded" = 75 ]; then
+  echo "$(date -Is) training stopped on request (${reason:-a stop request}) with a checkpoint: not requeueing;" \
+    "resume with: RUN_DIR=$RUN_DIR sbatch slurm/train.sh, with the same CONFIG and arguments"
+  exit 0
+fi
+# No outcome recorded: a failure that another attempt need not repeat (a node lost or hung, a rank killed, an
+# unexpected error) requeues the job, which resumes from the last checkpoint; at most MAX_FAILURE_REQUEUES times
+# over the run (counted in RUN_DIR/.failure-requeues).
 failures=$(cat "$RUN_DIR/.failure-requeues" 2>/dev/null || echo 0)
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "$rc" -ne 3 ] && [ "$failures" -lt "${MAX_FAILURE_REQUEUES:-3}" ]; then
+if [ "$rc" -ne 0 ] && [ "$failures" -lt "${MAX_FAILURE_REQUEUES:-3}" ]; then
   echo $(( failures + 1 )) > "$RUN_DIR/.failure-requeues"
-  echo "$(date -Is) training failed (exit $rc: a node lost, hung or killed?); requeueing job $SLURM_JOB_ID" \
-    "(failure requeue $(( failures + 1 )) of ${MAX_FAILURE_REQUEUES:-3}); it resumes from the last checkpoint"
+  echo "$(date -Is) training failed (exit $rc, no outcome recorded: a node lost, hung or killed?); requeueing job" \
+    "$SLURM_JOB_ID (failure requeue $(( failures + 1 )) of ${MAX_FAILURE_REQUEUES:-3}); it resumes from the last checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi

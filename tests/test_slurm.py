@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from dist_resnet import sweep
+from dist_resnet import rundir, sweep
 from dist_resnet.checkpoint import load
 from tests.conftest import RESUME, ROOT, TINY
 from tests.launch import free_port
-from tests.runs import assert_same_run
+from tests.runs import assert_same_run, metrics
 from tests.slurm import ended
 
 # a sweep's trials: the tiny data with a 20 % validation split
@@ -88,6 +88,53 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm, tiny_betons, tmp_path):
     assert "not requeueing" in out.read_text(), out.read_text()
     assert rec["JobState"] == "CANCELLED" and rec["Restarts"] == "0", rec
     assert 1 <= load(tmp_path / "runs" / f"cancel-{job}" / "last.pt")["epoch"] < 40
+
+
+def folder_state(run_dir: Path) -> dict:
+    """Every file of a run folder with its size and modification time."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+def test_runs_that_cannot_succeed_end_without_a_requeue(slurm, tiny_betons, tmp_path):
+    """torchrun turns every rank's exit into its own 1; the trainer's recorded outcome tells the script what it
+    was. Three jobs, one rank each, side by side: a run that diverges (exit 3), a bad input that --check cannot
+    see (another trainer takes the folder after the check passed: exit 2), and a user's `touch RUN_DIR/STOP`
+    (exit 75). None is requeued (Restarts 0); the first two end FAILED with their code, the stop COMPLETED with
+    its checkpoint; and nothing touches the run folders after the end."""
+    env = {"CONFIG": TINY[1], "DATA_DIR": str(tiny_betons), "NPROC_PER_NODE": "1"}
+    runs = {name: tmp_path / "runs" / name for name in ("diverged", "busy", "stopped")}
+    extra = {"diverged": ["optim.lr=1e12"], "busy": [], "stopped": ["train.epochs=40"]}
+    jobs = {name: slurm.sbatch(ROOT / "slurm" / "train.sh", *RESUME, *extra[name], options=(f"--job-name={name}",
+                                                                                          "--cpus-per-task=1"),
+                               env={**env, "RUN_DIR": str(runs[name]), "MASTER_PORT": str(free_port())}, cwd=tmp_path)
+            for name in runs}
+    out = {name: tmp_path / f"slurm-{name}-{job}.out" for name, job in jobs.items()}
+    slurm.await_file(jobs["busy"], output_has(out["busy"], "(restart 0)"), "the end of its check")
+    held = rundir.lock(runs["busy"])  # the folder taken between the check and the trainer's start
+    try:
+        slurm.await_file(jobs["stopped"], output_has(out["stopped"], "epoch   1 train loss"), "epoch 1")
+        rundir.request_stop(runs["stopped"])
+        recs = {name: slurm.wait(job, ended, what=f"the end of the {name} job") for name, job in jobs.items()}
+    finally:
+        held.close()
+    ends = {name: folder_state(run) for name, run in runs.items()}
+    logs = {name: out[name].read_text() for name in jobs}
+    time.sleep(3)  # a requeue would be PENDING by now, and a requeued attempt would write into its folder
+    states = {name: (slurm.job(job)["JobState"], slurm.job(job)["Restarts"], slurm.job(job)["ExitCode"])
+              for name, job in jobs.items()}
+    print(f"real Slurm, outcomes: {states}")
+    assert states == {"diverged": ("FAILED", "0", "3:0"), "busy": ("FAILED", "0", "2:0"),
+                      "stopped": ("COMPLETED", "0", "0:0")}, (states, logs)
+    assert all(rec["Restarts"] == "0" for rec in recs.values()), recs
+    assert "training diverged" in logs["diverged"] and "not requeueing" in logs["diverged"], logs["diverged"]
+    assert "is in use by" in logs["busy"] and "bad input" in logs["busy"], logs["busy"]
+    assert "stopped on request (stop file" in logs["stopped"], logs["stopped"]
+    assert "requeueing job" not in "".join(logs.values()), logs
+    assert {name: folder_state(run) for name, run in runs.items()} == ends  # untouched after the end
+    stopped = metrics(runs["stopped"])
+    assert stopped["stopped"] and stopped["stop_reason"].startswith("stop file") and not stopped["completed"]
+    assert 1 <= load(runs["stopped"] / "last.pt")["epoch"] < 40 and not (runs["stopped"] / "STOP").exists()
+    assert not (runs["diverged"] / "last.pt").exists() and not list(runs["busy"].glob("*.pt"))
 
 
 # ---------------------------------------------------------------- slurm/sweep.sh

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from omegaconf import MISSING, OmegaConf
 
+from ..distributed import EXIT_BAD_INPUT, record_outcome
 from .load import load_config, merged
 from .schema import SECTIONS, Config, ConfigError
 
@@ -75,5 +76,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
             raise SystemExit(0)
         return cfg
     except (ConfigError, ValueError, RuntimeError) as e:  # ConfigError, or the caller's DataError
-        print(f"{prog}: {'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        message = f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}"
+        record_outcome(EXIT_BAD_INPUT, message)  # for a launcher that reads it (slurm/train.sh)
+        print(f"{prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None

@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
         amp = Amp.on(cfg.train.precision, env.device)
         betons = Betons.open(cfg.data.dir, cfg.data.verify)
         classes = betons.classes
-        model = placed(mf, trained, cfg, len(classes), env.device)
+        model, channels_last = placed(mf, trained, cfg, len(classes), env.device)
         mean, std = mf.mean or betons.manifest["mean"], mf.std or betons.manifest["std"]  # the checkpoint's
         check_partition(env.world_size, betons.count("test"), "test")
-        feed = Feed(env.device, amp.input_dtype(cfg.data.fp32_input), cfg.model.channels_last, mean, std, env.rank, env.world_size, env.threads)
+        feed = Feed(env.device, amp.input_dtype(cfg.data.fp32_input), channels_last, mean, std, env.rank,
+                    env.world_size, env.threads)
         data = TestData(betons, cfg.data, feed, max(1, cfg.train.batch_size // env.world_size))
         a = cfg.adv
         attack = None if args.attack == "none" else RobustEval(  # the random starts of training's evaluation

@@ -16,14 +16,46 @@ from pathlib import Path
 from . import rundir
 from .fileio import sha256
 
-LIMITATIONS = (
-    "- Trained and measured on the data named above only; accuracy on other images (other cameras, sizes, "
-    "classes outside the list) is unknown. The shared CIFAR-10 copy this project tests with is re-encoded as "
-    "JPEG quality 75, which costs about 3 points against the original PNGs.",
-    "- Every input gets one of the classes: there is no 'none of these'. Confidences are not calibrated.",
-    "- Small images: objects are 32x32-pixel-scale unless the data said otherwise; larger photos are resized "
-    "by `predict`, which loses detail the model never saw.",
-)
+# what is known about a source beyond its manifest, by the name of the file or folder it was prepared from
+JPEG75 = "is re-encoded as JPEG quality 75, which costs about 3 points against the original PNGs."
+SOURCE_NOTES = {
+    "cifar10-jpeg.tar.gz": f"This copy of CIFAR-10 {JPEG75}",  # the shared copy every test and benchmark uses
+    "cifar10-subset.tar.gz": f"This subset of CIFAR-10 (the project's test data, from the shared copy) {JPEG75}",
+}
+
+
+def limitations(cfg, manifest: dict, size: tuple[int, int]) -> list[str]:
+    """What holds for the data this model was trained on: its source, the images' sizes and how `predict` brings
+    a new image to the model's input."""
+    source = Path(str(manifest.get("source", ""))).name
+    d = cfg.data
+    lines = ["- Trained and measured on the data named above only; accuracy on other images (other cameras, sizes, "
+             "classes outside the list) is unknown." + (f" {SOURCE_NOTES[source]}" if source in SOURCE_NOTES else ""),
+             "- Every input gets one of the classes: there is no 'none of these'. Confidences are not calibrated."]
+    if d.test_res:  # photos: random-resized crops in training, the centre crop in evaluation
+        stored = (manifest.get("storage") or {}).get("max_resolution")
+        train = f"{d.res} px" + (f", growing to {d.res_end} px" if d.res_end else "")
+        lines.append(f"- Photos: trained on random-resized crops of {train} (each {d.rrc_scale[0]:g}-{d.rrc_scale[1]:g} "
+                     f"of a photo's area)" + (f", from photos stored at most {stored} px on their longer side" if stored
+                                              else "") +
+                     f"; evaluated, and predicted by `predict`, on the central {d.test_crop_ratio:g} of the shorter side "
+                     f"resized to {size[1]}x{size[0]}. An object that fills much less of the frame than in the training "
+                     "photos is outside what was measured.")
+    else:
+        lines.append(f"- Image size: the model saw {size[1]}x{size[0]} images" +
+                     (f", upsampled to {d.resize}x{d.resize} inside the model" if d.resize else "") +
+                     f"; `predict` resizes any other image to {size[1]}x{size[0]}, and larger photos lose detail the "
+                     "model never saw.")
+    return lines
+
+
+def read_manifest(cfg) -> tuple[dict, Path]:
+    """The data's manifest.json where this export runs ({} where it cannot be read), and its path."""
+    path = Path(cfg.data.dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text()), path
+    except (OSError, ValueError):
+        return {}, path
 
 
 def card_path(out: str | Path) -> Path:
@@ -74,13 +106,8 @@ def _training(mf, cfg, ema: bool) -> list[str]:
     return lines
 
 
-def _data(mf, cfg) -> list[str]:
+def _data(mf, cfg, manifest: dict, path: Path) -> list[str]:
     shas = mf.state.get("data") or {}
-    manifest, path = {}, Path(cfg.data.dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
     source = Path(str(manifest.get("source", "not recorded"))).name
     lines = [f"- Source: `{source}`; manifest.json sha256 "
              f"`{sha256(path) if manifest else 'not available where this was exported'}`"]
@@ -126,7 +153,7 @@ def _measured(result: dict, classes: list[str], name: str) -> list[str]:
                         "its test accuracy."]
     top1, written = test["top1"], result["written"]
     lines += [f"- **Test accuracy of this file (`{name}`): {top1[written]:.4f} on {test['images']} images** "
-              "(the whole test beton).",
+              f"(the whole test beton{', each centre-cropped as evaluated: ' + test['crop'] if test.get('crop') else ''}).",
               f"- On the same images: PyTorch (the weights, fp32) {top1['pytorch']:.4f}"
               + (f"; the fp32 graph {top1['fp32']:.4f}; this file's top-1 agreement with the fp32 graph "
                  f"{test['int8_fp32_agreement']:.4f}" if written == "int8" else "") + ".",
@@ -156,6 +183,7 @@ def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict, 
     from .fileio import write_text
 
     m, name = cfg.model, Path(out).name
+    manifest, manifest_path = read_manifest(cfg)
     weights = (f"the EMA of the weights (train.ema_decay={cfg.train.ema_decay:g}), not the raw weights" if ema
                else "the trained weights (not an EMA)")
     card = [f"# {m.name} on {Path(cfg.data.dir).name}: `{name}`", "",
@@ -170,11 +198,11 @@ def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict, 
                f"{size[1]}x{size[0]} (as evaluated: data.test_res={cfg.data.test_res}); predict does this"]
               if cfg.data.test_res else []),
             f"- Output: logits over {len(mf.classes)} classes, in this order: {', '.join(mf.classes)}", "",
-            "## Data", *_data(mf, cfg), "", "## Training", *_training(mf, cfg, ema), "",
+            "## Data", *_data(mf, cfg, manifest, manifest_path), "", "## Training", *_training(mf, cfg, ema), "",
             "## Measured by this export", *_measured(result, mf.classes, name), "",
             "## Intended use and limitations",
             "- Research and teaching: image classification into the classes above, on images like the training "
-            "data. Not for decisions about people.", *LIMITATIONS, "",
+            "data. Not for decisions about people.", *limitations(cfg, manifest, size), "",
             "## Training config (paths by their last part)", "```yaml", to_yaml(shareable(cfg)).strip(), "```", ""]
     path = card_path(out)
     write_text(path, "\n".join(card))

@@ -85,10 +85,10 @@ class TorchModel:
                                "evaluate it instead, or re-export it")
         self.classes, self.size = mf.classes, tuple(mf.image_shape or (32, 32))
         self.crop = cfg.data.test_crop_ratio if cfg.data.test_res else None
-        self.device, self.cl = device, cfg.model.channels_last
+        self.device = device
         self.amp = Amp.on(cfg.train.precision, device)
         self.dtype = self.amp.input_dtype(cfg.data.fp32_input)  # normalised as training normalised
-        self.model = placed(mf, trained, cfg, len(mf.classes), device)
+        self.model, self.cl = placed(mf, trained, cfg, len(mf.classes), device)
         self.normalize = Normalize(mf.mean, mf.std, device, self.dtype)
         self.batch_size = cfg.train.batch_size
 

@@ -52,14 +52,36 @@ def lock(run_dir: str | Path) -> IO:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        who = f.read().strip() or "another process"
         f.close()
-        raise FolderBusy(f"run.dir={run_dir} is in use by {holder}: one trainer writes to a run folder at a time; "
-                         "wait for that run to end, or stop it (touch run.dir/STOP), or choose another run.dir") from None
+        raise FolderBusy(busy_message(run_dir, who)) from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
+
+
+def busy_message(run_dir: str | Path, who: str) -> str:
+    return (f"run.dir={run_dir} is in use by {who}: one trainer writes to a run folder at a time; wait for that run "
+            "to end, or stop it (touch run.dir/STOP), or choose another run.dir")
+
+
+def holder(run_dir: str | Path) -> str | None:
+    """Who holds the run folder now (its lock file's text), or None where no trainer does: a probe that takes
+    a shared lock for a moment and writes nothing."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    try:
+        f = open(path)  # noqa: SIM115 - closed below, which releases the probe's lock
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+    return None
 
 
 def read_metrics(run_dir: str | Path) -> dict | None:

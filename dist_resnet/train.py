@@ -17,9 +17,10 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, parse_args
-from .data.manifest import Betons, DataError
+from .data.manifest import DataError
 from .distributed import EXIT_BAD_INPUT, EXIT_STOPPED, DistEnv, JobExit
 from .engine.build import build
+from .engine.plan import check_env, plan
 from .engine.report import EpochMeter
 from .engine.state import Diverged
 from .faults import fault_point
@@ -213,8 +214,14 @@ def out_of_memory(cfg: Config, env: DistEnv) -> JobExit:
         "result, or lower train.batch_size"))
 
 
+def check(cfg: Config, world_sizes: list[int]) -> None:
+    """--check: every check a run makes before it builds anything (engine.plan), for each world size."""
+    for env in check_env(world_sizes, cfg.train.device.value):
+        plan(cfg, env, print)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg = parse_args(argv, check=lambda c: Betons.open(c.data.dir))  # --check: the launch scripts' first step
+    cfg = parse_args(argv, check=check)  # --check: the launch scripts' first step
 
     def job(env: DistEnv) -> dict:
         summary = Trainer(cfg, env).fit()

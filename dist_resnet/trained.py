@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .config import Config, load_config
-from .models import build_model, files, load_weights, to_device, with_input
+from .models import build_model, channels_last_fault, files, load_weights, to_device, with_input
 
 
 def arguments(prog: str, doc: str, ema_help: str) -> argparse.ArgumentParser:
@@ -47,7 +47,11 @@ def build_trained(mf: files.ModelFile, trained: Config, cfg: Config, num_classes
     return model.eval()
 
 
-def placed(mf: files.ModelFile, trained: Config, cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    """The trained net as training ran it: on `device`, in its memory format, behind its input resize."""
-    net = to_device(build_trained(mf, trained, cfg, num_classes), device, cfg.model.channels_last)
-    return with_input(net, cfg.data.resize)
+def placed(mf: files.ModelFile, trained: Config, cfg: Config, num_classes: int,
+           device: torch.device) -> tuple[nn.Module, bool]:
+    """The trained net as training ran it: on `device`, in its memory format, behind its input resize; and
+    whether that format is channels_last (model.channels_last, unless the device's kernels fault on this net,
+    as training decided: dist_resnet.models.channels_last_fault). Its inputs take the same format."""
+    net = build_trained(mf, trained, cfg, num_classes)
+    channels_last = cfg.model.channels_last and not channels_last_fault(net, device)
+    return with_input(to_device(net, device, channels_last), cfg.data.resize), channels_last

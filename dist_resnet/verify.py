@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .data.beton import is_raw
-from .data.loader import read_resident
+from .data.loader import centre_crop, read_resident
 from .data.manifest import Betons, DataError
 
 CHECK_IMAGES = 256
@@ -47,9 +47,10 @@ def check_sample(betons: Betons, cfg, count: int = CHECK_IMAGES) -> tuple[torch.
 
 
 def test_batches(betons: Betons, cfg, batch: int = BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The whole test split in order, `batch` images at a time, as float RGB in [0, 1]."""
+    """The whole test split in order, `batch` images at a time, as float RGB in [0, 1], as evaluation reads it:
+    at the stored size, or (photos: data.test_res) the checkpoint's centre crop resized to its test side."""
     n, path, cpu = betons.count("test"), betons.path("test"), torch.device("cpu")
-    if is_raw(path):  # raw bytes at known places: read each batch straight from the file
+    if is_raw(path) and not cfg.data.test_res:  # raw bytes at known places: read each batch straight from the file
         for i in range(0, n, batch):
             x, y = read_resident(betons, cfg.data, "test", np.arange(i, min(n, i + batch)), cpu, torch.float32, False)
             yield x / 255, y
@@ -57,7 +58,7 @@ def test_batches(betons: Betons, cfg, batch: int = BATCH) -> Iterator[tuple[torc
     from .data import ffcv  # JPEG or mixed sizes: one FFCV loader decodes the split once, in order
 
     loader = ffcv.sequential(path, np.arange(n), batch, cfg.data.num_workers, cfg.data.os_cache, 2, cpu,
-                             torch.float32)
+                             torch.float32, centre_crop(cfg.data))
     for x, y in ffcv.iterate(loader, torch.get_num_threads()):
         yield x.clone() / 255, y.clone()
 
@@ -97,7 +98,10 @@ def score_test_set(model, graphs: dict[str, bytes], written: str, betons: Betons
         if len(graphs) == 2:
             agree += int((preds["fp32"] == preds["int8"]).sum())
         n += len(y)
-    out = {"images": n, "top1": {name: c / n for name, c in correct.items()},
+    d = cfg.data
+    crop = (f"the central {d.test_crop_ratio:g} of the shorter side resized to {d.test_res}x{d.test_res}"
+            if d.test_res else None)
+    out = {"images": n, "crop": crop, "top1": {name: c / n for name, c in correct.items()},
            "per_class": {c: float(per_class[i] / max(1, totals[i])) for i, c in enumerate(betons.classes)}}
     if len(graphs) == 2:
         out["int8_fp32_agreement"] = agree / n

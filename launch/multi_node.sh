@@ -25,8 +25,10 @@ RUN_DIR=${RUN_DIR:?set RUN_DIR to a folder on a filesystem all nodes share}
 NGPU=$(python -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}
 RDZV_ID=${RDZV_ID:-$(printf '%s' "$RUN_DIR" | cksum | cut -d' ' -f1)}
-# the config and data checked here first: a mistake is one line and exit 2, not torchrun's 25-line report
-python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
+# every check the run makes before it starts, made here first, at both ends of an elastic range: a mistake is
+# one line and exit 2, not torchrun's 25-line report
+python -m dist_resnet.train --check --world-size $(( ${NNODES%%:*} * NPROC )) $(( ${NNODES##*:} * NPROC )) \
+  --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" train.resume=true "$@" >/dev/null || exit
 echo "node $(hostname): $NPROC process(es), $NNODES node(s), rendezvous $MASTER_ADDR:$MASTER_PORT id $RDZV_ID"
 MAX_RESTARTS=${MAX_RESTARTS:-$([ "${NNODES#*:}" != "$NNODES" ] && echo 3 || echo 0)}
 # torch >= 2.4 shares the rendezvous store's TCP server with the workers' process group: a node that joins

@@ -13,8 +13,10 @@ else
 fi
 NPROC=${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}
 RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)-$(date +%Y%m%d-%H%M%S)}
-# the config and data checked here first: a mistake is one line and exit 2, not torchrun's 25-line report
-python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
+# every check the run makes before it starts, made here first: a mistake is one line and exit 2, not torchrun's
+# 25-line report
+python -m dist_resnet.train --check --world-size "$NPROC" --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" \
+  "$@" >/dev/null || exit
 echo "training $CONFIG on $NPROC process(es) ($NGPU GPUs) -> $RUN_DIR"
 exec torchrun --standalone --nproc_per_node="$NPROC" -m dist_resnet.train \
   --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@"

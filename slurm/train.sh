@@ -63,9 +63,11 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchinduc
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 NNODES=${SLURM_NNODES:-1}
 
-# the config and data checked here first: a mistake is one line and exit 2 (and no requeue), not torchrun's
-# 25-line report from every node
-python -m dist_resnet.train --check --config "$CONFIG" data.dir="$DATA_DIR" run.dir="$RUN_DIR" "$@" >/dev/null || exit
+# every check the run makes before it starts (the config against the data, this machine and the world size; the
+# resume point; the run folder free), made here first: a mistake is one line and exit 2 (and no requeue), not
+# torchrun's 25-line report from every node
+python -m dist_resnet.train --check --world-size $(( NNODES * NPROC )) --config "$CONFIG" data.dir="$DATA_DIR" \
+  run.dir="$RUN_DIR" train.resume=true "$@" >/dev/null || exit
 
 mkdir -p "$RUN_DIR"
 # where the ranks record the outcome (a shared path: any node's rank 0 may write it); this attempt's own

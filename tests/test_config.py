@@ -211,6 +211,9 @@ def test_help_lists_every_key_with_its_type_default_and_comment(capsys):
             assert f"  {section}.{f.name} (" in out, f"{section}.{f.name}"
     assert "  train.precision (auto|bf16|fp16|fp32, 'auto')" in out and "  data.dir (str, required)" in out
     assert "hold out this class-stratified fraction of the train split" in out  # the schema's own comment
+    # a list's default comes from its factory (it printed `<dataclasses._MISSING_TYPE object at 0x...>`)
+    assert "  data.rrc_scale (list, [0.08, 1.0])" in out and "  data.res_ramp (list, [0, 0])" in out
+    assert "MISSING" not in out
 
 
 def test_print_config_shows_the_resolved_config(capsys):
@@ -255,3 +258,37 @@ def test_the_launch_scripts_check_the_config_before_torchrun(tiny_betons, tmp_pa
                            env={**env, "DATA_DIR": str(data)}, timeout=120)
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "torchrun" not in p.stdout + p.stderr and not (tmp_path / "run").exists()
+
+
+def test_check_makes_every_check_the_run_makes(betons, trained_run, tmp_path, capsys):
+    """`train --check` runs the very function that a run's build starts with (dist_resnet.engine.plan), so each
+    refusal below is the same one line and exit 2 from both, and nothing is written. Before, `--check` only
+    opened the betons and passed all of these. Where a run needs several ranks, `--world-size` says how many."""
+    from dist_resnet import rundir, train
+
+    base = ["--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={betons}", "train.precision=fp32"]
+    held = tmp_path / "held"
+    held.mkdir()
+    cases = [  # (arguments, the refusal's words, whether to compare with the run itself)
+        ([f"run.dir={trained_run}", "train.resume=true", "train.seed=7"], "these settings differ from the checkpoint's",
+         True),
+        ([f"run.dir={tmp_path / 'r'}", "model.name=resnet18", f"model.pretrained={trained_run / 'last.pt'}"],
+         "is it the weights of another model?", True),
+        ([f"run.dir={held}"], "is in use by pid", True),
+        ([f"run.dir={tmp_path / 'r'}", "train.batch_size=100", "--world-size", "1", "3"],
+         "does not divide by the world size 3", False),
+        ([f"run.dir={tmp_path / 'r'}", "train.batch_size=6000"], "larger than the 5000 train images", True),
+    ]
+    lock = rundir.lock(held)
+    try:
+        for args, message, compare in cases:
+            said = []
+            for check in (["--check"], []) if compare else (["--check"],):
+                with pytest.raises(SystemExit) as e:
+                    train.main([*check, *base, *args])
+                said.append(capsys.readouterr().err)
+                assert e.value.code == 2 and message in said[-1] and len(said[-1].strip().splitlines()) == 1, said
+            assert len(set(said)) == 1, said
+    finally:
+        lock.close()
+    assert not (tmp_path / "r").exists() and sorted(p.name for p in held.iterdir()) == [".lock"]

@@ -68,7 +68,7 @@ def heat_on_square(ckpt: Path, betons: Path, corner: tuple[int, int]) -> tuple[f
 
     mf, trained, cfg = open_trained(str(ckpt), [f"data.dir={betons}"])
     b = Betons.open(str(betons))
-    model = placed(mf, trained, cfg, 3, torch.device("cpu"))
+    model, _ = placed(mf, trained, cfg, 3, torch.device("cpu"))
     feed = Feed(torch.device("cpu"), Amp.on(cfg.train.precision, torch.device("cpu")).input_dtype(False), True, mf.mean,
                 mf.std)
     cam, shares, correct, total = GradCam(model), [], 0, 0
@@ -179,7 +179,7 @@ def test_evaluate_draws_the_most_confident_mistakes(trained_run, betons, tmp_pat
     with Image.open(tmp_path / "m.png") as im:
         assert im.size[0] > 1000 and im.size[1] > 500
     mf, trained, cfg = open_trained(str(trained_run / "last.pt"), [f"data.dir={betons}"])
-    model = placed(mf, trained, cfg, 10, torch.device("cpu"))
+    model, _ = placed(mf, trained, cfg, 10, torch.device("cpu"))
     feed = Feed(torch.device("cpu"), torch.float32, True, mf.mean, mf.std)
     cells = mistakes(model, TestData(Betons.open(str(betons)), cfg.data, feed, 200), mf.mean, mf.std, CLASSES, 8)
     confidences = [c["confidence"] for c in cells]

@@ -200,15 +200,24 @@ def test_progressive_resizing_grows_the_side_in_steps_of_32():
     (["data.pipeline=ffcv", "data.crop=rrc", "data.res=64"], "holds photos of many sizes: set data.crop=rrc, data.res"),
     (["data.pipeline=device", "data.crop=rrc", "data.res=64", "data.test_res=64"],
      "crop while FFCV decodes: set data.pipeline=ffcv"),
+    (["data.pipeline=ffcv", "data.crop=rrc", "data.res=1024", "data.test_res=48"],
+     "data.res=1024 is above the largest photo stored in data.dir="),
+    (["data.pipeline=ffcv", "data.crop=rrc", "data.res=64", "data.test_res=400"], "use at most 320"),
 ])
 def test_photo_betons_need_the_crop_keys_and_ffcv(mixed_betons, tmp_path, capsys, overrides, message):
+    """Each refusal of the photo rules is one line and exit 2, before anything is written; and `--check`, the
+    launch scripts' first step, says the very same line (it used to pass them: "config and data ok")."""
     from dist_resnet import train
 
-    with pytest.raises(SystemExit) as e:
-        train.main(["--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={mixed_betons}",
-                    f"run.dir={tmp_path / 'r'}", *overrides])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    argv = ["--config", str(ROOT / "configs" / "cpu.yaml"), f"data.dir={mixed_betons}", f"run.dir={tmp_path / 'r'}",
+            *overrides]
+    said = []
+    for check in (["--check"], []):
+        with pytest.raises(SystemExit) as e:
+            train.main([*check, *argv])
+        said.append(capsys.readouterr().err)
+        assert e.value.code == 2 and message in said[-1] and len(said[-1].strip().splitlines()) == 1, said[-1]
+    assert said[0] == said[1]
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.pt"))
 
 
@@ -218,6 +227,10 @@ def test_photo_betons_need_the_crop_keys_and_ffcv(mixed_betons, tmp_path, capsys
     (["data.crop=rrc", "data.res=64", "data.res_end=96"], "data.res_ramp=[E0,E1] with E0 < E1"),
     (["data.crop=rrc", "data.res=64", "data.res_end=96", "data.res_ramp=[0,9]"], "ends after the run's 2 epochs"),
     (["data.crop=rrc", "data.rrc_scale=[0.5,0.1]"], "bad value for 'data.rrc_scale'"),
+    (["data.rrc_scale=[0.35,1]"], "data.rrc_scale=[0.35,1] applies only with data.crop=rrc, which is not set"),
+    (["data.rrc_ratio=[0.5,2]"], "data.rrc_ratio=[0.5,2] applies only with data.crop=rrc"),
+    (["data.test_crop_ratio=0.9"], "data.test_crop_ratio=0.9 applies only with data.test_res"),
+    (["data.crop=rrc", "data.res=64", "data.res_ramp=[0,1]"], "data.res_ramp=[0,1] applies only with data.res_end"),
 ])
 def test_crop_keys_are_checked_before_anything_starts(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -239,6 +252,7 @@ def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, m
     codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / 'ref'}"], tmp_path / "ref.log", 1)
     log = (tmp_path / "ref.log").read_text()
     assert codes == [0], log
+    assert "epoch 1: train side 32 px" in log and "epoch 2: train side 64 px (was 32 px)" in log, log
     assert load(tmp_path / "ref" / "last.pt")["image_shape"] == [48, 48]
     run_dir = tmp_path / "run"
     codes = launch("dist_resnet.train", [*opts, f"run.dir={run_dir}"], tmp_path / "kill.log", 1,
@@ -246,6 +260,7 @@ def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, m
     assert codes == [-9] and load(run_dir / "last.pt")["step"] == 4, (tmp_path / "kill.log").read_text()
     codes = launch("dist_resnet.train", [*opts, f"run.dir={run_dir}", "train.resume=true"], tmp_path / "res.log", 1)
     assert codes == [0], (tmp_path / "res.log").read_text()
+    assert "epoch 2: train side 64 px\n" in (tmp_path / "res.log").read_text()  # the side it resumes at
     assert_same_run(tmp_path / "ref", run_dir)
     assert metrics(run_dir)["history"][-1]["test_count"] == 12
     # the photo model's test side and centre crop reach predict, the ONNX file and its card
@@ -257,9 +272,16 @@ def test_a_photo_run_resumes_bit_exactly_across_a_resolution_change(mixed_src, m
     out, err = capsys.readouterr()
     assert out.startswith(f"{photo}\tclass") and "centre-cropped and resized to the model's 48x48" in err, (out, err)
     onnx = tmp_path / "m.onnx"
-    export.main([str(run_dir / "last.pt"), "--format", "onnx", "--out", str(onnx)])
+    result = export.main([str(run_dir / "last.pt"), "--format", "onnx", "--out", str(onnx), "--verify-test-set"])
+    test = result["test"]  # the whole test set, read as evaluation reads it (it crashed: "only supports constant
+    assert test["images"] == 12 and test["top1"]["fp32"] == test["top1"]["pytorch"]  # image", nothing written)
+    assert test["top1"]["pytorch"] == metrics(run_dir)["test_acc"]  # the checkpoint's test side and centre crop
     card = onnx.with_name("m.onnx.md").read_text()
     assert "N x 3 x 48 x 48" in card and "the central 0.875 of the shorter side, square, resized to 48x48" in card
+    assert "each centre-cropped as evaluated: the central 0.875 of the shorter side resized to 48x48" in card
+    assert "random-resized crops of 32 px, growing to 64 px (each 0.08-1 of a photo's area), from photos stored " \
+           "at most 320 px" in card
+    assert "JPEG quality 75" not in card and "32x32" not in card  # CIFAR's text on a photo model's card
     capsys.readouterr()
     assert predict.main([str(onnx), str(photo), "--topk", "1"]) == 1
     assert "centre-cropped and resized to the model's 48x48" in capsys.readouterr().err

@@ -88,12 +88,31 @@ def _pair(d: DataConfig, key: str, ok: Callable[[float, float], bool], requireme
         raise ConfigError(f"bad value for 'data.{key}': {v}; it must be {requirement}")
 
 
+def _set(d: DataConfig, key: str) -> bool:
+    """Whether `key` of the data section differs from its default."""
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(d) if f.name == key)
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return list(getattr(d, key)) != list(default) if isinstance(default, list) else getattr(d, key) != default
+
+
+def _shown(v: object) -> str:
+    return f"[{','.join(f'{x:g}' for x in v)}]" if isinstance(v, (list, tuple)) else f"{v:g}"
+
+
 def check_crop(d: DataConfig) -> None:
     """The random-resized crop, the train and test resolutions and progressive resizing."""
     _pair(d, "rrc_scale", lambda a, b: 0 < a <= b <= 1, "[min, max] with 0 < min <= max <= 1 (shares of the area)")
     _pair(d, "rrc_ratio", lambda a, b: 0 < a <= b, "[min, max] with 0 < min <= max (width / height)")
     _pair(d, "res_ramp", lambda a, b: 0 <= a <= b, "[E0, E1] with 0 <= E0 <= E1 (epochs)")
     rrc = d.crop.value == "rrc"
+    for key, needs, on in (("rrc_scale", "data.crop=rrc", rrc), ("rrc_ratio", "data.crop=rrc", rrc),
+                           ("test_crop_ratio", "data.test_res", bool(d.test_res)),
+                           ("res_ramp", "data.res_end", bool(d.res_end))):
+        if not on and _set(d, key):
+            raise ConfigError(f"data.{key}={_shown(getattr(d, key))} applies only with {needs}, which is not set: "
+                              f"set {needs}, or leave data.{key} out (it would be ignored)")
     if d.res and not rrc:
         raise ConfigError(f"data.res={d.res} sets the size of the random-resized crop: set data.crop=rrc "
                           "(to upsample fixed-size images, use data.resize)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import typing
@@ -39,8 +40,8 @@ def schema_help() -> str:
         for f in dataclasses.fields(cls):
             t = hints[f.name]
             kind = "|".join(e.value for e in t) if isinstance(t, type) and issubclass(t, Enum) else t.__name__
-            default = "required" if f.default is MISSING else repr(f.default.value if isinstance(f.default, Enum)
-                                                                   else f.default)
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # a list: its factory's
+            default = "required" if value is MISSING else repr(value.value if isinstance(value, Enum) else value)
             lines.append(f"  {section}.{f.name} ({kind}, {default})")
             if f.name in comments:
                 lines.append(f"      {comments[f.name]}")
@@ -48,10 +49,11 @@ def schema_help() -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train",
-               check: typing.Callable[[Config], None] | None = None) -> Config:
+               check: typing.Callable[[Config, list[int]], None] | None = None) -> Config:
     """`--config PRESET.yaml key=value ...` -> Config; exits with a clear message on error.
     `--help` lists every key of the schema; `--print-config` prints the resolved config and exits;
-    `--check` runs `check(cfg)` too (the caller's checks of the data) and exits 0, or 2 with one line."""
+    `--check` runs `check(cfg, world_sizes)` too (the caller's checks of the machine and the data, for each world
+    size the run may have: --world-size) and exits 0, or 2 with one line."""
     p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.",
                                 epilog=schema_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
@@ -60,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
     p.add_argument("--check", action="store_true",
                    help="check the config and the data folder, then exit: 0, or one line and 2 (the launch scripts "
                         "run this before torchrun, whose own failure report is 25 lines and exit 1)")
+    p.add_argument("--world-size", type=int, nargs="+", metavar="N",
+                   help="with --check: the number of processes the run will have, or several (an elastic range's "
+                        "ends); default: $WORLD_SIZE, or 1")
     args = p.parse_intermixed_args(argv)  # overrides may sit on either side of --options
     try:
         if args.print_config:
@@ -69,14 +74,23 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
             print(OmegaConf.to_yaml(cfg), end="")
             raise SystemExit(0)
         cfg = load_config(args.config, args.overrides)
-        if args.check:
-            if check is not None:
-                check(cfg)
-            print(f"{prog}: config and data ok")
-            raise SystemExit(0)
+        worlds = args.world_size or [int(os.environ.get("WORLD_SIZE", 1))]
+        if min(worlds) < 1:
+            raise ConfigError(f"--world-size {' '.join(map(str, worlds))}: every size must be at least 1")
+    except (ConfigError, ValueError, RuntimeError) as e:
+        _bad_input(prog, f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}")
+    if not args.check:
         return cfg
-    except (ConfigError, ValueError, RuntimeError) as e:  # ConfigError, or the caller's DataError
-        message = f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}"
-        record_outcome(EXIT_BAD_INPUT, message)  # for a launcher that reads it (slurm/train.sh)
-        print(f"{prog}: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
+    try:
+        if check is not None:
+            check(cfg, worlds)
+    except (ValueError, RuntimeError) as e:  # ConfigError, DataError, CheckpointError: as the run says them
+        _bad_input(prog, f"error: {e}")
+    print(f"{prog}: config and data ok")
+    raise SystemExit(0)
+
+
+def _bad_input(prog: str, message: str) -> typing.NoReturn:
+    record_outcome(EXIT_BAD_INPUT, message)  # for a launcher that reads it (slurm/train.sh)
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT) from None

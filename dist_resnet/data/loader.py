@@ -75,20 +75,29 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_resident(betons: Betons, cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device,
-                  dtype: torch.dtype, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode `indices` of a beton once into device memory: (N, 3, H, W) images in `dtype`, labels. With
-    data.test_res (photos), FFCV decodes their centre crops at that side, as evaluation sees them."""
+def check_resident(betons: Betons, cfg: DataConfig, split: str, count: int, device: torch.device,
+                   dtype: torch.dtype, always: bool = False) -> None:
+    """DataError unless `count` images of `split` fit in half of `device`'s free memory, at the size evaluation
+    reads them; only for data.pipeline=device, unless `always` (any decode into memory)."""
+    if not always and cfg.pipeline != Pipeline.device:
+        return
     shape = shapes(cfg, betons)[1]
     if shape is None:
         raise DataError(f"{betons.dir} holds photos of many sizes: set data.test_res to read them at one size")
     h, w = shape
-    need = len(indices) * (3 * h * w * torch.finfo(dtype).bits // 8 + 8)
+    need = count * (3 * h * w * torch.finfo(dtype).bits // 8 + 8)
     free = available_memory(device)
     if need > 0.5 * free:
         where = "the GPU has" if device.type == "cuda" else "this machine has"
         raise DataError(f"data.pipeline=device needs {need / 2**30:.1f} GiB for the {split} split but {where} "
                         f"{free / 2**30:.1f} GiB free (at most half is used for data); use data.pipeline=ffcv")
+
+
+def read_resident(betons: Betons, cfg: DataConfig, split: str, indices: np.ndarray, device: torch.device,
+                  dtype: torch.dtype, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode `indices` of a beton once into device memory: (N, 3, H, W) images in `dtype`, labels. With
+    data.test_res (photos), FFCV decodes their centre crops at that side, as evaluation sees them."""
+    check_resident(betons, cfg, split, len(indices), device, dtype, always=True)
     raw = None if cfg.test_res else read_raw(betons.path(split), indices)
     if raw is not None:  # the beton's bytes as they are: FFCV's decoder would only copy them
         images, labels = (torch.from_numpy(a).to(device) for a in raw)

@@ -54,3 +54,16 @@ def check(d: DataConfig, betons: Betons) -> None:
     if d.crop.value != "rrc" or not d.res or not d.test_res:
         raise ConfigError(f"data.dir={d.dir} holds photos of many sizes: set data.crop=rrc, data.res (the train "
                           "side, e.g. 160) and data.test_res (e.g. 224); see docs/TRAINING.md, 'your own photos'")
+    largest = largest_side(betons)
+    for key, side in (("data.res", d.res), ("data.res_end", d.res_end), ("data.test_res", d.test_res)):
+        if largest and side > largest:
+            limit = (betons.manifest.get("storage") or {}).get("max_resolution")
+            raise ConfigError(f"{key}={side} is above the largest photo stored in data.dir={d.dir} ({largest} px"
+                              + (f"; prepare's --max-resolution {limit}" if limit else "") + "): every image would be "
+                              f"upsampled to it; use at most {largest}, or prepare the photos again with a larger "
+                              "--max-resolution")
+
+
+def largest_side(betons: Betons) -> int:
+    """The longest side of any stored photo (the manifest's size distribution), or 0 where it is not recorded."""
+    return max((max(betons.manifest[s].get("sizes", {}).get("max_hw") or [0]) for s in ("train", "test")), default=0)

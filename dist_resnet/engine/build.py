@@ -1,17 +1,16 @@
 """Every component of a training run, built from the config once, in one order:
 
-    runtime checks -> data opened -> resume point agreed -> weights and normalisation -> seed -> loaders
-    -> model chain -> per-rank seed -> optimisation, step, evaluation -> state restored -> run folder.
+    the checks (engine.plan) -> seed -> loaders -> model chain -> per-rank seed -> optimisation, step,
+    evaluation -> state restored -> run folder.
 
 The order is the run's RNG order (the initial weights come from `train.seed` after the loaders exist,
 everything random after that from a per-rank stream), and the checkpoint is restored only once every
-component that holds state exists. Checks that need the machine, the world size or the data are made
-here, once, before anything is written.
+component that holds state exists. Every check that needs the machine, the world size or the data is made
+first, by `engine.plan.plan` (which `--check` runs too), before anything is built or written.
 """
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,109 +22,42 @@ from torch import nn
 
 from .. import rundir
 from ..attacks import Adversary, RobustEval, default_alpha
-from ..config import Adversarial, Config, ConfigError, EvalAttack, NonFinite, Normalization, Precision, to_dict
+from ..config import Adversarial, Config, EvalAttack, NonFinite, Precision, to_dict
 from ..data import sizes
 from ..data.augment import derive_seed
-from ..data.loader import Feed, TestData, TrainData, check_partition
+from ..data.loader import Feed, TestData, TrainData
 from ..data.manifest import Betons
 from ..data.mix import Mixer, no_mix
-from ..data.split import split_indices
 from ..distributed import DistEnv, StopRequest
-from ..models import build_model, check_input, files, freeze, regularize, to_device, with_input
+from ..models import build_model, files, freeze, regularize, to_device, with_input
 from ..optim import EMA, Lookahead, build_optimizer, build_scheduler
 from ..precision import Amp
-from ..tracking import check_installed
 from .comm import NoHook, comm_hook
 from .evaluation import Evaluator, NoRobustnessCheck, RobustnessCheck
 from .monitor import Monitor
+from .plan import Plan, plan
 from .report import Clock, Report
-from .state import (Checkpointer, Keyed, ModelWeights, RollbackOnNonFinite, RunState, StopOnNonFinite,
-                    agreed_checkpoint, find_resume_point)
+from .state import Checkpointer, Keyed, ModelWeights, RollbackOnNonFinite, RunState, StopOnNonFinite, agreed_checkpoint
 from .step import (DynamicLossScale, EMAHook, FixedLossScale, LookaheadHook, NoLossScale, Step, StepSeed, no_attack,
                    unseeded)
-from .warmup import TrainMode, WarmUp, WhitenBias, example_batch, no_warm_up
+from .warmup import TrainMode, TrainSide, WarmUp, WhitenBias, example_batch, no_warm_up
 
 WHITENING_IMAGES = 5000  # train images that fit a model's data-dependent first layer (fastnet)
 
 
-def runtime_checks(cfg: Config, env: DistEnv) -> Amp:
-    """What the config asks of this machine and world size; the precision to run in."""
-    t, cuda = cfg.train, env.device.type == "cuda"
-    amp = Amp.on(t.precision, env.device)
-    check_installed(cfg)
-    if t.loss_scale and amp.precision != Precision.fp16:
-        raise ConfigError(f"train.loss_scale={t.loss_scale:g} is for train.precision=fp16 "
-                          f"(it is {amp.precision.value})")
-    if t.batch_size % (env.world_size * t.accum_steps):
-        raise ConfigError(f"train.batch_size={t.batch_size} (global) does not divide by the world size "
-                          f"{env.world_size} x train.accum_steps {t.accum_steps}; use a multiple of "
-                          f"{env.world_size * t.accum_steps}")
-    mixing = cfg.data.mixup_alpha or cfg.data.cutmix_alpha
-    if mixing and t.batch_size // (env.world_size * t.accum_steps) % 2:
-        raise ConfigError(f"Mixup/CutMix mixes each image with its neighbour, so every micro-batch must be even; "
-                          f"train.batch_size={t.batch_size} over {env.world_size} ranks x train.accum_steps "
-                          f"{t.accum_steps} gives {t.batch_size // (env.world_size * t.accum_steps)}: use a multiple "
-                          f"of {2 * env.world_size * t.accum_steps}")
-    if cfg.model.sync_bn and env.distributed and not cuda:
-        raise ConfigError("model.sync_bn=true needs GPUs (torch has no CPU SyncBatchNorm); "
-                          "on CPU use model.norm=group for batch-independent normalisation")
-    if t.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first use
+def runtime_setup(cfg: Config) -> None:
+    """Settings of torch for the whole process, once the checks have passed."""
+    if cfg.train.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not t.deterministic
-    return amp
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
 
 
-def data_checks(cfg: Config, env: DistEnv, betons: Betons, train_count: int, val_count: int) -> None:
-    """What the config asks of this data: images the model takes, batches that fit, ranks with images."""
-    sizes.check(cfg.data, betons)
-    train_hw = sizes.shapes(cfg.data, betons)[0]
-    size = (cfg.data.resize,) * 2 if cfg.data.resize else train_hw
-    try:
-        check_input(cfg.model.name, *size, f"data.dir={cfg.data.dir}" +
-                    (f" with data.resize={cfg.data.resize}" if cfg.data.resize else ""))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    b, world = cfg.train.batch_size, env.world_size
-    if train_count < b:
-        raise ConfigError(f"the global batch of {b} is larger than the {train_count} train images, so an epoch "
-                          f"would have no step; lower train.batch_size (each of {world} ranks would take {b // world})")
-    side, translate = min(train_hw), round(cfg.data.translate * min(train_hw) / 32)
-    if cfg.data.crop.value == "translate" and cfg.data.translate_pad.value == "reflect" and translate >= side:
-        raise ConfigError(f"data.translate_pad=reflect needs a translation below the image side ({side} px); "
-                          f"data.translate={cfg.data.translate} gives {translate} px")
-    check_partition(world, betons.count("test"), "test")
-    check_partition(world, val_count, "validation")
-
-
-def pretrained_weights(cfg: Config, resume: tuple[Path, dict] | None) -> files.ModelFile | None:
-    """The weights a fresh run starts from (model.pretrained); a resumed run takes its checkpoint's."""
-    m = cfg.model
-    if resume is not None or not m.pretrained:
-        return None
-    return files.torchvision_weights(m.name) if m.pretrained == "torchvision" else files.read(m.pretrained)
-
-
-def normalization(cfg: Config, betons: Betons, pretrained: files.ModelFile | None,
-                  resume: tuple[Path, dict] | None) -> tuple[list[float], list[float]]:
-    """The inputs' mean/std (in [0, 1]): a resumed run keeps its own; `auto` follows the weights:
-    ImageNet's for torchvision's pretrained weights on a tv_* model, the dataset's otherwise."""
-    if resume is not None and resume[1].get("normalize"):
-        n = resume[1]["normalize"]
-        return n["mean"], n["std"]
-    how = cfg.data.normalize
-    if how == Normalization.auto:
-        foreign = pretrained is not None and not pretrained.ours
-        how = Normalization.imagenet if foreign and cfg.model.name.startswith("tv_") else Normalization.dataset
-    if how == Normalization.imagenet:
-        return files.IMAGENET_MEAN, files.IMAGENET_STD
-    return betons.manifest["mean"], betons.manifest["std"]
-
-
-def make_feed(cfg: Config, env: DistEnv, amp: Amp, mean: list[float], std: list[float]) -> Feed:
-    """How the loaders hand batches over: in the AMP dtype (fp32 with data.fp32_input), on this rank."""
-    return Feed(env.device, amp.input_dtype(cfg.data.fp32_input), cfg.model.channels_last, mean,
-                std, env.rank, env.world_size, env.threads)
+def make_feed(cfg: Config, env: DistEnv, p: Plan) -> Feed:
+    """How the loaders hand batches over: in the AMP dtype (fp32 with data.fp32_input), in the run's memory
+    format, on this rank."""
+    return Feed(env.device, p.amp.input_dtype(cfg.data.fp32_input), p.channels_last, p.mean, p.std, env.rank,
+                env.world_size, env.threads)
 
 
 @dataclass
@@ -137,25 +69,16 @@ class Data:
     split: dict | None  # the validation split, as split.json records it
 
 
-def open_train(cfg: Config, env: DistEnv, betons: Betons, feed: Feed) -> tuple[TrainData, np.ndarray]:
-    """The train loader (without the validation split, if one is held out) and the validation indices."""
-    t = cfg.train
-    d = cfg.data
-    train_idx, val_idx = split_indices(betons, d.val_fraction, d.val_seed, d.folds, d.fold)
-    data_checks(cfg, env, betons, betons.count("train") if train_idx is None else len(train_idx), len(val_idx))
-    return TrainData(betons, cfg.data, feed, t.batch_size, t.seed, t.accum_steps, train_idx), val_idx
-
-
 def train_data(cfg: Config, env: DistEnv) -> TrainData:
     """The train loader alone, as a run makes it (bench loader): no model, no run folder."""
-    amp = runtime_checks(cfg, env)
-    betons = Betons.open(cfg.data.dir, cfg.data.verify)
-    return open_train(cfg, env, betons, make_feed(cfg, env, amp, *normalization(cfg, betons, None, None)))[0]
-
-
-def build_data(cfg: Config, env: DistEnv, betons: Betons, feed: Feed) -> Data:
+    p = plan(cfg, env, lambda *a: None)
     t = cfg.train
-    train, val_idx = open_train(cfg, env, betons, feed)
+    return TrainData(p.betons, cfg.data, make_feed(cfg, env, p), t.batch_size, t.seed, t.accum_steps, p.train_idx)
+
+
+def build_data(cfg: Config, env: DistEnv, p: Plan, feed: Feed) -> Data:
+    t, betons, val_idx = cfg.train, p.betons, p.val_idx
+    train = TrainData(betons, cfg.data, feed, t.batch_size, t.seed, t.accum_steps, p.train_idx)
     train_idx = train.order.indices
     per_rank = t.batch_size // env.world_size
     val = TestData(betons, cfg.data, feed, per_rank, split="train", indices=val_idx) if len(val_idx) else None
@@ -173,21 +96,10 @@ def build_data(cfg: Config, env: DistEnv, betons: Betons, feed: Feed) -> Data:
     return Data(train, val, test, check, split)
 
 
-def total_steps(cfg: Config, per_epoch: int) -> int:
-    """All epochs' steps, or train.max_steps, which must end the run inside its last epoch."""
-    t = cfg.train
-    if not t.max_steps:
-        return per_epoch * t.epochs
-    if not per_epoch * (t.epochs - 1) < t.max_steps <= per_epoch * t.epochs:
-        raise ConfigError(f"train.max_steps={t.max_steps} must fall in the last of train.epochs={t.epochs} "
-                          f"epochs of {per_epoch} steps: set train.epochs={math.ceil(t.max_steps / per_epoch)}")
-    return t.max_steps
-
-
-def model_chain(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.ModelFile | None, train: TrainData,
-                fresh: bool, report: Report, clock: Clock) -> tuple[nn.Module, dict | None]:
+def model_chain(cfg: Config, env: DistEnv, p: Plan, train: TrainData, report: Report,
+                clock: Clock) -> tuple[nn.Module, dict | None]:
     """pretrained -> (SyncBN) -> freeze -> device, channels_last -> a data-dependent first layer's fit."""
-    m = cfg.model
+    m, betons, pretrained, fresh = cfg.model, p.betons, p.pretrained, p.resume is None
     model = build_model(m.name, len(betons.classes), m.width, m.norm.value, m.residual, m.blurpool)
     regularize(model, m.dropout, m.drop_path)
     loaded = None
@@ -201,7 +113,7 @@ def model_chain(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.Mod
     frozen = freeze(model, m.freeze)
     if frozen:
         report.say(f"frozen (no training, BatchNorm statistics kept): {', '.join(frozen)}")
-    model = to_device(model, env.device, m.channels_last)
+    model = to_device(model, env.device, p.channels_last)
     fitted = pretrained is not None and "stem.weight" in pretrained.weights  # fine-tuning keeps a pretrained stem
     if hasattr(model, "init_from_data") and fresh and not fitted:  # same images on every rank: same weights
         t0 = time.perf_counter()
@@ -336,9 +248,11 @@ def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], s
                         cfg.train.checkpoint_every)
 
 
-def epoch_hooks(cfg: Config, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer) -> list:
-    return [TrainMode(forward)] + ([WhitenBias(model.stem, cfg.model.whiten_bias_epochs, optimizer)]
-                                   if cfg.model.whiten_bias_epochs else [])
+def epoch_hooks(cfg: Config, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
+                say) -> list:
+    return ([TrainMode(forward)] + ([WhitenBias(model.stem, cfg.model.whiten_bias_epochs, optimizer)]
+                                    if cfg.model.whiten_bias_epochs else [])
+            + ([TrainSide(cfg.data, say)] if cfg.data.res_end else []))
 
 
 def build(cfg: Config, env: DistEnv) -> Components:
@@ -346,16 +260,14 @@ def build(cfg: Config, env: DistEnv) -> Components:
     started) last. Raises ConfigError, DataError or CheckpointError before anything is written."""
     report = Report(cfg, env)
     clock = Clock(env.device, report.say)
-    amp = runtime_checks(cfg, env)
-    betons = Betons.open(cfg.data.dir, cfg.data.verify)
-    resume = find_resume_point(cfg, env, betons, report.say)  # the same on every rank, or a clear error
-    pretrained = pretrained_weights(cfg, resume)
-    mean, std = normalization(cfg, betons, pretrained, resume)
+    p = plan(cfg, env, report.say)  # every check, before anything is built: what --check runs
+    runtime_setup(cfg)
+    amp, betons, resume, mean, std = p.amp, p.betons, p.resume, p.mean, p.std
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    feed = make_feed(cfg, env, amp, mean, std)
-    data = build_data(cfg, env, betons, feed)
-    state = RunState(len(data.train), cfg.train.epochs, total_steps(cfg, len(data.train)))
-    model, loaded = model_chain(cfg, env, betons, pretrained, data.train, resume is None, report, clock)
+    feed = make_feed(cfg, env, p)
+    data = build_data(cfg, env, p, feed)
+    state = RunState(p.steps_per_epoch, cfg.train.epochs, p.total_steps)
+    model, loaded = model_chain(cfg, env, p, data.train, report, clock)
     forward, ddp = wrap(cfg, env, model)
     hook = comm_hook(cfg, env, ddp, report.say)  # train.comm_hook: before the first step
     torch.manual_seed(derive_seed(cfg.train.seed, env.rank))  # per-rank stream for anything random after init
@@ -363,7 +275,7 @@ def build(cfg: Config, env: DistEnv) -> Components:
     evaluator = evaluation(cfg, amp, model, forward, ema, data, robust, check_attack, report)
     nonfinite = nonfinite_policy(cfg, env, state, step, report)
     saver = checkpointer(cfg, env, betons, mean, std, model, step, state, evaluator, nonfinite, report, hook)
-    hooks, t = epoch_hooks(cfg, model, forward, step.optimizer), cfg.train
+    hooks, t = epoch_hooks(cfg, model, forward, step.optimizer, report.say), cfg.train
     eval_sizes = sorted({n for d in (data.val, data.test, data.check) if d is not None for n in d.batch_sizes()})
     warmup = (WarmUp(t.warmup_steps, step, forward, hooks, saver, clock, example_batch(cfg, env, betons, feed),
                      t.accum_steps, amp, t.tta, report.say, eval_sizes, [a for a in (robust, check_attack) if a],

@@ -39,6 +39,22 @@ class TrainMode:
         self.net.train()
 
 
+class TrainSide:
+    """Progressive resizing (data.res_end): says the train side at the first epoch trained and whenever it changes."""
+
+    def __init__(self, d, say: Callable):
+        self.d, self.say, self.last = d, say, None
+
+    def start_epoch(self, epoch: int) -> None:
+        side = sizes.train_side(self.d, epoch)
+        if side != self.last:
+            self.say(f"epoch {epoch + 1}: train side {side} px" + ("" if self.last is None else f" (was {self.last} px)"))
+            self.last = side
+
+    def warm_up(self, i: int) -> None:
+        pass
+
+
 class WhitenBias:
     """fastnet's whitening bias trains for the first `epochs` epochs, then stays as it is: a pre-hook of the
     optimizer's step drops its gradient, so SGD (momentum, weight decay) leaves it alone. The forward is the
@@ -69,7 +85,7 @@ def example_batch(cfg: Config, env: DistEnv, betons: Betons, feed: Feed):
     """The warm-up's throw-away micro-batch, shaped, typed and laid out as the loader's (at a train `side`,
     the test side with `test`)."""
     micro = cfg.train.batch_size // env.world_size // cfg.train.accum_steps
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if feed.channels_last else torch.contiguous_format
     train_hw, test_hw = sizes.shapes(cfg.data, betons)
 
     def make(g: torch.Generator, n: int = micro, test: bool = False,

@@ -22,7 +22,7 @@ from .cifar import BasicBlock, Bottleneck, CifarResNet, PreActResNet, ResNet9
 from .fastnet import FastNet
 from .layers import NORMS, DropPath, Norm, Residual
 
-__all__ = ["MODELS", "HEAD", "build_model", "check_model", "check_input", "freeze", "load_weights",
+__all__ = ["MODELS", "HEAD", "build_model", "channels_last_fault", "check_model", "check_input", "freeze", "load_weights",
            "parameter_depths", "regularize", "Resized", "PixelInput", "Residual", "to_device", "with_input"]
 
 MODELS: dict[str, Callable[[int, int, Norm], nn.Module]] = {
@@ -167,6 +167,27 @@ class Resized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
+# torch 2.14.1's oneDNN (v3.12) writes out of bounds in the weight gradient of a strided 1x1 convolution laid out
+# channels_last on the CPU when it has fewer input channels than a vector register holds floats (2-7 on AVX2,
+# 8 reported on AVX512): heap corruption, then a segfault, "double free or corruption" or a hang, some steps
+# later. Contiguous memory takes other kernels (docs/TRAINING.md, "A crash in oneDNN on CPU";
+# docs/onednn_1x1.py reproduces it). 16 covers both vector widths.
+UNSAFE_1X1_CHANNELS = range(2, 16)
+
+
+def channels_last_fault(net: nn.Module, device: torch.device) -> str | None:
+    """Why `net` must not train channels_last on `device` (the first layer that would corrupt memory), or None."""
+    if device.type != "cpu":
+        return None
+    for name, m in net.named_modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+                and m.in_channels in UNSAFE_1X1_CHANNELS):
+            return (f"on the CPU, torch's oneDNN corrupts memory in the weight gradient of a strided 1x1 convolution "
+                    f"in channels_last with {m.in_channels} input channels ({name}; fewer than 16): the run trains "
+                    "in contiguous memory (docs/TRAINING.md, 'A crash in oneDNN on CPU')")
+    return None
 
 
 def to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

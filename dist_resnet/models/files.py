@@ -152,13 +152,19 @@ def _hub_file(url: str, what: str) -> Path:
 
 
 def load_pretrained(model: nn.Module, mf: ModelFile, classes: list[str]) -> dict:
-    """Copy `mf`'s weights into `model`, whose head is built for `classes`.
-
-    The head (`fc`) is loaded only from a file trained on these very classes; otherwise it keeps its
-    fresh initialisation ("reset"). Any other tensor must be in the file with the model's shape: a
-    shape mismatch or a missing tensor outside the head is a CheckpointError naming the keys.
+    """Copy `mf`'s weights into `model`, whose head is built for `classes` (match_pretrained says which).
     Returns the report: loaded, reset, missing and unexpected keys."""
-    own = model.state_dict()
+    report = match_pretrained(model.state_dict(), mf, classes)
+    model.load_state_dict({k: mf.weights[k] for k in report.pop("keys")}, strict=False)
+    return report
+
+
+def match_pretrained(own: dict[str, torch.Tensor], mf: ModelFile, classes: list[str]) -> dict:
+    """Which of `mf`'s tensors a model with the state `own` (shapes are enough: a model on the meta device),
+    whose head is built for `classes`, takes. The head (`fc`) is loaded only from a file trained on these very
+    classes; otherwise it keeps its fresh initialisation ("reset"). Any other tensor must be in the file with
+    the model's shape: a shape mismatch or a missing tensor outside the head is a CheckpointError naming the
+    keys."""
     same_classes = bool(mf.classes) and list(mf.classes) == list(classes)
     loaded, reset, missing, mismatched = [], [], [], []
     for k, v in own.items():
@@ -179,6 +185,5 @@ def load_pretrained(model: nn.Module, mf: ModelFile, classes: list[str]) -> dict
     if real:
         raise CheckpointError(f"{mf.path} lacks {len(real)} of this model's tensors outside the head (e.g. "
                               f"{', '.join(real[:3])}): is it the weights of another model?")
-    model.load_state_dict({k: mf.weights[k] for k in loaded}, strict=False)
-    return {"source": mf.path, "kind": mf.kind, "loaded": len(loaded), "reset": reset, "missing": missing,
+    return {"keys": loaded, "source": mf.path, "kind": mf.kind, "loaded": len(loaded), "reset": reset, "missing": missing,
             "unexpected": unexpected, "head": "loaded" if same_classes else f"reset for {len(classes)} classes"}

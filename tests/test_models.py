@@ -179,3 +179,24 @@ def test_drop_path_needs_residual_branches():
     load_config(None, ["model.name=fastnet", "model.residual=true", "model.drop_path=0.1", "data.dir=x", "run.dir=y"])
     with pytest.raises(ValueError, match="FastNet has no residual branches"):
         regularize(build_model("fastnet", 10, 8), 0.0, 0.1)
+
+
+def test_a_net_that_would_corrupt_memory_in_channels_last_trains_in_contiguous_memory(tiny_betons, tmp_path):
+    """torch 2.14.1's oneDNN corrupts the heap in the weight gradient of a strided 1x1 convolution laid out
+    channels_last on the CPU with 2-15 input channels (docs/onednn_1x1.py: 2-7 crash on AVX2, 8 was reported on
+    AVX512): resnet18 at width 4 has such shortcuts, and its first backward passes ended in a segfault, "double
+    free or corruption" or a hang. The run says so in one line and trains in contiguous memory to its end; a
+    width with no such layer keeps channels_last, and a GPU is not concerned."""
+    from dist_resnet.models import channels_last_fault
+    from tests.conftest import TINY
+    from tests.launch import launch
+
+    log = tmp_path / "log"
+    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'r'}", "model.name=resnet18", "model.width=4",
+            "train.epochs=1"]
+    codes = launch("dist_resnet.train", argv, log, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    text = log.read_text()
+    assert codes == [0], text[-3000:]
+    assert "note: model.channels_last is off for this run" in text and "(stages.2.shortcut.0;" in text, text
+    assert channels_last_fault(build_model("resnet18", 10, 16), torch.device("cpu")) is None
+    assert channels_last_fault(build_model("resnet18", 10, 4), torch.device("cuda")) is None

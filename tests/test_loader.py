@@ -247,7 +247,7 @@ def test_a_damaged_manifest_is_a_clear_error(betons, tmp_path, damage, message):
         m["std"] = [0.0, 0.2, 0.2]
     text = damage if damage in ("not json", '{"classes": []}') else json.dumps(m)
     (d / "manifest.json").write_text(text)
-    with pytest.raises(DataError, match=f"manifest.json .*{message}.*re-run prepare"):
+    with pytest.raises(DataError, match=f"manifest.json .*{message}.*prepare it again"):
         read_manifest(d)
 
 
@@ -266,7 +266,7 @@ def test_betons_are_checked_against_the_manifest(betons, tmp_path):
         f.seek(5000)
         f.write(bytes([b[0] ^ 1]))
     check_betons(d, manifest)  # sizes only: it passes
-    with pytest.raises(DataError, match="test.beton does not match the sha256.*re-run prepare"):
+    with pytest.raises(DataError, match="test.beton does not match the sha256.*prepare it again"):
         check_betons(d, manifest, hashes=True)
     with open(d / "train.beton", "ab") as f:
         f.write(b"x")

@@ -90,6 +90,74 @@ def test_bad_photo_options_are_one_line_errors_with_exit_2(mixed_src, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_a_degenerate_photo_is_named_in_the_first_pass(mixed_src, tmp_path):
+    """A 700x1 PNG is stored 0 px high at --max-resolution 512: OpenCV's resize failed inside FFCV's writer
+    process, and prepare waited forever. The first pass names it; nothing is written."""
+    import shutil
+
+    from PIL import Image
+
+    src = shutil.copytree(mixed_src, tmp_path / "src")
+    Image.new("RGB", (700, 1), (10, 20, 30)).save(src / "train" / "class2" / "strip.png")
+    with pytest.raises(PrepareError, match=r"1 file\(s\) in train cannot be read or stored: .*strip.png is 700x1: "
+                                           r"with its longer side brought to --max-resolution 512, it would be 512x0"):
+        prepare(str(src), tmp_path / "out", storage=Storage("smart"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+# a prepare whose writer processes meet an image that changed after the first pass (`broken`), or that is
+# stopped with SIGTERM while it writes (`slow`: each image takes 0.2 s, and the first one says so in a file)
+PREPARE_UNDER_FIRE = """import sys, time
+from pathlib import Path
+from dist_resnet.data import photos, prepare
+mode, src, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+if mode == "broken":
+    survey = photos.survey
+    def survey_then_break(files, *a):
+        result = survey(files, *a)
+        files[-1][0].write_bytes(b"not an image any more")
+        return result
+    photos.survey = survey_then_break
+else:
+    item = photos.Photos.__getitem__
+    def slow(self, i):
+        (out.parent / "writing").touch()
+        time.sleep(0.2)
+        return item(self, i)
+    photos.Photos.__getitem__ = slow
+prepare.main(["--source", str(src), "--out", str(out), "--write-mode", "raw", "--workers", "2"])
+"""
+
+
+def test_a_writer_that_dies_ends_prepare_and_sigterm_cleans_up(mixed_src, tmp_path):
+    """FFCV's writer polls a counter and never looks at its processes: one that died left prepare sleeping for
+    ever (a 700x1 image; here a file changed after the first pass). Now it ends in one line, exit 2, in
+    seconds; and a prepare stopped with SIGTERM while it writes removes its temporary folder and stops its
+    writers on the way out (a killed one left .OUT.tmp-* behind)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = shutil.copytree(mixed_src, tmp_path / "src")
+    cmd = [sys.executable, "-c", PREPARE_UNDER_FIRE]
+    p = subprocess.run([*cmd, "broken", str(src), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    said = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+    assert p.returncode == 2 and len(said) == 1 and said[0].startswith("prepare: error: a writer process of "
+                                                                      "train.beton died (") \
+        and "nothing was written" in said[0], p.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+    run = subprocess.Popen([*cmd, "slow", str(mixed_src), str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".out.tmp-*")), "no temporary folder while writing"
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 128 + signal.SIGTERM, run.stderr.read()[-3000:]
+    assert not list(tmp_path.glob(".out.tmp*")) and not (tmp_path / "out").exists()
+
+
 def test_the_crop_draws_follow_torchvision_random_resized_crop():
     """20,000 crops of a 300 x 200 image from the seeded draw against torchvision's own: the area share
     and the log aspect ratio have the same distributions (two-sample KS, both seeded: no flake)."""

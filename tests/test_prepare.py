@@ -174,3 +174,35 @@ def test_verify_checks_a_prepared_folder(betons, tmp_path, capsys):
         main(["--verify", str(bad)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "train.beton does not match the sha256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_class_is_refused_in_one_line(tmp_path, subset_dir, capsys):
+    """A folder of one class prepared ("1 classes") and trained to "acc 1.0000"; so did --classes naming one.
+    Both are refused, as is --workers below 1 (a traceback before), each in one line, exit 2."""
+    from dist_resnet.data.prepare import main
+
+    one = small_folder(tmp_path / "one", subset_dir, classes=CLASSES[:1])
+    assert_fails_cleanly(one, tmp_path / "out", "gives 1 class .airplane.: a classifier needs at least two")
+    three = small_folder(tmp_path / "three", subset_dir)
+    assert_fails_cleanly(three, tmp_path / "out", "gives 1 class .bird with --classes.", classes=["bird"])
+    for args, message in ((["--source", str(three), "--out", str(tmp_path / "out"), "--workers", "-2"],
+                           "--workers must be at least 1"),
+                          (["--source", str(one), "--out", str(tmp_path / "out")], "a classifier needs at least two")):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_a_killed_prepares_temporary_folder_is_removed_by_the_next(tmp_path, subset_dir, capsys):
+    """A prepare killed with SIGKILL cannot clean up: its temporary folder names its process, and the next
+    prepare into the same folder removes it (a live process's is kept)."""
+    src = small_folder(tmp_path / "src", subset_dir)
+    dead = tmp_path / ".out.tmp-999999999-abc"  # no such process
+    live = tmp_path / ".out.tmp-1-abc"  # init: alive
+    for d in (dead, live):
+        (d / "src").mkdir(parents=True)
+    prepare(str(src), tmp_path / "out")
+    assert not dead.exists() and live.exists() and (tmp_path / "out" / "manifest.json").exists()
+    assert f"removed {dead}" in capsys.readouterr().out

@@ -15,7 +15,11 @@ import numpy as np
 from ..fileio import sha256
 from .beton import table
 
-PREPARE_HINT = "create it with: python -m dist_resnet.data.prepare --source torchvision --out DIR"
+PREPARE = "python -m dist_resnet.data.prepare --source SRC --out DIR"
+SOURCES = ("SRC: torchvision (CIFAR-10), or your ImageFolder directory or tarball, train/<class>/* and "
+           "test/<class>/*; add --write-mode smart for photos of mixed sizes")
+PREPARE_HINT = f"create it with: {PREPARE} ({SOURCES})"
+REPREPARE = f"prepare it again: {PREPARE} --force ({SOURCES})"
 SPLITS = ("train", "test")
 
 
@@ -62,13 +66,13 @@ def read_manifest(data_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run prepare: {PREPARE_HINT} --force") from None
+        raise DataError(f"{path} is not valid JSON ({e}); {REPREPARE}") from None
     problem = _manifest_problem(manifest)
     if problem:
-        raise DataError(f"{path} is incomplete or damaged: {problem}; re-run prepare: {PREPARE_HINT} --force")
+        raise DataError(f"{path} is incomplete or damaged: {problem}; {REPREPARE}")
     for split in SPLITS:
         if not (d / f"{split}.beton").is_file():
-            raise DataError(f"{d / split}.beton is missing; {PREPARE_HINT} --force")
+            raise DataError(f"{d / split}.beton is missing; {REPREPARE}")
     return manifest
 
 
@@ -80,10 +84,10 @@ def check_betons(data_dir: str | Path, manifest: dict, hashes: bool = False) -> 
         size = path.stat().st_size
         if "bytes" in entry and size != entry["bytes"]:
             raise DataError(f"{path} has {size} bytes but the manifest says {entry['bytes']}: it is truncated or "
-                            f"damaged; re-run prepare: {PREPARE_HINT} --force")
+                            f"damaged; {REPREPARE}")
         if hashes and sha256(path) != entry["sha256"]:
             raise DataError(f"{path} does not match the sha256 in the manifest: it is damaged; "
-                            f"re-run prepare: {PREPARE_HINT} --force")
+                            f"{REPREPARE}")
 
 
 @dataclass(frozen=True)

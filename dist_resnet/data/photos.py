@@ -17,7 +17,6 @@ DIR, by several processes, and lands with the manifest last, so a failure leaves
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -82,17 +81,21 @@ def survey(files: list[tuple[Path, int]], split: str, workers: int, storage: Sto
     """Scan a split: (stored sizes N x 2, per-channel sums) or a PrepareError naming the unreadable files."""
     sizes, sums, bad = [], np.zeros((3, 3)), []
     with ProcessPoolExecutor(workers) as pool:
-        for (h, w), mode, s, err in tqdm(pool.map(scan, [str(f) for f, _ in files], chunksize=64),
-                                        total=len(files), desc=f"scan {split}", unit="img"):
+        scans = zip((f for f, _ in files), pool.map(scan, [str(f) for f, _ in files], chunksize=64))
+        for path, ((h, w), mode, s, err) in tqdm(scans, total=len(files), desc=f"scan {split}", unit="img"):
+            stored = stored_size(h, w, storage.max_resolution) if err is None else (0, 0)
+            if err is None and min(stored) < 1:  # FFCV's resize to 0 px fails in its writer process
+                err = (f"{path} is {w}x{h}: with its longer side brought to --max-resolution {storage.max_resolution}, "
+                       f"it would be {stored[1]}x{stored[0]} px")
             if err is not None:
                 bad.append(err)
                 continue
-            sizes.append(stored_size(h, w, storage.max_resolution))
+            sizes.append(stored)
             sums += s
             modes[mode] += 1
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise PrepareError(f"{len(bad)} file(s) in {split} cannot be read: {'; '.join(bad[:3])}{more}. "
+        raise PrepareError(f"{len(bad)} file(s) in {split} cannot be read or stored: {'; '.join(bad[:3])}{more}. "
                            "Remove or replace them, then run prepare again")
     return np.array(sizes, dtype=np.int64), sums
 
@@ -126,15 +129,14 @@ class Photos:
 
 def write(path: Path, files: list[tuple[Path, int]], storage: Storage, workers: int) -> int:
     """Write one split's beton; the number of images stored as JPEG."""
-    from ffcv import writer
     from ffcv.fields import IntField, RGBImageField
+
+    from . import writer
 
     image = RGBImageField(write_mode=storage.write_mode, max_resolution=storage.max_resolution,
                           smart_threshold=SMART_BYTES, jpeg_quality=storage.jpeg_quality,
                           compress_probability=storage.compress_probability)
-    writer.tqdm = functools.partial(tqdm, desc=f"write {path.name}", unit="img")
-    writer.DatasetWriter(str(path), {"image": image, "label": IntField()},
-                         num_workers=workers).from_indexed_dataset(Photos(files), chunksize=64)
+    writer.write(path, {"image": image, "label": IntField()}, Photos(files), workers, chunksize=64)
     return int((table(str(path))["image"]["mode"] == 0).sum())
 
 

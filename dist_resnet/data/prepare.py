@@ -51,13 +51,17 @@ def _find_root(folder: Path) -> Path:
 
 
 def select_classes(names: list[str], only: list[str] | None, where: str) -> list[str]:
-    """`names` restricted to `only` (in the order of `names`); PrepareError for a name not there."""
-    if not only:
-        return names
-    unknown = [c for c in only if c not in names]
+    """`names` restricted to `only` (in the order of `names`); PrepareError for a name not there, or for fewer
+    than two classes (a classifier of one class is right by construction: it would train to "acc 1.0000")."""
+    unknown = [c for c in only or [] if c not in names]
     if unknown:
         raise PrepareError(f"--classes names {', '.join(unknown)}, not in {where}; its classes: {', '.join(names)}")
-    return [n for n in names if n in only]
+    kept = [n for n in names if n in only] if only else names
+    if len(kept) < 2:
+        raise PrepareError(f"{where} gives {len(kept)} class ({', '.join(kept)}"
+                           f"{' with --classes' if only else ''}): a classifier needs at least two, one folder each "
+                           "under train/ and test/")
+    return kept
 
 
 def _list_images(root: Path, only: list[str] | None = None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
@@ -194,17 +198,13 @@ class _Arrays:
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    import functools
-
-    from ffcv import writer
     from ffcv.fields import IntField, RGBImageField
 
+    from . import writer
+
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
-    # FFCV's writer draws its own progress bar with no label (tqdm(total=N)): it is given one here, so the
-    # output says which of the two bars per split is which ("decode test", then "write test.beton")
-    writer.tqdm = functools.partial(tqdm, desc=f"write {path.name}", unit="img")
     # one worker: the file's bytes (and so its sha256) do not depend on scheduling
-    writer.DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Arrays(images, labels))
+    writer.write(path, fields, _Arrays(images, labels), workers=1)
 
 
 def fixed(source: str, size: tuple[int, int] | None, download_root: Path, workers: int, tmp: Path,
@@ -271,10 +271,15 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
     if size is not None and storage is not None:
         raise PrepareError("--resize brings every image to one size; the photo options (--write-mode ...) keep "
                            "each image's own size for random-resized crops. Give one or the other")
+    if workers is not None and workers < 1:
+        raise PrepareError(f"--workers must be at least 1 (processes that decode and write), not {workers}")
     download_root = download_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_resnet"
     workers = workers or min(8, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp_str:
+    for stale in clean_stale(out):
+        print(f"removed {stale}, left by a prepare that was killed")
+    # the folder names its process: a later prepare removes it if that process was killed (SIGKILL) before its end
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent) as tmp_str:
         tmp = Path(tmp_str)
         if storage is None:
             manifest = fixed(source, size, download_root, workers, tmp, classes)
@@ -286,6 +291,32 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
             os.replace(tmp / f, out / f)
         shutil.rmtree(tmp / "src", ignore_errors=True)
     return manifest
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders beside `out` left by prepares that were killed (their process is gone)."""
+    import re
+
+    from ..fileio import alive
+
+    pattern, removed = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)-"), []
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def stop_on_term() -> None:
+    """SIGTERM (kill, a job's end) ends prepare as Ctrl-C does: an exception, so that the temporary folder is
+    removed and the writer processes are stopped on the way out."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def verify(data_dir: Path) -> dict:
@@ -342,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.source or not args.out:
         p.error("--source and --out are required (or --verify DIR)")
+    stop_on_term()
     try:
         if args.resize is not None and len(args.resize) not in (1, 2):
             raise PrepareError(f"--resize takes N or H W, not {' '.join(map(str, args.resize))}")

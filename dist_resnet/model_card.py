@@ -35,12 +35,11 @@ def limitations(cfg, manifest: dict, size: tuple[int, int]) -> list[str]:
     if d.test_res:  # photos: random-resized crops in training, the centre crop in evaluation
         stored = (manifest.get("storage") or {}).get("max_resolution")
         train = f"{d.res} px" + (f", growing to {d.res_end} px" if d.res_end else "")
-        lines.append(f"- Photos: trained on random-resized crops of {train} (each {d.rrc_scale[0]:g}-{d.rrc_scale[1]:g} "
-                     f"of a photo's area)" + (f", from photos stored at most {stored} px on their longer side" if stored
-                                              else "") +
-                     f"; evaluated, and predicted by `predict`, on the central {d.test_crop_ratio:g} of the shorter side "
-                     f"resized to {size[1]}x{size[0]}. An object that fills much less of the frame than in the training "
-                     "photos is outside what was measured.")
+        source = f", from photos stored at most {stored} px on their longer side" if stored else ""
+        lines.append(f"- Photos: trained on random-resized crops of {train} (each {d.rrc_scale[0]:g}-"
+                     f"{d.rrc_scale[1]:g} of a photo's area){source}; evaluated, and predicted by `predict`, on the "
+                     f"central {d.test_crop_ratio:g} of the shorter side resized to {size[1]}x{size[0]}. An object "
+                     "that fills much less of the frame than in the training photos is outside what was measured.")
     else:
         lines.append(f"- Image size: the model saw {size[1]}x{size[0]} images" +
                      (f", upsampled to {d.resize}x{d.resize} inside the model" if d.resize else "") +
@@ -73,6 +72,12 @@ def precision(record: dict, configured: str) -> str:
     without one, only what the config asked for."""
     if "precision" not in record:
         return f"train.precision={configured} (what it resolved to was not recorded)"
+    parts = record.get("precision_segments") or []
+    if len(parts) > 1:  # resumed where train.precision=auto resolved otherwise
+        ends = [p["from_step"] for p in parts[1:]] + [None]
+        return ", then ".join(f"{p['precision'] or 'not recorded'} ({p['why']}) " +
+                              (f"for steps {p['from_step'] + 1}-{end}" if end is not None else
+                               f"from step {p['from_step'] + 1}") for p, end in zip(parts, ends))
     why = record.get("precision_why")
     return f"{record['precision']} ({why})" if why else record["precision"]
 

@@ -20,6 +20,7 @@ TensorBoard and metrics.json keep everything.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 import urllib.request
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, ConfigError, flatten, to_dict
-from .fileio import write_json
+from .fileio import write_json, write_text
 
 IDS = "tracking.json"  # the MLflow and W&B run ids of this run folder, and where its MLflow store is
 CSV = "scalars.csv"
@@ -112,10 +113,11 @@ class CsvLog:
         if resumed_step is not None and path.exists():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resumed_step]
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.COLUMNS)
-                w.writeheader()
-                w.writerows(rows)
+            text = io.StringIO(newline="")
+            w = csv.DictWriter(text, fieldnames=self.COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+            write_text(path, text.getvalue())  # atomic: a kill here leaves the whole old file, never a torn one
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.out = csv.writer(self.file)

@@ -8,6 +8,7 @@
 - boundscheck: numba checks its array bounds, so a damaged beton raises in FFCV's decode thread.
 - count_allreduce: a DDP communication hook counts the gradient buckets all-reduced and the elements in
   them; each rank writes the counts to PROBE_OUT.<rank> at the end.
+- held_after_save: after each checkpoint, each rank writes how many ranks' PowerSGD states it still holds.
 """
 from __future__ import annotations
 
@@ -96,6 +97,28 @@ def count_allreduce() -> None:
 
     after_build(register)
     Trainer.fit = counted_fit
+
+
+def held_after_save() -> None:
+    """After each checkpoint, how many ranks' PowerSGD states this rank still holds (gathered for rank 0's
+    file); each rank writes the counts to PROBE_OUT.<rank> at the end."""
+    import json
+
+    held: list[int] = []
+
+    def watch(c, env):
+        save = c.checkpointer.save
+
+        def watched(*args, **kwargs):
+            save(*args, **kwargs)
+            hook = next(p for p in c.checkpointer.parts if hasattr(p, "gather"))
+            held.append(len(getattr(hook, "gathered", None) or []))
+            with open(f"{os.environ['PROBE_OUT']}.{env.rank}", "w") as f:
+                json.dump(held, f)
+
+        c.checkpointer.save = watched
+
+    after_build(watch)
 
 
 def main(argv: list[str]) -> None:

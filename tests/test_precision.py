@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from dist_resnet.checkpoint import load
 from tests.conftest import TINY, python_module, run
 from tests.launch import launch
@@ -75,3 +77,57 @@ def test_a_bf16_run_on_cpu_resumes_bit_exactly(tiny_betons, tmp_path):
     assert codes == [0], (tmp_path / "res.log").read_text()
     assert (metrics(run_dir)["precision"], metrics(run_dir)["precision_why"]) == ("bf16", "as set")
     assert_same_run(tmp_path / "ref", run_dir)
+
+
+def test_auto_resumed_where_it_resolves_otherwise_says_so_and_records_each_part(tiny_betons, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A run started in bf16 (`auto` on a CPU with AVX512-BF16) and resumed where `auto` gives fp32 (another
+    machine, or ATEN_CPU_CAPABILITY=avx2) went on in fp32 in silence, and metrics.json and the card said fp32 for
+    a run that was partly bf16. The checkpoint records what each stretch of steps ran in; the resume says the
+    change in one line; metrics.json and the card give both parts. The CPU's answer is stood in for here, as
+    each machine gives only one. The resume also switches run.pictures on, which it may."""
+    from dist_resnet import export, precision, train
+
+    def cpu(native: bool):
+        why = ("the CPU has AVX512-BF16 and torch's kernels run at AVX512" if native
+               else "the CPU has neither AMX nor AVX512-BF16")
+        monkeypatch.setattr(precision, "cpu_bf16_support", lambda: {"native": native, "why": why})
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()  # the run stops at its first check, after step 2, with a checkpoint
+    argv = [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=1", "train.precision=auto",
+            "train.stop_check_every=2", "model.width=4"]
+    cpu(native=True)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 75 and load(run_dir / "last.pt")["precision"][0]["precision"] == "bf16"
+    cpu(native=False)
+    capsys.readouterr()
+    train.main([*argv, "train.resume=true", "run.pictures=true"])
+    out = capsys.readouterr().out
+    assert "note: this run trained in bf16 (auto: the CPU has AVX512-BF16 and torch's kernels run at AVX512) until " \
+           "step 2; it goes on in fp32 (auto: the CPU has neither AMX nor AVX512-BF16): the run continues, but no " \
+           "longer bit-identical" in out, out
+    m = metrics(run_dir)
+    assert [(s["from_step"], s["precision"]) for s in m["precision_segments"]] == [(0, "bf16"), (2, "fp32")]
+    assert m["completed"] and (run_dir / "curves.png").exists()  # run.pictures, switched on at the resume
+    export.main([str(run_dir / "last.pt"), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    card = (tmp_path / "m.safetensors.md").read_text()
+    assert "precision bf16 (auto: the CPU has AVX512-BF16 and torch's kernels run at AVX512) for steps 1-2, then " \
+           "fp32 (auto: the CPU has neither AMX nor AVX512-BF16) from step 3;" in card, card
+
+
+def test_a_loss_scale_resumed_from_a_run_that_had_none_starts_afresh():
+    """A bf16 start resumed where only fp16 runs (a GPU without bf16) loaded the saved `{}` into a GradScaler,
+    which raised "The source state dict is empty". The scale now starts afresh (GradScaler on the CPU here)."""
+    import torch
+
+    from dist_resnet.engine.step import DynamicLossScale, NoLossScale
+
+    scale = DynamicLossScale(torch.device("cpu"))
+    scale.load_state_dict(NoLossScale().state_dict())
+    assert scale.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    saved = {"scaler": {**scale.scaler.state_dict(), "scale": 1024.0}}
+    scale.load_state_dict(saved)
+    assert scale.scaler.get_scale() == 1024.0

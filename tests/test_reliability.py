@@ -6,6 +6,7 @@ Runs are tiny (1,000 images, resnet9 at width 8, 10 steps per epoch) and started
 forkserver, so that the suite can afford the dozens of real trainer processes these tests need."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -165,8 +166,13 @@ def test_a_compressing_comm_hook_resumes_bit_exactly(tiny_betons, tmp_path, hook
     both runs train with the re-ordered buckets from their first real step."""
     opts = ["train.epochs=2", f"train.comm_hook={hook}", "train.powersgd_start=3", "train.powersgd_rank=1",
             "train.checkpoint_every=4", "train.warmup_steps=2"]
-    codes, out = train(tiny_betons, tmp_path / "ref", *opts, nproc=2)
+    codes, out = train(tiny_betons, tmp_path / "ref", *opts, nproc=2, probe="held_after_save",
+                       env={"PROBE_OUT": str(tmp_path / "held")})
     assert codes == [0, 0], out
+    # the states are gathered to rank 0 alone, which writes them and lets them go: every other rank used to keep
+    # world_size copies of them after each checkpoint (all-gathered, cleared on rank 0 only)
+    held = [json.loads((tmp_path / f"held.{rank}").read_text()) for rank in range(2)]
+    assert held == [[0] * 6, [0] * 6], held  # the checkpoints after steps 4, 8, 10 (epoch 1), 12, 16 and 20
     run_dir = tmp_path / "run"
     codes, out = train(tiny_betons, run_dir, *opts, nproc=2, env={"DIST_RESNET_FAULT": "step:13"})
     assert codes == [-9, -9], out

@@ -281,3 +281,30 @@ def test_wandb_online_with_a_server_that_never_answers_costs_seconds(tiny_betons
     first = float(out.split("first step after ")[1].split("s")[0])
     print(f"W&B to a silent server: first step after {first:.1f} s, whole run {seconds:.1f} s")
     assert first < 30, out[-2000:]
+
+
+def test_the_csv_log_survives_a_failure_while_a_resume_rewrites_it(tmp_path, monkeypatch):
+    """A resume drops the CSV rows past its checkpoint by rewriting the file. It was opened with "w" and
+    rewritten in place: a kill or an error during the rewrite lost the whole history. The rewrite is now one
+    atomic replace: here the rows fail to be written, and the file keeps every row it had."""
+    import csv
+
+    from dist_resnet.tracking import CSV, CsvLog
+
+    log = CsvLog(tmp_path, None)
+    for step in range(1, 11):
+        log.scalars({"loss/train": 2.0 / step}, step)
+    log.close("KILLED")
+    before = (tmp_path / CSV).read_bytes()
+
+    def fail(self, rows):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(OSError, match="No space left"):
+        CsvLog(tmp_path, resumed_step=6)
+    assert (tmp_path / CSV).read_bytes() == before
+    monkeypatch.undo()
+    CsvLog(tmp_path, resumed_step=6).close("FINISHED")
+    rows = list(csv.DictReader(open(tmp_path / CSV)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and (tmp_path / CSV).read_bytes() in before

@@ -6,7 +6,7 @@ from .load import flatten, to_dict
 from .schema import Config
 
 RESUME_HARMLESS = (
-    "run.dir", "run.progress", "run.csv", "run.mlflow", "run.mlflow_experiment", "run.mlflow_parent", "run.wandb",
+    "run.dir", "run.progress", "run.pictures", "run.csv", "run.mlflow", "run.mlflow_experiment", "run.mlflow_parent", "run.wandb",
     "run.wandb_project", "run.wandb_group", "train.resume", "train.log_every", "train.stop_check_every", "train.eval_every",
     "train.tta", "train.keep_last", "train.checkpoint_every", "train.eval_test_every", "train.timeout_s", "train.nonfinite", "train.max_rollbacks",
     "train.ema", "train.ema_decay",  # the EMA only watches the weights; a new one starts from the restored ones

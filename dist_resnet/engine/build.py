@@ -266,7 +266,8 @@ def build(cfg: Config, env: DistEnv) -> Components:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     feed = make_feed(cfg, env, p)
     data = build_data(cfg, env, p, feed)
-    state = RunState(p.steps_per_epoch, cfg.train.epochs, p.total_steps)
+    state = RunState(p.steps_per_epoch, cfg.train.epochs, p.total_steps,
+                     {"precision": amp.precision.value, "why": amp.why})
     model, loaded = model_chain(cfg, env, p, data.train, report, clock)
     forward, ddp = wrap(cfg, env, model)
     hook = comm_hook(cfg, env, ddp, report.say)  # train.comm_hook: before the first step

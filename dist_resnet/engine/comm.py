@@ -6,7 +6,7 @@
 - `powersgd`: torch's PowerSGD (Vogels et al., 2019): after `train.powersgd_start` steps of plain all-reduce,
   each matrix-shaped gradient is sent as two rank-`train.powersgd_rank` factors, with error feedback and a
   warm start. Its state (each rank's error feedback, the factors it warm-starts from, its step and RNG) is
-  per rank: a checkpoint gathers every rank's into rank 0's file, and each rank takes its own back, so a
+  per rank: a checkpoint gathers every rank's to rank 0 (only) for its file, and each rank takes its own back, so a
   resumed run is bit-exact. At another world size the state cannot map to the ranks: it starts afresh (said).
 
 One object per choice, made once in engine.build; the checkpoint key is `comm_hook` (None without state).
@@ -76,9 +76,10 @@ class PowerSGD(NoHook):
                 **{k: {i: t.detach().cpu() for i, t in getattr(s, k).items()} for k in self.MEMORY}}
 
     def gather(self) -> None:
-        """Every rank's state to every rank (a collective: the checkpointer calls it on all of them)."""
-        self.gathered = [None] * self.world
-        dist.all_gather_object(self.gathered, self.local())
+        """Every rank's state to rank 0, which writes the checkpoint and lets them go in `state_dict` (a collective:
+        the checkpointer calls it on all ranks); the other ranks hold nothing after it."""
+        self.gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(self.local(), self.gathered, dst=0)
 
     def state_dict(self) -> dict:
         ranks, self.gathered = self.gathered, None

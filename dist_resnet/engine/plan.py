@@ -152,7 +152,7 @@ def plan(cfg: Config, env: DistEnv, say: Callable) -> Plan:
     CheckpointError (one line, exit 2) for the first that fails."""
     amp = runtime_checks(cfg, env)
     betons = Betons.open(cfg.data.dir, cfg.data.verify)
-    resume = find_resume_point(cfg, env, betons, say)  # the same on every rank, or a clear error
+    resume = find_resume_point(cfg, env, betons, amp, say)  # the same on every rank, or a clear error
     pretrained = pretrained_weights(cfg, resume)
     mean, std = normalization(cfg, betons, pretrained, resume)
     d = cfg.data

@@ -179,7 +179,8 @@ class Report:
         return {
             "model": self.cfg.model.name, "world_size": self.env.world_size, "steps_per_epoch": facts["steps_per_epoch"],
             "global_batch_size": self.cfg.train.batch_size, "device": self.device_name,
-            "precision": facts["precision"], "precision_why": facts["precision_why"], "epochs": len(history),
+            "precision": facts["precision"], "precision_why": facts["precision_why"],
+            "precision_segments": facts["precision_segments"], "epochs": len(history),
             "completed": len(history) == self.cfg.train.epochs or facts["stopped_early"],
             "stopped": False, "failure": facts["failure"], "rollbacks": facts["rollbacks"],
             "test_acc": last(evals, "test_acc"), "test_count": last(evals, "test_count"),

@@ -25,8 +25,8 @@ from ..models import load_weights
 
 KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc", "history", "ema",
         "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data", "classes", "normalize",
-        "image_shape", "monitor", "comm_hook")  # monitor, comm_hook: since early stopping, PowerSGD; older
-# checkpoints, without them, resume too
+        "image_shape", "monitor", "comm_hook", "precision")  # monitor, comm_hook, precision: since early
+# stopping, PowerSGD and the precision record; older checkpoints, without them, resume too
 OPTIONAL = {"ema": None, "lookahead": None, "comm_hook": None}  # features a run may not have: None in its checkpoints
 
 
@@ -65,15 +65,22 @@ class ModelWeights:
 @dataclass
 class RunState:
     """Where the run is: completed epochs, optimizer steps taken, the position inside a stopped epoch,
-    the per-epoch history; and where it ends (`total_steps`: the last epoch may end early, train.max_steps)."""
+    the per-epoch history, the precision each stretch of steps ran in; and where it ends (`total_steps`: the
+    last epoch may end early, train.max_steps)."""
 
     steps_per_epoch: int
     epochs: int
     total_steps: int
+    precision: dict = field(default_factory=dict)  # what this process runs in: {"precision", "why"}
     epoch: int = 0
     step: int = 0
     position: dict | None = None  # {"step", "stats", "elapsed"} of a stopped epoch
     history: list = field(default_factory=list)
+    # [{"from_step", "precision", "why"}]: train.precision=auto resumed on another machine may resolve otherwise
+    segments: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.segments = self.segments or [{"from_step": 0, **self.precision}]
 
     @property
     def finished(self) -> bool:
@@ -89,11 +96,16 @@ class RunState:
         return pos
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "position": self.position, "history": self.history}
+        return {"epoch": self.epoch, "step": self.step, "position": self.position, "history": self.history,
+                "precision": self.segments}
 
     def load_state_dict(self, state: dict, source: str = "") -> None:
         self.epoch, self.step, self.position = state["epoch"], state["step"], state.get("position")
         self.history = state["history"]
+        self.segments = [dict(s) for s in state.get("precision") or  # a checkpoint from before the record
+                         [{"from_step": 0, "precision": None, "why": "not recorded"}]]
+        if self.segments[-1]["precision"] != self.precision.get("precision"):  # resumed on another machine
+            self.segments.append({"from_step": self.step, **self.precision})
 
 
 # ---------------------------------------------------------------- the resume point
@@ -121,9 +133,10 @@ def refused_changes(old: Config, cfg: Config, state: dict, betons: Betons) -> tu
     return refused, numerics
 
 
-def find_resume_point(cfg: Config, env: DistEnv, betons: Betons, say: Callable) -> tuple[Path, dict] | None:
-    """The checkpoint this run continues from (train.resume=true), checked against this config; None for
-    a fresh run. ConfigError for a run.dir that holds one without train.resume, or a change it refuses."""
+def find_resume_point(cfg: Config, env: DistEnv, betons: Betons, amp, say: Callable) -> tuple[Path, dict] | None:
+    """The checkpoint this run continues from (train.resume=true), checked against this config and this
+    machine's precision (`amp`); None for a fresh run. ConfigError for a run.dir that holds one without
+    train.resume, or a change it refuses."""
     run_dir = Path(cfg.run.dir)
     found = agreed_checkpoint(run_dir, env, say)
     if found is None:
@@ -147,6 +160,11 @@ def find_resume_point(cfg: Config, env: DistEnv, betons: Betons, say: Callable) 
     if numerics:
         say("note: resuming with " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in numerics.items())
             + ": the run continues, but no longer bit-identical to an uninterrupted one")
+    was = (state.get("precision") or [{}])[-1]
+    if was.get("precision") not in (None, amp.precision.value):
+        say(f"note: this run trained in {was['precision']} ({was['why']}) until step {state['step']}; it goes on in "
+            f"{amp.describe()}: the run continues, but no longer bit-identical to an uninterrupted one "
+            "(metrics.json: precision_segments)")
     if state.get("world_size", env.world_size) != env.world_size:
         say(f"note: resuming a run of {state['world_size']} ranks on {env.world_size}: the global "
             "batch, sample order and augmentations are the same")

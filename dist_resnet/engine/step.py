@@ -84,7 +84,8 @@ class DynamicLossScale(NoLossScale):
         return {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict, source: str = "") -> None:
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # a bf16 or fp32 start (train.precision=auto resumed where only fp16 runs) saved none:
+            self.scaler.load_state_dict(state["scaler"])  # the scale starts afresh ("source state dict is empty")
 
 
 def no_attack(forward: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> torch.Tensor:

@@ -35,7 +35,8 @@ def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_file
 
     out = tmp_path / "report"
     tiny = [o for o in TINY[2:] if not o.startswith("run.")] + ["train.epochs=1"]
-    python_module("dist_resnet.bench", "report", "--data", str(tiny_betons), "--out", str(out), "--quick",
+    # the betons as every other command takes them (data.dir=), not only --data
+    python_module("dist_resnet.bench", "report", f"data.dir={tiny_betons}", "--out", str(out), "--quick",
                   "--budget-s", "300", *tiny, timeout=400)
     report = json.loads((out / "report.json").read_text())
     text = (out / "report.md").read_text()

@@ -48,7 +48,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
                         "from now, and report them as skipped")
     p.add_argument("--out", help="write the results as JSON here (report: the folder for report.md/.json)")
     r = p.add_argument_group("report")
-    r.add_argument("--data", help="report: the betons (data.dir) every part measures on")
+    r.add_argument("--data", help="report: the betons every part measures on (or data.dir=DIR, as the other "
+                                  "commands take them)")
     r.add_argument("--budget-s", type=float, help="report: seconds for the whole report (GPU 480, CPU 1800)")
     r.add_argument("--parts", choices=["auto", "gpu", "cpu"], default="auto",
                    help="report: the GPU or the CPU set of measurements (auto: GPU when CUDA is available)")

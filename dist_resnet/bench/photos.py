@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..fileio import write_json
 
 
 def cores(workers: int) -> int:
@@ -93,7 +94,8 @@ def measure(args) -> list[dict]:
                 src = args.folder if name == "anchor" else args.betons
                 rates.setdefault((name, res), []).extend(fn(src, res, args.workers, args.batch, args.epochs))
     n_cores = cores(args.workers)
-    return [{"loader": name, "res": res, "img_per_s": float(np.mean(r)), "img_per_s_std": float(np.std(r, ddof=1)),
+    return [{"loader": name, "res": res, "img_per_s": float(np.mean(r)),
+             "img_per_s_std": float(np.std(r, ddof=1)) if len(r) > 1 else None,  # one timed epoch: no spread
              "img_per_s_per_core": float(np.mean(r)) / n_cores, "epochs": len(r)} for (name, res), r in rates.items()]
 
 
@@ -111,6 +113,25 @@ def bad_input(args) -> str | None:
         return f"--betons: {e}"
     if args.batch > n:
         return f"--batch {args.batch} is more than the {n} train images of {args.betons}: no batch would be timed"
+    mismatch = same_data(args.folder, Betons.open(args.betons))
+    if mismatch:
+        return mismatch
+    if args.out is not None and not (args.out.parent.is_dir() and os.access(args.out.parent, os.W_OK)):
+        return f"--out {args.out}: {args.out.parent} is not a folder this process can write to (checked before measuring)"
+    return None
+
+
+def same_data(folder: Path, betons) -> str | None:
+    """Why the betons were not written from `folder`'s train split (its classes and image count against the
+    manifest's), or None: a comparison of two datasets would be no comparison."""
+    root = folder / "train" if (folder / "train").is_dir() else folder
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    count = sum(1 for c in classes for f in (root / c).iterdir() if f.is_file() and not f.name.startswith("."))
+    if classes != betons.classes or count != betons.count("train"):
+        source = Path(str(betons.manifest.get("source", "?"))).name
+        return (f"--betons {betons.dir} were written from {source} ({len(betons.classes)} classes, "
+                f"{betons.count('train')} train images), not from --folder {folder} ({len(classes)} classes, {count} "
+                "train images): give the betons that prepare wrote from this folder")
     return None
 
 
@@ -132,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2)
     rows = measure(args)
     for row in rows:
-        print(f"{row['loader']:14s} {row['res']:3d} px: {row['img_per_s']:7.0f} ± {row['img_per_s_std']:4.0f} img/s, "
-              f"{row['img_per_s_per_core']:6.0f} per core ({row['epochs']} epochs)")
+        spread = f" ± {row['img_per_s_std']:4.0f}" if row["img_per_s_std"] is not None else ""
+        print(f"{row['loader']:14s} {row['res']:3d} px: {row['img_per_s']:7.0f}{spread} img/s, "
+              f"{row['img_per_s_per_core']:6.0f} per core ({row['epochs']} epoch{'s' if row['epochs'] > 1 else ''})")
     by = {(r["loader"], r["res"]): r["img_per_s"] for r in rows}
     for res in args.res:
         print(f"{res:3d} px: beton / anchor = {by['beton, host', res] / by['anchor', res]:.2f}x (host), "
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
            "rows": rows, "folder": str(args.folder), "betons": str(args.betons), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d")}
     if args.out:
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.out, out)
     return out
 
 

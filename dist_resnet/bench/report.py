@@ -165,10 +165,15 @@ def run_part(part: Part, extra: list[str], out: Path, limit: float, done: set[st
 def main(args) -> dict:
     from .summary import markdown
 
-    if not args.out or not getattr(args, "data", None):
-        print("dist_resnet.bench report: error: give --data DIR (the betons) and --out DIR (the report's folder)",
+    # the betons: --data DIR, or data.dir=DIR as every other bench command (and train) takes them
+    given = {o.split("=", 1)[1] for o in args.overrides if o.startswith("data.dir=")} | ({args.data} - {None})
+    args.overrides = [o for o in args.overrides if not o.startswith("data.dir=")]
+    if not args.out or len(given) != 1:
+        print("dist_resnet.bench report: error: give the betons once (--data DIR or data.dir=DIR"
+              + (f"; given: {', '.join(sorted(given))}" if given else "") + ") and --out DIR (the report's folder)",
               file=sys.stderr)
         raise SystemExit(2)
+    args.data = given.pop()
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     gpu = args.parts == "gpu" or (args.parts == "auto" and torch.cuda.is_available())

@@ -253,7 +253,9 @@ def test_the_launch_scripts_check_the_config_before_torchrun(tiny_betons, tmp_pa
            "CONFIG": str(ROOT / "configs" / "cpu.yaml"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for script, data, bad, message in (
             ("launch/single_node.sh", tiny_betons, "train.epochs=0", "'train.epochs': 0; it must be >= 1"),
-            ("launch/multi_node.sh", tmp_path / "nowhere", "train.epochs=1", "has no manifest.json")):
+            ("launch/multi_node.sh", tmp_path / "nowhere", "train.epochs=1",  # the hint names both sources: it
+             "has no manifest.json; create it with: python -m dist_resnet.data.prepare --source SRC --out DIR (SRC: "
+             "torchvision (CIFAR-10), or your ImageFolder directory or tarball")):  # named only CIFAR's download
         p = subprocess.run(["bash", str(ROOT / script), bad], capture_output=True, text=True, cwd=tmp_path,
                            env={**env, "DATA_DIR": str(data)}, timeout=120)
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -68,7 +68,8 @@ def test_an_unreadable_photo_is_named_and_nothing_is_written(mixed_src, tmp_path
 
     src = shutil.copytree(mixed_src, tmp_path / "src")
     (src / "test" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
-    with pytest.raises(PrepareError, match=r"1 file\(s\) in test cannot be read: .*broken.jpg is not a readable image"):
+    with pytest.raises(PrepareError, match=r"1 file\(s\) in test cannot be read or stored: .*broken.jpg is not a readable "
+                                          r"image"):
         prepare(str(src), tmp_path / "out", storage=Storage("jpg"))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
 
@@ -155,6 +156,7 @@ def test_a_writer_that_dies_ends_prepare_and_sigterm_cleans_up(mixed_src, tmp_pa
     assert list(tmp_path.glob(".out.tmp-*")), "no temporary folder while writing"
     run.send_signal(signal.SIGTERM)
     assert run.wait(60) == 128 + signal.SIGTERM, run.stderr.read()[-3000:]
+    assert "prepare: stopped by SIGTERM; nothing was written" in run.stderr.read()
     assert not list(tmp_path.glob(".out.tmp*")) and not (tmp_path / "out").exists()
 
 

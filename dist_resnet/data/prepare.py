@@ -281,6 +281,7 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
     # the folder names its process: a later prepare removes it if that process was killed (SIGKILL) before its end
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent) as tmp_str:
         tmp = Path(tmp_str)
+        WRITING[:] = [tmp]
         if storage is None:
             manifest = fixed(source, size, download_root, workers, tmp, classes)
         else:
@@ -290,6 +291,7 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
         for f in FILES:  # manifest last: a folder with a manifest is complete
             os.replace(tmp / f, out / f)
         shutil.rmtree(tmp / "src", ignore_errors=True)
+    WRITING.clear()
     return manifest
 
 
@@ -308,15 +310,30 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
-def stop_on_term() -> None:
-    """SIGTERM (kill, a job's end) ends prepare as Ctrl-C does: an exception, so that the temporary folder is
-    removed and the writer processes are stopped on the way out."""
+WRITING: list[Path] = []  # the temporary folder of the write in progress, for the signal handler
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (kill, a job's end) and SIGINT (Ctrl-C) stop prepare at once, and clean up: the writer and decode
+    processes stopped, the temporary folder removed, exit 128 + the signal. The handler does it itself: an
+    exception raised from it can land where Python ignores exceptions (a finalizer), and prepare went on."""
+    import multiprocessing
     import signal
 
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
+    main = os.getpid()
 
-    signal.signal(signal.SIGTERM, stop)
+    def stop(signum, frame):
+        if os.getpid() == main:  # a writer process inherits the handler: it only leaves
+            for child in multiprocessing.active_children():
+                child.terminate()
+            for folder in WRITING:
+                shutil.rmtree(folder, ignore_errors=True)
+            print(f"prepare: stopped by {signal.Signals(signum).name}; nothing was written", file=sys.stderr,
+                  flush=True)
+        os._exit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
 
 
 def verify(data_dir: Path) -> dict:
@@ -373,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.source or not args.out:
         p.error("--source and --out are required (or --verify DIR)")
-    stop_on_term()
+    stop_on_signals()
     try:
         if args.resize is not None and len(args.resize) not in (1, 2):
             raise PrepareError(f"--resize takes N or H W, not {' '.join(map(str, args.resize))}")

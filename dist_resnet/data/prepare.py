@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..fileio import sha256
+from . import writer
 from .manifest import SPLITS, Betons, DataError, PrepareError
 
 FILES = ("train.beton", "test.beton", "manifest.json")
@@ -200,8 +201,6 @@ class _Arrays:
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     from ffcv.fields import IntField, RGBImageField
 
-    from . import writer
-
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
     # one worker: the file's bytes (and so its sha256) do not depend on scheduling
     writer.write(path, fields, _Arrays(images, labels), workers=1)
@@ -276,12 +275,12 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
     download_root = download_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_resnet"
     workers = workers or min(8, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in clean_stale(out):
+    for stale in writer.clean_stale(out):
         print(f"removed {stale}, left by a prepare that was killed")
     # the folder names its process: a later prepare removes it if that process was killed (SIGKILL) before its end
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent) as tmp_str:
         tmp = Path(tmp_str)
-        WRITING[:] = [tmp]
+        writer.WRITING[:] = [tmp]
         if storage is None:
             manifest = fixed(source, size, download_root, workers, tmp, classes)
         else:
@@ -291,49 +290,8 @@ def prepare(source: str, out: Path, force: bool = False, resize: int | tuple[int
         for f in FILES:  # manifest last: a folder with a manifest is complete
             os.replace(tmp / f, out / f)
         shutil.rmtree(tmp / "src", ignore_errors=True)
-    WRITING.clear()
+    writer.WRITING.clear()
     return manifest
-
-
-def clean_stale(out: Path) -> list[Path]:
-    """Remove the temporary folders beside `out` left by prepares that were killed (their process is gone)."""
-    import re
-
-    from ..fileio import alive
-
-    pattern, removed = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)-"), []
-    for p in out.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and p.is_dir() and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-WRITING: list[Path] = []  # the temporary folder of the write in progress, for the signal handler
-
-
-def stop_on_signals() -> None:
-    """SIGTERM (kill, a job's end) and SIGINT (Ctrl-C) stop prepare at once, and clean up: the writer and decode
-    processes stopped, the temporary folder removed, exit 128 + the signal. The handler does it itself: an
-    exception raised from it can land where Python ignores exceptions (a finalizer), and prepare went on."""
-    import multiprocessing
-    import signal
-
-    main = os.getpid()
-
-    def stop(signum, frame):
-        if os.getpid() == main:  # a writer process inherits the handler: it only leaves
-            for child in multiprocessing.active_children():
-                child.terminate()
-            for folder in WRITING:
-                shutil.rmtree(folder, ignore_errors=True)
-            print(f"prepare: stopped by {signal.Signals(signum).name}; nothing was written", file=sys.stderr,
-                  flush=True)
-        os._exit(128 + signum)
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, stop)
 
 
 def verify(data_dir: Path) -> dict:
@@ -390,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.source or not args.out:
         p.error("--source and --out are required (or --verify DIR)")
-    stop_on_signals()
+    writer.stop_on_signals()
     try:
         if args.resize is not None and len(args.resize) not in (1, 2):
             raise PrepareError(f"--resize takes N or H W, not {' '.join(map(str, args.resize))}")

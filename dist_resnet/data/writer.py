@@ -6,16 +6,24 @@ decoder or OpenCV's resize refuses, an out-of-memory kill) leaves the main proce
 defunct workers. Here every worker is recorded, its error is sent back, the wait checks them at each poll, and
 a dead one ends the write with a PrepareError naming what it said; workers still running when the write ends,
 however it ends, are stopped, and the writer's shared memory is released.
+
+A prepare stopped by SIGTERM or Ctrl-C stops its writers and removes its temporary folder on the way out; one
+killed with SIGKILL cannot, and the next prepare into the same folder removes what it left (`clean_stale`).
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..fileio import alive
 from .manifest import PrepareError
 
 
@@ -79,3 +87,37 @@ def release(w) -> None:
             sm.unlink()
         except (FileNotFoundError, OSError):
             pass
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders beside `out` left by prepares that were killed (their process is gone)."""
+    pattern, removed = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)-"), []
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+WRITING: list[Path] = []  # the temporary folder of the write in progress, for the signal handler
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (kill, a job's end) and SIGINT (Ctrl-C) stop prepare at once, and clean up: the writer and decode
+    processes stopped, the temporary folder removed, exit 128 + the signal. The handler does it itself: an
+    exception raised from it can land where Python ignores exceptions (a finalizer), and prepare went on."""
+    main = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() == main:  # a writer process inherits the handler: it only leaves
+            for child in multiprocessing.active_children():
+                child.terminate()
+            for folder in WRITING:
+                shutil.rmtree(folder, ignore_errors=True)
+            print(f"prepare: stopped by {signal.Signals(signum).name}; nothing was written", file=sys.stderr,
+                  flush=True)
+        os._exit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)

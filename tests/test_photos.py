@@ -106,31 +106,22 @@ def test_a_degenerate_photo_is_named_in_the_first_pass(mixed_src, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
 
 
-# a prepare whose writer processes meet an image that changed after the first pass (`broken`), or that is
-# stopped with SIGTERM while it writes (`slow`: each image takes 0.2 s, and the first one says so in a file)
-PREPARE_UNDER_FIRE = """import sys, time
+# a prepare stopped with SIGTERM while it writes: each image takes 0.2 s, and the first one says so in a file
+PREPARE_SLOWLY = """import sys, time
 from pathlib import Path
 from dist_resnet.data import photos, prepare
-mode, src, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-if mode == "broken":
-    survey = photos.survey
-    def survey_then_break(files, *a):
-        result = survey(files, *a)
-        files[-1][0].write_bytes(b"not an image any more")
-        return result
-    photos.survey = survey_then_break
-else:
-    item = photos.Photos.__getitem__
-    def slow(self, i):
-        (out.parent / "writing").touch()
-        time.sleep(0.2)
-        return item(self, i)
-    photos.Photos.__getitem__ = slow
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+item = photos.Photos.__getitem__
+def slow(self, i):
+    (out.parent / "writing").touch()
+    time.sleep(0.2)
+    return item(self, i)
+photos.Photos.__getitem__ = slow
 prepare.main(["--source", str(src), "--out", str(out), "--write-mode", "raw", "--workers", "2"])
 """
 
 
-def test_a_writer_that_dies_ends_prepare_and_sigterm_cleans_up(mixed_src, tmp_path):
+def test_a_writer_that_dies_ends_prepare_and_sigterm_cleans_up(mixed_src, tmp_path, monkeypatch, capsys):
     """FFCV's writer polls a counter and never looks at its processes: one that died left prepare sleeping for
     ever (a 700x1 image; here a file changed after the first pass). Now it ends in one line, exit 2, in
     seconds; and a prepare stopped with SIGTERM while it writes removes its temporary folder and stops its
@@ -141,15 +132,28 @@ def test_a_writer_that_dies_ends_prepare_and_sigterm_cleans_up(mixed_src, tmp_pa
     import sys
     import time
 
+    from dist_resnet.data import photos as photo_prepare
+    from dist_resnet.data.prepare import main
+
     src = shutil.copytree(mixed_src, tmp_path / "src")
-    cmd = [sys.executable, "-c", PREPARE_UNDER_FIRE]
-    p = subprocess.run([*cmd, "broken", str(src), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    said = [line for line in p.stderr.splitlines() if "error" in line.lower()]
-    assert p.returncode == 2 and len(said) == 1 and said[0].startswith("prepare: error: a writer process of "
+    survey = photo_prepare.survey
+
+    def survey_then_break(files, *args):
+        result = survey(files, *args)
+        files[-1][0].write_bytes(b"not an image any more")  # after the first pass read it
+        return result
+
+    monkeypatch.setattr(photo_prepare, "survey", survey_then_break)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--source", str(src), "--out", str(tmp_path / "out"), "--write-mode", "raw", "--workers", "2"])
+    said = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert e.value.code == 2 and len(said) == 1 and said[0].startswith("prepare: error: a writer process of "
                                                                       "train.beton died (") \
-        and "nothing was written" in said[0], p.stderr[-3000:]
+        and "nothing was written" in said[0], said
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
-    run = subprocess.Popen([*cmd, "slow", str(mixed_src), str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-c", PREPARE_SLOWLY]
+    run = subprocess.Popen([*cmd, str(mixed_src), str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "writing").exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.1)

@@ -348,13 +348,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.source or not args.out:
         p.error("--source and --out are required (or --verify DIR)")
-    writer.stop_on_signals()
     try:
         if args.resize is not None and len(args.resize) not in (1, 2):
             raise PrepareError(f"--resize takes N or H W, not {' '.join(map(str, args.resize))}")
         resize = None if args.resize is None else (args.resize[0] if len(args.resize) == 1 else tuple(args.resize))
         only = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        m = prepare(args.source, args.out, args.force, resize, args.download_root, args.workers, only, storage_of(args))
+        with writer.stop_on_signals():
+            m = prepare(args.source, args.out, args.force, resize, args.download_root, args.workers, only,
+                        storage_of(args))
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,6 +12,7 @@ killed with SIGKILL cannot, and the next prepare into the same folder removes wh
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -103,10 +104,12 @@ def clean_stale(out: Path) -> list[Path]:
 WRITING: list[Path] = []  # the temporary folder of the write in progress, for the signal handler
 
 
-def stop_on_signals() -> None:
-    """SIGTERM (kill, a job's end) and SIGINT (Ctrl-C) stop prepare at once, and clean up: the writer and decode
-    processes stopped, the temporary folder removed, exit 128 + the signal. The handler does it itself: an
-    exception raised from it can land where Python ignores exceptions (a finalizer), and prepare went on."""
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside: SIGTERM (kill, a job's end) and SIGINT (Ctrl-C) stop prepare at once, and clean up: the writer and
+    decode processes stopped, the temporary folder removed, exit 128 + the signal. The handler does it itself: an
+    exception raised from it can land where Python ignores exceptions (a finalizer), and prepare went on. The
+    process's own handlers are back on the way out."""
     main = os.getpid()
 
     def stop(signum, frame):
@@ -119,5 +122,9 @@ def stop_on_signals() -> None:
                   flush=True)
         os._exit(128 + signum)
 
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, stop)
+    saved = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -1,4 +1,5 @@
-"""SGD with no weight decay on BatchNorm/bias and per-layer LRs, per-step LR schedules, EMA and lookahead."""
+"""SGD (or Muon for the filters) with no weight decay on BatchNorm/bias and per-layer LRs, per-step LR schedules,
+EMA and lookahead."""
 from __future__ import annotations
 
 import math
@@ -6,19 +7,38 @@ import math
 import torch
 from torch import nn
 
-from .config import OptimConfig, Schedule
+from .config import OptimConfig, OptimizerName, Schedule
 from .models import parameter_depths
+from .muon import MuonSGD, is_filter
 
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD over the trainable parameters, in groups of one LR multiplier and one weight decay:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, group=None) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters, in groups of one LR multiplier and one weight decay (`param_groups`);
+    with `optim.name=muon`, Muon for the conv filters instead (dist_resnet.muon.MuonSGD: `group` is the
+    process group whose ranks share its Newton-Schulz work)."""
+    muon = cfg.name == OptimizerName.muon
+    groups = param_groups(model, cfg, skip=is_filter if muon else lambda p: False)
+    if not muon:
+        if not groups:
+            raise ValueError("no parameter trains: model.freeze leaves nothing to train")
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    filters = [p for p in model.parameters() if is_filter(p)]
+    if not filters:
+        raise ValueError("optim.name=muon trains conv filters, and model.freeze leaves none to train: use optim.name=sgd")
+    groups.append({"params": filters, "lr": cfg.muon_lr, "muon": True})  # no weight decay: Muon fixes their norm
+    return MuonSGD(groups, cfg.momentum, cfg.nesterov, cfg.muon_momentum, cfg.muon_ns_steps, group)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, skip) -> list[dict]:
+    """The trainable parameters but those `skip` names, grouped by LR multiplier and weight decay:
 
     - weight decay on weights (ndim > 1); on normalisation parameters only with `norm_bias_decay`, then as
       torch weight_decay = wd / norm_bias_lr_scale, so they shrink per step as much as the weights (airbench);
-      on other biases only with `bias_decay`;
+      on other biases only with `bias_decay`; with `decay_by_lr`, every group's decay is divided by its LR
+      multiplier, so every group shrinks as much per step (airbench94_muon);
     - `norm_bias_lr_scale` for the trainable parameters of normalisation layers;
     - `head_lr_scale` for the head; `layer_decay`: stage d of the model's S stages (input first) gets
       layer_decay ** (S - d), the head 1 (models.parameter_depths)."""
@@ -26,7 +46,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     groups: dict[tuple[int, float], dict] = {}
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or skip(p):
             continue
         d = depth.get(id(p), n_stages)  # the head, and anything outside the stages, counts as the top
         scaled = cfg.norm_bias_lr_scale != 1.0 and id(p) in norm_params
@@ -39,12 +59,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
             decay = cfg.weight_decay / (cfg.norm_bias_lr_scale if scaled else 1.0) if cfg.norm_bias_decay else 0.0
         else:
             decay = cfg.weight_decay if cfg.bias_decay else 0.0
+        if cfg.decay_by_lr and decay:
+            decay = cfg.weight_decay / mult
         group = groups.setdefault((kind, mult, decay), {"params": [], "lr": cfg.lr * mult, "weight_decay": decay})
         group["params"].append(p)
-    if not groups:
-        raise ValueError("no parameter trains: model.freeze leaves nothing to train")
-    return torch.optim.SGD([groups[k] for k in sorted(groups)], lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov)
+    return [groups[k] for k in sorted(groups)]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: Schedule, start: float = 0.0, end: float = 0.0) -> float:

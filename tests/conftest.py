@@ -134,10 +134,11 @@ def tiny_betons(tmp_path_factory, subset_dir) -> Path:
     (kills, resumes, refusals), where what is checked is exactness, not accuracy."""
     from dist_resnet.data.prepare import prepare
 
-    root = tmp_path_factory.mktemp("tiny")
-    src = image_folder(root / "src", subset_dir, {"train": 100, "test": 20})
-    prepare(str(src), root / "betons", workers=2)
-    return root / "betons"
+    def build(root: Path) -> None:  # once per session, not per xdist worker (36 s of CPU each)
+        src = image_folder(root / "src", subset_dir, {"train": 100, "test": 20})
+        prepare(str(src), root / "betons", workers=2)
+
+    return shared(tmp_path_factory, "tiny", build) / "betons"
 
 
 # the tiny runs: resnet9 at width 8, 10 steps of 100 per epoch, in fp32 on every CPU (the preset's `auto` is

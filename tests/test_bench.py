@@ -27,6 +27,30 @@ def test_throughput_ablation_and_loader_report(tiny_betons, tmp_path, capsys):
     assert r["pipeline"] == "device" and r["img_per_s"] > 0 and "| pipeline |" in capsys.readouterr().out
 
 
+def test_profile_writes_a_trace_the_top_operators_and_the_steps_split(tiny_betons, tmp_path, capsys):
+    """bench profile on the tiny cpu run: the trace opens as Chrome-trace JSON (Perfetto, TensorBoard) and
+    holds the step's labels; profile.md and the JSON give the split, which adds up to the step, and the
+    host's top operators, the convolutions among them."""
+    out = tmp_path / "prof"
+    bench.main(["profile", *TINY, f"data.dir={tiny_betons}", "--steps", "3", "--warmup", "1",
+                "--out", str(out / "profile.json")])
+    result = json.loads((out / "profile.json").read_text())
+    split = {r["part"]: r for r in result["split"]}
+    assert list(split) == ["data wait", "forward", "backward", "optimizer", "other host work", "whole step"]
+    step = split.pop("whole step")["ms_per_step"]
+    assert step > 0 and all(r["ms_per_step"] >= 0 for r in split.values())
+    assert split["forward"]["ms_per_step"] > 0 and split["backward"]["ms_per_step"] > 0
+    assert sum(r["ms_per_step"] for r in split.values()) == pytest.approx(step)
+    ops = [r["op"] for r in result["top_host"]]
+    assert any("conv" in op for op in ops) and result["top_device"] == []
+    [trace] = (out / "trace").glob("*.pt.trace.json")
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"step", "data wait", "forward", "backward", "optimizer"} <= names
+    md = (out / "profile.md").read_text()
+    assert "| part | ms per step | share |" in md and "| operator | calls | self ms | share |" in md
+    assert f"trace/{trace.name}" in md and md.strip() in capsys.readouterr().out
+
+
 def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_files(tiny_betons, tmp_path):
     """`bench report` with tiny settings: the CPU set (precision, the cpu preset's time-to-accuracy, int8 of
     the model it trained), each part a process of its own; report.json and report.md hold the same
@@ -43,7 +67,9 @@ def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_file
     assert report["kind"] == "cpu" and report["total_s"] <= 300 + 30
     assert report["hardware"]["cores"] >= 1 and "native" in report["hardware"]["cpu_bf16"]
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == ["precision", "cpu_tta", "int8"] and all(p["status"] == "done" for p in parts.values())
+    assert list(parts) == ["precision", "profile", "cpu_tta", "int8"]
+    assert all(p["status"] == "done" for p in parts.values())
+    assert (out / "parts" / "profile.md").exists() and list((out / "parts" / "trace").glob("*.json"))
     rows = parts["precision"]["measured"]["rows"]
     assert [r["variant"] for r in rows] == ["train.precision=fp32", "train.precision=bf16"]
     assert [r["precision"] for r in rows] == ["fp32", "bf16"] and all(r["img_per_s"] > 0 for r in rows)
@@ -54,6 +80,7 @@ def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_file
     for p in parts.values():  # each figure's command is in both files
         assert p["command"].startswith("python -m dist_resnet.") and p["command"] in text
     assert f"{tta['acc_mean'] * 100:.2f}" in text and "bf16 against fp32" in text and "img/s at batch 64" in text
+    assert "step: backward" in text and "top on the host" in text
 
 
 def test_a_report_part_past_its_budget_is_stopped_and_said_so(tiny_betons, tmp_path):

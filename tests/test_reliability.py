@@ -51,9 +51,10 @@ def train(betons, run_dir, *overrides, nproc=1, env=None, probe=None, log=None) 
 
 # ---------------------------------------------------------------- kill -9 anywhere
 KILL_EPOCHS = 3
-# lookahead (every 3 steps, so kills fall between syncs) and the derandomised flip: the state easiest to lose
+# lookahead (every 3 steps, so kills fall between syncs) and the derandomised flip: the state easiest to lose;
+# Muon with its Newton-Schulz work split between the 2 ranks (SGD resumes in tests/test_distributed.py)
 KILL_OPTS = [f"train.epochs={KILL_EPOCHS}", "train.resume=true", "optim.lookahead_every=3",
-             "data.flip_alternate=true", "train.stop_check_every=3"]
+             "data.flip_alternate=true", "train.stop_check_every=3", "optim.name=muon"]
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@
     python -m dist_resnet.bench throughput --config configs/cpu.yaml data.dir=DIR --compare train.precision=fp32,bf16
     python -m dist_resnet.bench loader     --config configs/resnet18.yaml data.dir=DIR
     python -m dist_resnet.bench tta        --config configs/resnet9.yaml  data.dir=DIR --target 0.9 --seeds 5
+    python -m dist_resnet.bench profile    --config configs/cpu.yaml data.dir=DIR --steps 20 --out DIR/profile.json
     python -m dist_resnet.bench report     --data DIR --out DIR [--budget-s S]
 
 Each measurement takes the same `--config` and `key=value` overrides as `dist_resnet.train` (also under

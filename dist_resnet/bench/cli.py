@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
+from pathlib import Path
 
 from .. import distributed
 from ..config import ConfigError, load_config, to_dict
@@ -16,12 +18,13 @@ EPILOG = """examples:
   python -m dist_resnet.bench throughput --config configs/cpu.yaml data.dir=data/cifar10 --compare train.precision=fp32,bf16
   python -m dist_resnet.bench loader --config configs/resnet18.yaml data.dir=data/cifar10
   python -m dist_resnet.bench tta --config configs/fast.yaml data.dir=data/cifar10 --target 0.905 --seeds 5
+  python -m dist_resnet.bench profile --config configs/cpu.yaml data.dir=data/cifar10 --steps 20 --out prof/profile.json
   python -m dist_resnet.bench report --data data/cifar10 --out bench-report     # every figure, in one time budget
 """
 
 
-NUMBERS = [("steps", int, 50, "throughput: timed steps per repeat"),
-           ("warmup", int, 30, "throughput: untimed warm-up steps"),
+NUMBERS = [("steps", int, 50, "throughput: timed steps per repeat; profile: profiled steps"),
+           ("warmup", int, 30, "throughput, profile: untimed warm-up steps"),
            ("repeats", int, 5, "throughput: timed repeats (mean and std over them)"),
            ("epochs", int, 3, "loader: timed epochs after the first"),
            ("target", float, 0.9, "tta: target test accuracy (fraction)"),
@@ -31,8 +34,10 @@ NUMBERS = [("steps", int, 50, "throughput: timed steps per repeat"),
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist_resnet.bench", description=doc, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["throughput", "loader", "tta", "report"],
-                   help="what to measure; `report` runs the others as a set (see dist_resnet.bench.report)")
+    p.add_argument("what", choices=["throughput", "loader", "tta", "profile", "report"],
+                   help="what to measure; `profile`: torch.profiler over --steps steps (a trace, the top operators "
+                        "and the step's split, beside --out); `report` runs the others as a set "
+                        "(see dist_resnet.bench.report)")
     p.add_argument("--config", help="the training preset (YAML), as dist_resnet.train takes it")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (data.dir is required)")
     for name, kind, default, what in NUMBERS:
@@ -84,6 +89,10 @@ def main(argv: list[str] | None = None, doc: str = "") -> dict:
     except ConfigError as e:
         print(f"dist_resnet.bench: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.what == "profile" and not args.out:
+        print("dist_resnet.bench profile: error: give --out DIR/profile.json (the trace and profile.md go beside it)",
+              file=sys.stderr)
+        raise SystemExit(2)
     deadline = Deadline(args.deadline_s)
 
     def save(result: dict, env: distributed.DistEnv) -> None:
@@ -93,19 +102,15 @@ def main(argv: list[str] | None = None, doc: str = "") -> dict:
 
     def job(env: distributed.DistEnv) -> dict:
         if args.what == "throughput":
-            rows_out = ablation(rows, env, args.steps, args.warmup, args.repeats, deadline,
-                                lambda r: save({"rows": r, "partial": True}, env))
-            text = table(rows_out, ["variant", "precision", "img_per_s", "img_per_s_std", "warmup_s", "tflops", "mfu",
-                                    "train_gflop_per_img", "error", "skipped"])
-            result = {"rows": rows_out}
-            last = next((r["wall_s"] for r in reversed(rows_out) if "wall_s" in r), 0.0)
-            if args.breakdown and deadline.allows(last):  # about one variant's time
-                parts = breakdown(cfg, env, args.steps, args.warmup, args.repeats)
-                text += "\n\n" + table(parts, ["component", "ms_per_step", "ms_std", "share_of_step",
-                                               "share_of_epoch", "note"])
-                result["breakdown"] = parts
-            elif args.breakdown:
-                result["breakdown_skipped"] = "time budget"
+            result, text = throughput_job(args, cfg, rows, env, deadline, save)
+        elif args.what == "profile":
+            from . import profile
+
+            out = Path(args.out).parent
+            result = profile.profile_steps(cfg, env, args.steps, args.warmup, out)
+            text = profile.markdown(result, "python -m dist_resnet.bench " + shlex.join(argv or sys.argv[1:]))
+            if env.is_main:
+                profile.write(result, out, text)
         elif args.what == "loader":
             result = loader(cfg, env, args.epochs)
             text = table([result], ["pipeline", "img_per_s", "img_per_s_std", "first_epoch_s", "epochs"])
@@ -121,3 +126,20 @@ def main(argv: list[str] | None = None, doc: str = "") -> dict:
 
     return distributed.run_job("dist_resnet.bench", cfg.train.device.value, job, (ConfigError, DataError),
                                cfg.train.timeout_s)
+
+
+def throughput_job(args, cfg, rows, env: distributed.DistEnv, deadline: Deadline, save) -> tuple[dict, str]:
+    """The throughput rows (and --breakdown, if the deadline allows about one more variant's time)."""
+    rows_out = ablation(rows, env, args.steps, args.warmup, args.repeats, deadline,
+                        lambda r: save({"rows": r, "partial": True}, env))
+    text = table(rows_out, ["variant", "precision", "img_per_s", "img_per_s_std", "warmup_s", "tflops", "mfu",
+                            "train_gflop_per_img", "error", "skipped"])
+    result = {"rows": rows_out}
+    last = next((r["wall_s"] for r in reversed(rows_out) if "wall_s" in r), 0.0)
+    if args.breakdown and deadline.allows(last):
+        parts = breakdown(cfg, env, args.steps, args.warmup, args.repeats)
+        text += "\n\n" + table(parts, ["component", "ms_per_step", "ms_std", "share_of_step", "share_of_epoch", "note"])
+        result["breakdown"] = parts
+    elif args.breakdown:
+        result["breakdown_skipped"] = "time budget"
+    return result, text

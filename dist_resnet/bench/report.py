@@ -3,10 +3,11 @@ time budget, as report.md and report.json.
 
 On a GPU (default budget 480 s): the loader alone; resnet18's training throughput with its ablations and
 step breakdown (bf16 against fp32 is the ablation's first two rows); the fast preset over 5 seeds (test
-accuracy and training time, mean ± std); the resnet18 preset's time-to-accuracy once; an adversarial
-training step's throughput and the epoch time it implies. On a CPU (default budget 1800 s): the cpu
-preset's time-to-accuracy, its throughput in fp32 against bf16, and the int8 ONNX export of the model it
-trained against the fp32 graph.
+accuracy and training time, mean ± std); the resnet18 preset's time-to-accuracy once; resnet18's profile
+(bench profile: a trace, the top operators, the step's split); an adversarial training step's throughput
+and the epoch time it implies. On a CPU (default budget 1800 s): the cpu preset's throughput in fp32
+against bf16, its profile, its time-to-accuracy, and the int8 ONNX export of the model it trained against
+the fp32 graph.
 
 Each part is one command of this package, run as its own process: the report shows that command, and
 running it again alone gives the same measurement. A part gets its share of the budget plus what the
@@ -72,6 +73,9 @@ def gpu_parts(data: str, q: Callable[[str, str], str]) -> list[Part]:
              [*bench, "loader", *cfg("resnet18"), d, w, "--epochs", q("epochs", "3")], 0.08),
         Part("resnet18_tta", "resnet18 preset: time-to-accuracy, one seed",
              [*bench, "tta", *cfg("resnet18"), d, w, "--target", "0.90", "--seeds", "1"], 0.26),
+        Part("profile", "resnet18: torch.profiler over 20 steps (the trace, the top operators, the step's split)",
+             [*bench, "profile", *cfg("resnet18"), d, w, "--steps", q("steps", "20"), "--warmup", q("warmup", "20")],
+             0.07),
         Part("adversarial", "adversarial preset (FGSM-RS, PreAct ResNet-18): training throughput",
              [*bench, "throughput", *cfg("adversarial"), d, w, "--steps", q("steps", "30"), "--warmup",
               q("warmup", "10"), "--repeats", q("repeats", "3")], 0.12),
@@ -85,6 +89,9 @@ def cpu_parts(data: str, out: Path, q: Callable[[str, str], str]) -> list[Part]:
         Part("precision", "cpu preset: training throughput in fp32 against bf16",
              ["dist_resnet.bench", "throughput", *cpu, d, "--compare", "train.precision=fp32,bf16",
               "--steps", q("steps", "20"), "--warmup", q("warmup", "5"), "--repeats", q("repeats", "3")], 0.12),
+        Part("profile", "cpu preset: torch.profiler over 10 steps (the trace, the top operators, the step's split)",
+             ["dist_resnet.bench", "profile", *cpu, d, "--steps", q("steps", "10"), "--warmup", q("warmup", "3")],
+             0.04),
         Part("cpu_tta", "cpu preset: time-to-accuracy, one seed (its model is kept for the int8 part)",
              ["dist_resnet.bench", "tta", *cpu, d, "--target", "0.84", "--seeds", "1", "--keep", str(out / "runs")],
              0.70),

@@ -75,9 +75,18 @@ def int8_rows(m: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def profile_rows(m: dict) -> list[tuple[str, str]]:
+    rows = [(f"step: {r['part']}", f"{r['ms_per_step']:.2f} ms" + (f" ({r['share']:.0%})" if r["share"] else ""))
+            for r in m["split"]]
+    for key, where in (("top_device", "device"), ("top_host", "host")):
+        rows += [(f"top on the {where}: `{r['op']}`", f"{r['self_ms']:.2f} ms ({r['share']:.0%})") for r in m[key][:5]]
+    return rows + [("trace (beside this part's JSON)", ", ".join(f"parts/trace/{t}" for t in m["trace"]))]
+
+
 def figures(part: dict) -> list[tuple[str, str]]:
     m = part.get("measured")
-    kinds = (("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows), ("first_epoch_s", loader_rows))
+    kinds = (("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows), ("first_epoch_s", loader_rows),
+             ("split", profile_rows))
     return next((rows(m) for key, rows in kinds if key in (m or {})), [])  # each part's JSON has its own key
 
 

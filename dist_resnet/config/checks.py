@@ -50,6 +50,9 @@ RULES: list[Rule] = [
     (within(0, 1, hi_open=True), "in [0, 1)", ("data.val_fraction", "optim.label_smoothing", "model.dropout",
                                                "model.drop_path")),
     (within(0, 1, True, True), "in (0, 1)", ("optim.lookahead_decay", "train.ema_decay")),
+    (above(0), "> 0", ("optim.muon_lr",)),
+    (within(0, 1, hi_open=True), "in [0, 1)", ("optim.muon_momentum",)),
+    (at_least(1), ">= 1", ("optim.muon_ns_steps",)),
     (within(0, 1), "in [0, 1] (a factor of optim.lr)", ("optim.lr_start", "optim.lr_end")),
     (within(0, 1, lo_open=True), "in (0, 1] (1 = off)", ("optim.layer_decay",)),
     (within(0, 255, lo_open=True), "in (0, 255] pixel levels (0-255) of the [0, 1] image", ("adv.eps",)),
@@ -88,8 +91,8 @@ def _pair(d: DataConfig, key: str, ok: Callable[[float, float], bool], requireme
         raise ConfigError(f"bad value for 'data.{key}': {v}; it must be {requirement}")
 
 
-def _set(d: DataConfig, key: str) -> bool:
-    """Whether `key` of the data section differs from its default."""
+def _set(d, key: str) -> bool:
+    """Whether `key` of a section (data, optim) differs from its default."""
     import dataclasses
 
     f = next(f for f in dataclasses.fields(d) if f.name == key)
@@ -152,6 +155,11 @@ def check_optim(o: OptimConfig) -> None:
     if o.nesterov and o.momentum <= 0:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (it is {o.momentum}); "
                           "set optim.nesterov=false for plain SGD")
+    if o.name.value != "muon":
+        for key in ("muon_lr", "muon_momentum", "muon_ns_steps"):
+            if _set(o, key):
+                raise ConfigError(f"optim.{key}={_shown(getattr(o, key))} applies only with optim.name=muon (it is "
+                                  f"{o.name.value}): set optim.name=muon, or leave optim.{key} out (it would be ignored)")
 
 
 def check_train(t: TrainConfig) -> None:

@@ -15,6 +15,11 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class OptimizerName(str, Enum):
+    sgd = "sgd"  # SGD (optim.momentum, optim.nesterov) for every parameter
+    muon = "muon"  # Muon for the conv filters (optim.muon_*), SGD for the rest (airbench94_muon): dist_resnet/muon.py
+
+
 class Schedule(str, Enum):
     onecycle = "onecycle"  # linear warm-up to lr, linear decay to 0
     cosine = "cosine"  # linear warm-up to lr, cosine decay to 0
@@ -164,7 +169,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.2  # peak learning rate for train.batch_size
+    name: OptimizerName = OptimizerName.sgd  # sgd | muon (Muon for the conv filters, SGD for the rest)
+    lr: float = 0.2  # peak learning rate for train.batch_size (with optim.name=muon: of the SGD part)
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum (needs momentum > 0)
     weight_decay: float = 5e-4  # never applied to BatchNorm weights or biases
@@ -180,6 +186,10 @@ class OptimConfig:
     layer_decay: float = 1.0  # layer-wise LR decay: stage d of S gets lr x layer_decay^(S - d); 1 = off
     lookahead_every: int = 0  # lookahead: every k steps pull the weights to a slow average (0 = off)
     lookahead_decay: float = 0.95  # per-step decay of the slow average, ramped up as (t / T)^3
+    decay_by_lr: bool = False  # weight decay divided by each group's LR multiplier: every group shrinks alike per step
+    muon_lr: float = 0.24  # optim.name=muon: the filters' peak LR (the update's scale: it is orthogonalised)
+    muon_momentum: float = 0.6  # optim.name=muon: the filters' Nesterov momentum
+    muon_ns_steps: int = 3  # optim.name=muon: Newton-Schulz iterations per step (airbench 3, torch 5)
 
 
 @dataclass

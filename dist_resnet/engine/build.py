@@ -195,10 +195,10 @@ class Components:
 
 def optimisation(cfg: Config, env: DistEnv, amp: Amp, model: nn.Module, forward: nn.Module, ddp: nn.Module,
                  state: RunState, mean: list[float], std: list[float], report: Report):
-    """The step (SGD, its schedule and loss scale, the adversary, EMA and lookahead); the EMA (or None) and
+    """The step (SGD or Muon, its schedule and loss scale, the adversary, EMA and lookahead); the EMA (or None) and
     the attacks of evaluation (the test-time one, the collapse check's), for the evaluator."""
     o, t = cfg.optim, cfg.train
-    optimizer = build_optimizer(model, o)
+    optimizer = build_optimizer(model, o, torch.distributed.group.WORLD if env.distributed else None)
     scheduler = build_scheduler(optimizer, o, state.steps_per_epoch, t.epochs, state.total_steps)
     scale = loss_scale(cfg, amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)

@@ -146,9 +146,20 @@ class LookaheadHook:
         self.lookahead.load_state_dict(state["lookahead"])  # a change of lookahead is refused at resume
 
 
+def unmarked(name: str):
+    """The step's parts unlabelled: a training run (bench profile labels them: torch.profiler.record_function)."""
+    return _NULL
+
+
+_NULL = nullcontext()
+
+
 class Step:
     """`stats = step(micro_batches, step)`: one optimizer step over this rank's micro-batches (the gradient
-    all-reduce only on the last one), then the schedule and the hooks. `step` is the global step index."""
+    all-reduce only on the last one), then the schedule and the hooks. `step` is the global step index.
+    `mark(name)` labels its parts (forward, backward, optimizer) for a profiler."""
+
+    mark = staticmethod(unmarked)
 
     def __init__(self, ddp: nn.Module, forward: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, loss_scale: NoLossScale, attack: Callable, hooks: list[Callable], amp: Amp,
@@ -176,12 +187,13 @@ class Step:
 
     def micro_batch(self, x: torch.Tensor, y: torch.Tensor, step: int, i: int, n: int, out: torch.Tensor) -> None:
         self.seed(step, i)
-        with self.amp.autocast():
+        with self.mark("forward"), self.amp.autocast():
             x = self.attack(self.forward, x, y, step, i)  # its gradients are the input's only: no all-reduce
             x, target = self.mix(x, y, step)
             logits = self.ddp(x)
             loss = target.loss(self.criterion, logits)
-        self.loss_scale.scale(loss / n).backward()
+        with self.mark("backward"):
+            self.loss_scale.scale(loss / n).backward()
         k = y.numel()  # a host int: no host-to-device copy in the hot loop
         out[0] += loss.detach().double() * k
         out[1] += (logits.detach().argmax(1) == target.label).sum()  # the dominant label of a mixed image
@@ -189,9 +201,10 @@ class Step:
 
     def apply(self, step: int) -> None:
         """The optimizer step, then the LR schedule and the hooks, which count applied steps only."""
-        if not self.loss_scale.step(self.optimizer):
-            return
-        self.scheduler.step()
-        applied = self.scheduler.last_epoch  # optimizer steps applied so far
-        for hook in self.hooks:
-            hook(applied, step)
+        with self.mark("optimizer"):
+            if not self.loss_scale.step(self.optimizer):
+                return
+            self.scheduler.step()
+            applied = self.scheduler.last_epoch  # optimizer steps applied so far
+            for hook in self.hooks:
+                hook(applied, step)

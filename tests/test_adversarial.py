@@ -20,12 +20,12 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def net_and_images(trained_run, betons):
-    """The trained net (eval mode, channels_last as trained) and 500 test images, normalised, with labels."""
+    """The trained net (eval mode, channels_last as trained) and 250 test images, normalised, with labels."""
     from dist_resnet.trained import build_trained, open_trained
 
     mf, trained, cfg = open_trained(str(trained_run / "last.pt"), [f"data.dir={betons}"])
     model = build_trained(mf, trained, cfg, 10).to(memory_format=torch.channels_last)
-    data = test_data(DataConfig(dir=str(betons), pipeline=Pipeline.device), 500, CPU, torch.float32, True,
+    data = test_data(DataConfig(dir=str(betons), pipeline=Pipeline.device), 250, CPU, torch.float32, True,
                     mean=mf.mean, std=mf.std)
     x, y = next(iter(data))
     return model, x, y, mf.mean, mf.std
@@ -73,19 +73,19 @@ def test_every_perturbation_stays_in_the_pixel_ball_and_in_the_unit_box(net_and_
 
 
 def test_accuracy_falls_from_clean_to_fgsm_to_pgd_and_to_zero_at_a_large_eps(net_and_images):
-    """Sanity of the attacks on a trained net and 500 real test images: clean >= FGSM >= PGD, and a large
-    ball breaks every image (of the first 250; a gradient-masked net or a broken attack would keep some)."""
+    """Sanity of the attacks on a trained net and 250 real test images: clean >= FGSM >= PGD, and a large
+    ball breaks every image (a gradient-masked net or a broken attack would keep some)."""
     model, x, y, mean, std = net_and_images
     clean = accuracy(model, x, y)
     threat = Threat.linf(8, mean, std, CPU)
     fgsm_acc = accuracy(model, fgsm(model, x, y, threat, alpha=10, random_start=True), y)
     robust = RobustEval(8, 2, 10, 1, mean, std, CPU)
     pgd_acc = robust(model, x, y, 0).float().mean().item()
-    large = RobustEval(64, 8, 10, 1, mean, std, CPU)(model, x[:250], y[:250], 0).float().mean().item()  # 10 x 8 > 64
+    large = RobustEval(64, 8, 10, 1, mean, std, CPU)(model, x, y, 0).float().mean().item()  # 10 x 8 > 64
     small = RobustEval(1, 0.25, 10, 1, mean, std, CPU)(model, x, y, 0).float().mean().item()
     print(f"clean {clean:.3f}  FGSM {fgsm_acc:.3f}  PGD-10 {pgd_acc:.3f}  (eps 8)  eps 1: {small:.3f}  eps 64: {large:.3f}")
     # eps 64: PGD-10 of step 8 reaches the ball's edge (10 x 8 > 64), and must still break every image
-    assert clean > 0.4  # the trained net (measured 0.47 on these 500 images, of classes 0-4)
+    assert clean > 0.4  # the trained net (measured 0.59 on these 250 images, of classes 0-2; 0.47 on 500)
     assert clean >= small >= pgd_acc and clean > fgsm_acc >= pgd_acc and large <= 0.01
 
 

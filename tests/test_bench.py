@@ -96,3 +96,42 @@ def test_a_report_part_past_its_budget_is_stopped_and_said_so(tiny_betons, tmp_p
     assert parts["cpu_tta"]["status"] == "stopped at the time budget" and parts["cpu_tta"]["seconds"] < 16
     assert parts["int8"]["status"] == "skipped" and "cpu_tta" in parts["int8"]["reason"]
     assert "stopped at the time budget" in (out / "report.md").read_text()
+
+
+def test_the_side_by_side_script_feeds_airbench_the_betons_and_runs_the_preset(tiny_betons, tmp_path):
+    """docs/reports/side_by_side.py at tiny settings, without CUDA: airbench's data files hold the betons'
+    images and labels in their order; its script is changed in its run count only, and its table's final rows
+    are read; the preset's side runs through bench tta and lands in the Markdown table."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from dist_resnet.data import beton
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "docs" / "reports" / "side_by_side.py")
+    sbs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sbs)
+    sbs.airbench_data(tiny_betons, tmp_path / "cifar10")
+    train = torch.load(tmp_path / "cifar10" / "train.pt")
+    images, labels = beton.read_raw(str(tiny_betons / "train.beton"), np.arange(1000))
+    assert train["images"].shape == (1000, 32, 32, 3) and train["images"].dtype == torch.uint8
+    assert np.array_equal(train["images"].numpy(), images) and np.array_equal(train["labels"].numpy(), labels)
+    assert train["classes"][:2] == ["airplane", "automobile"] and torch.load(tmp_path / "cifar10" / "test.pt")["images"].shape[0] == 200
+    source = "x = 1\n    accs = torch.tensor([main(run, model) for run in range(200)])\n"
+    assert sbs.patched(source, 5) == source.replace("range(200)", "range(5)")
+    with pytest.raises(SystemExit, match="range"):
+        sbs.patched("print(1)", 5)
+    log = ("|  run   |  epoch  |  train_acc  |  val_acc  |  tta_val_acc  |  time_seconds  |\n"
+           "|     0  |      8  |     0.9690  |   0.9390  |               |        2.4501  |\n"
+           "|        |   eval  |     0.9690  |   0.9390  |       0.9401  |        2.5900  |\n")
+    assert sbs.airbench_results(log) == [{"tta_val_acc": 0.9401, "time_seconds": 2.59}]
+    tiny = ["model.width=8", "train.batch_size=100", "data.num_workers=1", "train.epochs=1", "model.compile=false",
+            "train.warmup_steps=0", "train.device=cpu", "train.precision=fp32", "run.pictures=false"]
+    result = sbs.main(["--betons", str(tiny_betons), "--no-airbench", "--seeds", "1", "--out", str(tmp_path / "sbs"),
+                       *tiny])
+    [fast] = result["rows"]
+    assert fast["runs"] == 1 and 0 <= fast["acc_mean"] <= 1 and fast["time_s_mean"] > 0
+    assert "| configs/fast.yaml | 1 |" in (tmp_path / "sbs" / "side_by_side.md").read_text()
+

@@ -82,6 +82,16 @@ def precision(record: dict, configured: str) -> str:
     return f"{record['precision']} ({why})" if why else record["precision"]
 
 
+def teacher(record: dict) -> list[str]:
+    """The distillation line: the teacher's file, sha256 and accuracy, from the run's metrics.json."""
+    t = record.get("teacher")
+    if not t:
+        return []
+    acc = f"{t['test_acc']:.4f}" if t.get("test_acc") is not None else "not recorded in its file"
+    return [f"- Distilled from the teacher {t['file']} (sha256 {t['sha256']}; its test accuracy {acc}), "
+            f"alpha {t['alpha']:g}, temperature {t['temperature']:g}"]
+
+
 def _training(mf, cfg, ema: bool) -> list[str]:
     s, record = mf.state, run_record(mf.path)
     hist = s.get("history") or []
@@ -89,10 +99,13 @@ def _training(mf, cfg, ema: bool) -> list[str]:
         return ["- Not recorded in the source file (a safetensors export carries the config only)."]
     t, prefix = cfg.train, "ema_" if ema else ""
     times = sum(r.get("epoch_time_s", 0.0) for r in hist)
-    lines = [f"- {len(hist)} of {t.epochs} epochs, global batch {t.batch_size}, optimizer SGD lr {cfg.optim.lr:g} "
-             f"({cfg.optim.schedule.value}), label smoothing {cfg.optim.label_smoothing:g}, seed {t.seed}",
+    o = cfg.optim
+    optimizer = (f"Muon for the conv filters (lr {o.muon_lr:g}, momentum {o.muon_momentum:g}), SGD lr {o.lr:g} for the "
+                 "rest" if o.name.value == "muon" else f"SGD lr {o.lr:g}")
+    lines = [f"- {len(hist)} of {t.epochs} epochs, global batch {t.batch_size}, optimizer {optimizer} "
+             f"({o.schedule.value}), label smoothing {o.label_smoothing:g}, seed {t.seed}",
              f"- Hardware: {record.get('device', 'not recorded')} x {s.get('world_size', '?')}, precision "
-             f"{precision(record, t.precision.value)}; training time {times:.0f} s"]
+             f"{precision(record, t.precision.value)}; training time {times:.0f} s", *teacher(record)]
     evals = [r for r in hist if f"{prefix}test_acc" in r]
     which = f"the EMA weights (decay {t.ema_decay:g})" if ema else "the weights"
     if evals:

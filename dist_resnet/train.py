@@ -162,7 +162,7 @@ class Trainer:
     def summary(self, stopped: bool = False) -> dict:
         facts = {"precision": self.precision, "precision_why": self.step.amp.why, **self.nonfinite.summary(),
                  "precision_segments": self.state.segments, **self.evaluator.summary(), **self.clock.summary(),
-                 "steps_per_epoch": self.state.steps_per_epoch}
+                 "steps_per_epoch": self.state.steps_per_epoch, **self.step.distill.summary()}
         return {**self.report.summary(self.state.history, facts), "stopped": stopped,
                 "stop_reason": self.stop.reason if stopped else None}
 

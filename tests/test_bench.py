@@ -36,7 +36,7 @@ def test_profile_writes_a_trace_the_top_operators_and_the_steps_split(tiny_beton
                 "--out", str(out / "profile.json")])
     result = json.loads((out / "profile.json").read_text())
     split = {r["part"]: r for r in result["split"]}
-    assert list(split) == ["data wait", "forward", "backward", "optimizer", "other host work", "whole step"]
+    assert list(split) == ["data wait", "forward", "teacher", "backward", "optimizer", "other host work", "whole step"]
     step = split.pop("whole step")["ms_per_step"]
     assert step > 0 and all(r["ms_per_step"] >= 0 for r in split.values())
     assert split["forward"]["ms_per_step"] > 0 and split["backward"]["ms_per_step"] > 0

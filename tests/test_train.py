@@ -68,12 +68,13 @@ def test_the_checkpoint_keeps_its_keys_and_format(cpu_run):
 
     keys = ["format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc",
             "history", "ema", "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data",
-            "classes", "normalize", "image_shape", "monitor", "comm_hook", "precision"]  # monitor, comm_hook,
-    # precision: added with early stopping, the DDP communication hooks (None without PowerSGD) and the precision
-    # record (each stretch of steps' precision)
+            "classes", "normalize", "image_shape", "monitor", "comm_hook", "precision", "distill"]  # monitor,
+    # comm_hook, precision, distill: added with early stopping, the DDP communication hooks (None without
+    # PowerSGD), the precision record (each stretch of steps' precision) and distillation (None without a teacher)
     assert FORMAT_VERSION == 1 and list(KEYS) == keys[1:]
     ckpt = load(cpu_run[0] / "last.pt")
     assert list(ckpt) == keys and ckpt["ema"] is None and ckpt["lookahead"] is None and ckpt["rollbacks"] == []
+    assert ckpt["distill"] is None
     assert ckpt["comm_hook"] is None and ckpt["precision"] == [{"from_step": 0, "precision": "fp32", "why": "as set"}]
     assert ckpt["scaler"] == {} and ckpt["best_robust"] == -1.0 and ckpt["collapses"] == []
 

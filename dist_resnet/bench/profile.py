@@ -4,8 +4,8 @@ the run that config makes, under torch.profiler, after W untimed steps (numba, c
 It writes, beside --out:
 - `trace/<host>_<pid>.<time>.pt.trace.json`: the trace, which Perfetto (ui.perfetto.dev) and TensorBoard's
   profiler plugin (`tensorboard --logdir DIR/trace`) open;
-- `profile.md`: the step's split into data wait, forward, backward, optimizer and the rest of the host's
-  work, then the top operators by self time on the device (on a GPU) and on the host;
+- `profile.md`: the step's split into data wait, forward, the teacher (distill.teacher), backward,
+  optimizer and the rest of the host's work, then the top operators by self time on the device (on a GPU) and on the host;
 - `profile.json`: the same figures.
 
 The split comes from labels the trainer's step carries for a profiler (engine.step.Step.mark), and one
@@ -26,7 +26,7 @@ from ..config import Config
 from ..fileio import atomic_write
 from .measure import build_trainer, close, sync
 
-PARTS = ("data wait", "forward", "backward", "optimizer")
+PARTS = ("data wait", "forward", "teacher", "backward", "optimizer")
 TOP = 15
 
 
@@ -62,6 +62,7 @@ def profile_steps(cfg: Config, env: distributed.DistEnv, steps: int, warmup: int
 def split(events, steps: int) -> list[dict]:
     """Host ms per step of each labelled part, and the rest of the step ("other host work")."""
     ms = {e.key: e.cpu_time_total / 1000 / steps for e in events if e.key in (*PARTS, "step")}
+    ms["forward"] = ms.get("forward", 0.0) - ms.get("teacher", 0.0)  # the teacher's label sits inside the forward's
     step = ms.get("step", 0.0)
     rows = [{"part": p, "ms_per_step": ms.get(p, 0.0)} for p in PARTS]
     rows.append({"part": "other host work", "ms_per_step": max(0.0, step - sum(r["ms_per_step"] for r in rows))})

@@ -53,6 +53,8 @@ RULES: list[Rule] = [
     (above(0), "> 0", ("optim.muon_lr",)),
     (within(0, 1, hi_open=True), "in [0, 1)", ("optim.muon_momentum",)),
     (at_least(1), ">= 1", ("optim.muon_ns_steps",)),
+    (within(0, 1), "in [0, 1]", ("distill.alpha",)),
+    (above(0), "> 0", ("distill.temperature",)),
     (within(0, 1), "in [0, 1] (a factor of optim.lr)", ("optim.lr_start", "optim.lr_end")),
     (within(0, 1, lo_open=True), "in (0, 1] (1 = off)", ("optim.layer_decay",)),
     (within(0, 255, lo_open=True), "in (0, 255] pixel levels (0-255) of the [0, 1] image", ("adv.eps",)),
@@ -203,6 +205,14 @@ def check_finite(cfg: Config) -> None:
                 raise ConfigError(f"bad value for '{section.name}.{f.name}': {v}; it must be a finite number")
 
 
+def check_distill(d) -> None:
+    _apply("distill", d)
+    for key in ("alpha", "temperature"):
+        if not d.teacher and _set(d, key):
+            raise ConfigError(f"distill.{key}={_shown(getattr(d, key))} applies only with distill.teacher=PATH, which "
+                              f"is not set: set the teacher, or leave distill.{key} out (it would be ignored)")
+
+
 def check(cfg: Config) -> None:
     """Every section's values; ConfigError naming the first bad key, its value and what it must be."""
     check_finite(cfg)
@@ -211,4 +221,5 @@ def check(cfg: Config) -> None:
     check_optim(cfg.optim)
     check_train(cfg.train)
     check_adv(cfg.adv)
+    check_distill(cfg.distill)
     check_across(cfg)

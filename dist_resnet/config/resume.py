@@ -13,6 +13,7 @@ RESUME_HARMLESS = (
     "data.dir",  # compared by the betons' sha256 instead: a moved folder resumes, different data does not
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify",
     "model.pretrained",  # only the first start reads it: a resume takes the weights from the checkpoint
+    "distill.teacher",  # compared by the teacher's sha256 instead (engine/distill.py): a moved file resumes
     "data.pipeline",  # ffcv and device give the very same batches (tests/test_loader.py)
     "train.warmup_steps",  # restores the state exactly (tests/test_train.py)
     "train.eval_attack", "adv.eval_alpha", "adv.eval_steps", "adv.eval_restarts", "adv.eval_every",  # evaluation

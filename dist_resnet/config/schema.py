@@ -256,12 +256,20 @@ class RunConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""  # knowledge distillation from this trained model (our checkpoint or .safetensors); empty = off
+    alpha: float = 0.5  # the soft loss's weight: alpha x T^2 x KL(teacher || student, softened by T) + (1 - alpha) x the usual loss
+    temperature: float = 4.0  # T: both outputs softened as softmax(logits / T)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -270,4 +278,4 @@ class ConfigError(ValueError):
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "adv": AdvConfig,
-            "run": RunConfig}
+            "distill": DistillConfig, "run": RunConfig}

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import rundir
 from ..attacks import Adversary, RobustEval, default_alpha
-from ..config import Adversarial, Config, EvalAttack, NonFinite, Precision, to_dict
+from ..config import Adversarial, Config, EvalAttack, NonFinite, Precision, load_config, to_dict
 from ..data import sizes
 from ..data.augment import derive_seed
 from ..data.loader import Feed, TestData, TrainData
@@ -32,7 +32,9 @@ from ..distributed import DistEnv, StopRequest
 from ..models import build_model, files, freeze, regularize, to_device, with_input
 from ..optim import EMA, Lookahead, build_optimizer, build_scheduler
 from ..precision import Amp
+from ..trained import placed
 from .comm import NoHook, comm_hook
+from .distill import NoTeacher, Teacher, no_distill
 from .evaluation import Evaluator, NoRobustnessCheck, RobustnessCheck
 from .monitor import Monitor
 from .plan import Plan, plan
@@ -193,8 +195,20 @@ class Components:
     classes: list[str]
 
 
+def teacher(cfg: Config, env: DistEnv, p: Plan) -> Teacher | NoTeacher:
+    """distill.teacher as the run uses it: placed as it trained (memory format, input resize), compiled with
+    the run's compile settings; or no teacher."""
+    if p.teacher is None:
+        return NoTeacher()
+    trained = load_config(None, [], base=p.teacher.config)
+    net, _ = placed(p.teacher, trained, trained, len(p.betons.classes), env.device)
+    net = net.eval().requires_grad_(False)
+    net = torch.compile(net, mode=cfg.model.compile_mode.value) if cfg.model.compile else net
+    return Teacher(p.teacher, net, p.mean, p.std, cfg.distill.alpha, cfg.distill.temperature, env.device)
+
+
 def optimisation(cfg: Config, env: DistEnv, amp: Amp, model: nn.Module, forward: nn.Module, ddp: nn.Module,
-                 state: RunState, mean: list[float], std: list[float], report: Report):
+                 state: RunState, mean: list[float], std: list[float], report: Report, distill=no_distill):
     """The step (SGD or Muon, its schedule and loss scale, the adversary, EMA and lookahead); the EMA (or None) and
     the attacks of evaluation (the test-time one, the collapse check's), for the evaluator."""
     o, t = cfg.optim, cfg.train
@@ -212,7 +226,8 @@ def optimisation(cfg: Config, env: DistEnv, amp: Amp, model: nn.Module, forward:
     d = cfg.data
     mix = (Mixer(d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.switch_prob, t.seed)
            if d.mixup_alpha or d.cutmix_alpha else no_mix)
-    step = Step(ddp, forward, criterion, optimizer, scheduler, scale, adversary, hooks, amp, env.distributed, seed, mix)
+    step = Step(ddp, forward, criterion, optimizer, scheduler, scale, adversary, hooks, amp, env.distributed, seed, mix,
+                distill)
     return step, ema, robust, check
 
 
@@ -243,7 +258,7 @@ def checkpointer(cfg: Config, env: DistEnv, betons: Betons, mean: list[float], s
             "normalize": {"mean": mean, "std": std},
             "image_shape": list(sizes.shapes(cfg.data, betons)[1])}  # the test side: evaluate, predict, export
     parts = [ModelWeights(model), Keyed("optimizer", step.optimizer), Keyed("scheduler", step.scheduler),
-             step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check, hook]
+             step.loss_scale, *step.hooks, state, evaluator, nonfinite, evaluator.check, hook, step.distill]
     return Checkpointer(Path(cfg.run.dir), cfg.train.keep_last, env.is_main, parts, meta, state, report.say,
                         cfg.train.checkpoint_every)
 
@@ -272,7 +287,8 @@ def build(cfg: Config, env: DistEnv) -> Components:
     forward, ddp = wrap(cfg, env, model)
     hook = comm_hook(cfg, env, ddp, report.say)  # train.comm_hook: before the first step
     torch.manual_seed(derive_seed(cfg.train.seed, env.rank))  # per-rank stream for anything random after init
-    step, ema, robust, check_attack = optimisation(cfg, env, amp, model, forward, ddp, state, mean, std, report)
+    step, ema, robust, check_attack = optimisation(cfg, env, amp, model, forward, ddp, state, mean, std, report,
+                                                   teacher(cfg, env, p))
     evaluator = evaluation(cfg, amp, model, forward, ema, data, robust, check_attack, report)
     nonfinite = nonfinite_policy(cfg, env, state, step, report)
     saver = checkpointer(cfg, env, betons, mean, std, model, step, state, evaluator, nonfinite, report, hook)

@@ -6,7 +6,7 @@ then refuse.
 
 The order is the run's: runtime checks -> data opened -> resume point agreed by every rank -> pretrained
 weights and normalisation -> the split and the data's checks -> the model's fit (a model on the meta device:
-no memory, no RNG draw) -> the run folder free.
+no memory, no RNG draw) -> the teacher (distill.teacher) -> the run folder free.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ..distributed import DistEnv
 from ..models import build_model, channels_last_fault, check_input, files, regularize
 from ..precision import Amp
 from ..tracking import check_installed
+from .distill import teacher_file
 from .state import find_resume_point
 
 
@@ -47,6 +48,7 @@ class Plan:
     channels_last: bool  # model.channels_last, unless this device's kernels cannot take it for this model
     steps_per_epoch: int
     total_steps: int
+    teacher: files.ModelFile | None = None  # distill.teacher, opened and checked against the data
 
 
 def runtime_checks(cfg: Config, env: DistEnv) -> Amp:
@@ -160,11 +162,13 @@ def plan(cfg: Config, env: DistEnv, say: Callable) -> Plan:
     train_count = betons.count("train") if train_idx is None else len(train_idx)
     data_checks(cfg, env, betons, amp, train_count, len(val_idx))
     channels_last = model_fit(cfg, env, betons, pretrained, say)
+    teacher = teacher_file(cfg, betons)
     per_epoch = train_count // cfg.train.batch_size  # drop_last: the global batches of the train order
     steps = total_steps(cfg, per_epoch)
     if env.is_main:
         folder_free(Path(cfg.run.dir))
-    return Plan(amp, betons, resume, pretrained, mean, std, train_idx, val_idx, channels_last, per_epoch, steps)
+    return Plan(amp, betons, resume, pretrained, mean, std, train_idx, val_idx, channels_last, per_epoch, steps,
+                teacher)
 
 
 def folder_free(run_dir: Path) -> None:

@@ -197,7 +197,8 @@ class Report:
             "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in history),
             "steady_img_per_s": (sum(r["img_per_s"] for r in history[1:]) / (len(history) - 1)
                                  if len(history) > 1 else None),
-            **{k: facts[k] for k in ("monitor", "monitor_best", "monitor_best_epoch", "stopped_early", "stop_epoch")},
+            **{k: facts[k] for k in ("monitor", "monitor_best", "monitor_best_epoch", "stopped_early", "stop_epoch",
+                                     "teacher")},
             "history": history,
         }
 

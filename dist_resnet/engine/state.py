@@ -25,8 +25,8 @@ from ..models import load_weights
 
 KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc", "history", "ema",
         "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data", "classes", "normalize",
-        "image_shape", "monitor", "comm_hook", "precision")  # monitor, comm_hook, precision: since early
-# stopping, PowerSGD and the precision record; older checkpoints, without them, resume too
+        "image_shape", "monitor", "comm_hook", "precision", "distill")  # monitor, comm_hook, precision, distill:
+# since early stopping, PowerSGD, the precision record and distillation; older checkpoints, without them, resume too
 OPTIONAL = {"ema": None, "lookahead": None, "comm_hook": None}  # features a run may not have: None in its checkpoints
 
 

@@ -6,6 +6,7 @@
 - Mixup/CutMix (`data.mixup_alpha`, `data.cutmix_alpha`: dist_resnet.data.mix), or none; with it the
   targets own the loss and the label train accuracy counts;
 - the reseeding of torch's generator for dropout and drop-path (`model.dropout`, `model.drop_path`), or none;
+- the teacher's soft loss (`distill.teacher`: dist_resnet.engine.distill), or none;
 - the after-step hooks, in order: EMA, then lookahead. They, and the LR schedule, count applied steps
   only: a step the loss scale skips advances none of them.
 
@@ -23,6 +24,7 @@ from ..data.augment import derive_seed
 from ..data.mix import no_mix
 from ..optim import EMA, Lookahead
 from ..precision import Amp
+from .distill import no_distill
 
 
 class NoLossScale:
@@ -163,10 +165,12 @@ class Step:
 
     def __init__(self, ddp: nn.Module, forward: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, loss_scale: NoLossScale, attack: Callable, hooks: list[Callable], amp: Amp,
-                 distributed: bool, seed: Callable[[int, int], None] = unseeded, mix: Callable = no_mix):
+                 distributed: bool, seed: Callable[[int, int], None] = unseeded, mix: Callable = no_mix,
+                 distill: Callable = no_distill):
         self.ddp, self.forward, self.criterion = ddp, forward, criterion
         self.optimizer, self.scheduler, self.loss_scale = optimizer, scheduler, loss_scale
         self.attack, self.hooks, self.amp, self.seed, self.mix = attack, hooks, amp, seed, mix
+        self.distill = distill
         self.no_sync = ddp.no_sync if distributed else nullcontext  # all-reduce once, on the last micro-batch
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
@@ -192,6 +196,8 @@ class Step:
             x, target = self.mix(x, y, step)
             logits = self.ddp(x)
             loss = target.loss(self.criterion, logits)
+            with self.mark("teacher"):
+                loss = self.distill(x, logits, loss)  # distill.teacher's soft loss, or the loss as it is
         with self.mark("backward"):
             self.loss_scale.scale(loss / n).backward()
         k = y.numel()  # a host int: no host-to-device copy in the hot loop

@@ -52,7 +52,9 @@ def onnx_accuracy(model: Path, data: Path) -> tuple[float, int]:
     return float((logits.argmax(1) == y).mean()), len(y)
 
 
-@pytest.mark.parametrize("which", ["fp32", "bf16"])
+# bf16: the same commands on a bf16 checkpoint, a long variant (its exports and cards are also checked by
+# test_cards_of_two_exports_in_one_folder_each_describe_their_own_file; bf16 is emulated on CPUs without it)
+@pytest.mark.parametrize("which", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_the_readme_commands_on_a_checkpoint(which, trained_run, bf16_run, betons, tiny_betons, subset_dir,
                                              tmp_path, monkeypatch, capsys):
     run_dir, data = (trained_run, betons) if which == "fp32" else (bf16_run, tiny_betons)

@@ -91,7 +91,7 @@ class Teacher:
 
     def load_state_dict(self, state: dict, source: str = "") -> None:
         had = state.get("distill")
-        if had != self.identity:
+        if not had or had["sha256"] != self.identity["sha256"]:  # by content: a moved or renamed file resumes
             was = f"{had['file']} (sha256 {had['sha256'][:12]})" if had else "no teacher"
             raise CheckpointError(f"{source} was trained with {was}; this run's distill.teacher is "
                                   f"{self.identity['file']} (sha256 {self.identity['sha256'][:12]}): resume with "

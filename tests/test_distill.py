@@ -34,7 +34,8 @@ def test_the_loss_is_t_squared_times_the_softened_kl_plus_the_rest(trained_run):
     loss = torch.tensor(1.25)
     pt, ps = (t / 3).softmax(1), (s / 3).softmax(1)
     kl = (pt * (pt.log() - ps.log())).sum(1).mean()
-    assert teacher(torch.zeros(8, 3, 32, 32), s, loss).item() == pytest.approx(0.7 * 9 * kl.item() + 0.3 * 1.25, rel=1e-5)
+    expected = 0.7 * 9 * kl.item() + 0.3 * 1.25  # alpha T^2 KL + (1 - alpha) loss
+    assert teacher(torch.zeros(8, 3, 32, 32), s, loss).item() == pytest.approx(expected, rel=1e-5)
     assert teacher.identity == {"file": "last.pt", "sha256": sha256(trained_run / "last.pt")}
     assert teacher.accuracy == metrics(trained_run)["test_acc"] and teacher.same  # the same data: no re-normalising
 
@@ -72,7 +73,8 @@ def test_the_teacher_is_named_in_metrics_and_the_card_and_another_one_is_refused
     out = tmp_path / "student.safetensors"
     export.main([str(distilled / "ref" / "last.pt"), "--format", "safetensors", "--out", str(out)])
     card = (tmp_path / "student.safetensors.md").read_text()
-    assert f"Distilled from the teacher last.pt (sha256 {sha}; its test accuracy {m['teacher']['test_acc']:.4f})" in card
+    acc = m["teacher"]["test_acc"]
+    assert f"Distilled from the teacher last.pt (sha256 {sha}; its test accuracy {acc:.4f})" in card
     run_dir = tmp_path / "run"
     shutil.copytree(distilled / "cut", run_dir)
     other = distilled / "ref" / "last.pt"  # a real teacher of these classes and size, another file

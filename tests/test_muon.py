@@ -64,7 +64,8 @@ def test_the_trainable_filters_take_muon_and_everything_else_sgd(name):
     if name == "fastnet":  # the frozen whitening filters train with neither; its bias with SGD
         assert "stem.weight" not in muon + list(sgd) and "stem.bias" in sgd
     head = sgd["fc.weight"]
-    assert head["lr"] == pytest.approx(4 * MUON["lr"]) and head["weight_decay"] == pytest.approx(MUON["weight_decay"] / 4)
+    assert head["lr"] == pytest.approx(4 * MUON["lr"])
+    assert head["weight_decay"] == pytest.approx(MUON["weight_decay"] / 4)
     assert [g["lr"] for g in opt.param_groups if g["muon"]] == [MUON["muon_lr"]]
 
 
@@ -89,8 +90,9 @@ def test_a_step_rescales_each_filter_then_steps_along_the_orthogonalised_nestero
     twin, start = copy.deepcopy(model), copy.deepcopy(model)
     opt = build_optimizer(model, OptimConfig(**MUON))
     index, twins = {id(p): i for i, p in enumerate(model.parameters())}, list(twin.parameters())
-    ref = torch.optim.SGD([{"lr": g["lr"], "weight_decay": g["weight_decay"], "params": [twins[index[id(p)]] for p in g["params"]]}
-                           for g in opt.param_groups if not g["muon"]], lr=0.1, momentum=MUON["momentum"], nesterov=True)
+    groups = [{"lr": g["lr"], "weight_decay": g["weight_decay"], "params": [twins[index[id(p)]] for p in g["params"]]}
+              for g in opt.param_groups if not g["muon"]]
+    ref = torch.optim.SGD(groups, lr=0.1, momentum=MUON["momentum"], nesterov=True)
     grads_for(model, 0)
     grads_for(twin, 0)
     opt.step()
@@ -156,7 +158,8 @@ def test_two_ranks_share_the_orthogonalisation_and_step_exactly_as_one_process(t
     opt = build_optimizer(model, OptimConfig(**MUON))
     steps(model, opt, 0, 3)
     torch.save(init, tmp_path / "init.pt")
-    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path / "out"), str(tmp_path / "init.pt")), nprocs=2)
+    store, out, start = f"file://{tmp_path / 'store'}", str(tmp_path / "out"), str(tmp_path / "init.pt")
+    mp.spawn(_rank, args=(2, store, out, start), nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
     n_filters = sum(1 for p in model.parameters() if p.ndim == 4)
     per_step = [len(r["calls"]) // 3 for r in ranks]

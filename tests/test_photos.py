@@ -440,8 +440,9 @@ def test_progressive_resizing_compiles_each_side_in_the_warm_up_and_nothing_afte
     trainer.close()
 
 
-@pytest.mark.slow  # the run-level variant: test_seeded_crops_do_not_depend_on_threads_ranks_or_the_step_a_run_resumes_at
-# proves that 2 ranks' batches are exactly the halves of 1 rank's, and tests/test_distributed.py that DDP equals one batch
+# the run-level variant: test_seeded_crops_do_not_depend_on_threads_ranks_or_the_step_a_run_resumes_at proves
+# that 2 ranks' batches are exactly the halves of 1 rank's, and tests/test_distributed.py that DDP equals one batch
+@pytest.mark.slow
 def test_two_ranks_train_a_photo_run_as_one_rank_does(mixed_betons, tmp_path):
     """The world-size test of tests/test_distributed.py on photos: random-resized crops at 32 px, GroupNorm,
     1 rank x 8 against 2 ranks x 4 per step: the same crops reach the same step, so the weights agree to

@@ -54,8 +54,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "dist_resnet.train
     `--help` lists every key of the schema; `--print-config` prints the resolved config and exits;
     `--check` runs `check(cfg, world_sizes)` too (the caller's checks of the machine and the data, for each world
     size the run may have: --world-size) and exits 0, or 2 with one line."""
+    # the keys' list only for --help: it reads the schema's source (inspect, ast), which every run need not do; an
+    # in-process run in the suite once hit CPython 3.11's "AST constructor recursion depth mismatch" there
+    wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     p = argparse.ArgumentParser(prog=prog, description="Options are dotted overrides, e.g. train.epochs=10.",
-                                epilog=schema_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=schema_help() if wants_help else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset, e.g. configs/resnet18.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config tree")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")

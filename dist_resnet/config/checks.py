@@ -106,18 +106,23 @@ def _shown(v: object) -> str:
     return f"[{','.join(f'{x:g}' for x in v)}]" if isinstance(v, (list, tuple)) else f"{v:g}"
 
 
+def _needs(section: str, values, keys: tuple[str, ...], needs: str, on: bool) -> None:
+    """ConfigError for the first of `keys` set away from its default while `needs` (the key it refines) is not."""
+    for key in keys:
+        if not on and _set(values, key):
+            raise ConfigError(f"{section}.{key}={_shown(getattr(values, key))} applies only with {needs}, which is not "
+                              f"set: set {needs}, or leave {section}.{key} out (it would be ignored)")
+
+
 def check_crop(d: DataConfig) -> None:
     """The random-resized crop, the train and test resolutions and progressive resizing."""
     _pair(d, "rrc_scale", lambda a, b: 0 < a <= b <= 1, "[min, max] with 0 < min <= max <= 1 (shares of the area)")
     _pair(d, "rrc_ratio", lambda a, b: 0 < a <= b, "[min, max] with 0 < min <= max (width / height)")
     _pair(d, "res_ramp", lambda a, b: 0 <= a <= b, "[E0, E1] with 0 <= E0 <= E1 (epochs)")
     rrc = d.crop.value == "rrc"
-    for key, needs, on in (("rrc_scale", "data.crop=rrc", rrc), ("rrc_ratio", "data.crop=rrc", rrc),
-                           ("test_crop_ratio", "data.test_res", bool(d.test_res)),
-                           ("res_ramp", "data.res_end", bool(d.res_end))):
-        if not on and _set(d, key):
-            raise ConfigError(f"data.{key}={_shown(getattr(d, key))} applies only with {needs}, which is not set: "
-                              f"set {needs}, or leave data.{key} out (it would be ignored)")
+    _needs("data", d, ("rrc_scale", "rrc_ratio"), "data.crop=rrc", rrc)
+    _needs("data", d, ("test_crop_ratio",), "data.test_res", bool(d.test_res))
+    _needs("data", d, ("res_ramp",), "data.res_end", bool(d.res_end))
     if d.res and not rrc:
         raise ConfigError(f"data.res={d.res} sets the size of the random-resized crop: set data.crop=rrc "
                           "(to upsample fixed-size images, use data.resize)")
@@ -157,11 +162,7 @@ def check_optim(o: OptimConfig) -> None:
     if o.nesterov and o.momentum <= 0:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (it is {o.momentum}); "
                           "set optim.nesterov=false for plain SGD")
-    if o.name.value != "muon":
-        for key in ("muon_lr", "muon_momentum", "muon_ns_steps"):
-            if _set(o, key):
-                raise ConfigError(f"optim.{key}={_shown(getattr(o, key))} applies only with optim.name=muon (it is "
-                                  f"{o.name.value}): set optim.name=muon, or leave optim.{key} out (it would be ignored)")
+    _needs("optim", o, ("muon_lr", "muon_momentum", "muon_ns_steps"), "optim.name=muon", o.name.value == "muon")
 
 
 def check_train(t: TrainConfig) -> None:
@@ -207,10 +208,7 @@ def check_finite(cfg: Config) -> None:
 
 def check_distill(d) -> None:
     _apply("distill", d)
-    for key in ("alpha", "temperature"):
-        if not d.teacher and _set(d, key):
-            raise ConfigError(f"distill.{key}={_shown(getattr(d, key))} applies only with distill.teacher=PATH, which "
-                              f"is not set: set the teacher, or leave distill.{key} out (it would be ignored)")
+    _needs("distill", d, ("alpha", "temperature"), "distill.teacher=PATH", bool(d.teacher))
 
 
 def check(cfg: Config) -> None:

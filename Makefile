@@ -35,7 +35,7 @@ $(BIN)/.installed: pyproject.toml
 	@# it satisfies the range): 21 s with an empty uv cache (FFCV's build in it) against pip's 44 s here;
 	@# --compile-bytecode for the reason above
 	$(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e '.[test,export,sweep,tracking,explain]'
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e '.[test,export,sweep,tracking,explain,compress]'
 	touch $@
 
 data: setup

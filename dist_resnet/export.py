@@ -43,7 +43,7 @@ from .config import ConfigError
 from .data.manifest import DataError
 from .fileio import atomic_write, sha256, write_json
 from . import model_card, rewrite, verify
-from .models import PixelInput, files
+from .models import PixelInput, files, widths
 from .quantize import QuantizeError
 from .trained import arguments, build_trained, open_trained
 
@@ -76,13 +76,21 @@ def pixel_model(path: str, overrides: list[str], ema: bool):
     return PixelInput(net, mf.mean, mf.std, cfg.data.resize).eval(), mf, cfg
 
 
-def metadata(mf: files.ModelFile, cfg_dict: dict, size: tuple[int, int]) -> dict[str, str]:
+def bare(model: PixelInput) -> torch.nn.Module:
+    """The net inside the normalisation and the resize, if any."""
+    return model.net.net if hasattr(model.net, "size") else model.net
+
+
+def metadata(mf: files.ModelFile, cfg_dict: dict, size: tuple[int, int], net: torch.nn.Module) -> dict[str, str]:
+    """The safetensors and ONNX metadata: what a loader needs besides the weights (every layer's width included:
+    a pruned model is rebuilt from it)."""
     data = cfg_dict.get("data", {})
     crop = data.get("test_crop_ratio") if data.get("test_res") else None  # photos: predict's centre crop
     return {"format": files.META_FORMAT, "classes": json.dumps(mf.classes), "input_size": json.dumps(list(size)),
             "crop_ratio": json.dumps(crop),
             "image_shape": json.dumps(list(size)), "mean": json.dumps(mf.mean), "std": json.dumps(mf.std),
-            "config": json.dumps(cfg_dict), "source_sha256": sha256(mf.path), "dist_resnet_version": version()}
+            "config": json.dumps(cfg_dict), "widths": json.dumps(widths.record(net)), "source_sha256": sha256(mf.path),
+            "dist_resnet_version": version()}
 
 
 def export_onnx(model: PixelInput, meta: dict[str, str], size: tuple[int, int], out: str) -> bytes:
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                               f"{args.speed_seconds:g} > 0")
         model, mf, cfg = pixel_model(args.checkpoint, args.overrides, args.ema)
         size = tuple(mf.image_shape or (32, 32))
-        meta = metadata(mf, mf.config, size)
+        meta = metadata(mf, mf.config, size, bare(model))
         result = (save_safetensors(model, meta, args.out) if args.format == "safetensors"
                   else onnx_file(args, model, mf, cfg, size, meta))
         params = sum(t.numel() for t in model.parameters())
@@ -197,8 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
 def save_safetensors(model: PixelInput, meta: dict[str, str], out: str) -> dict:
     from safetensors.torch import load, save
 
-    net = model.net.net if hasattr(model.net, "size") else model.net  # the net inside the resize, if any
-    weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    weights = {k: v.detach().contiguous() for k, v in bare(model).state_dict().items()}
     data = save(weights, metadata=meta)
     back = load(data)
     same = back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)

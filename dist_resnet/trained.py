@@ -10,6 +10,7 @@ from torch import nn
 from .checkpoint import CheckpointError
 from .config import Config, load_config
 from .models import build_model, channels_last_fault, files, load_weights, to_device, with_input
+from .models.widths import rebuild
 
 
 def arguments(prog: str, doc: str, ema_help: str) -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_trained(mf: files.ModelFile, trained: Config, cfg: Config, num_classes
                               f"{describe(cfg, num_classes)}: use data with its classes, without model.* overrides")
     model = build_model(cfg.model.name, num_classes, cfg.model.width, cfg.model.norm.value, cfg.model.residual,
                         cfg.model.blurpool)
+    rebuild(model, mf.widths, mf.path)  # a pruned model's own widths
     load_weights(model, mf.weights, mf.path)
     return model.eval()
 

@@ -29,7 +29,7 @@ from ..data.loader import Feed, TestData, TrainData
 from ..data.manifest import Betons
 from ..data.mix import Mixer, no_mix
 from ..distributed import DistEnv, StopRequest
-from ..models import build_model, files, freeze, regularize, to_device, with_input
+from ..models import files, freeze, to_device, with_input
 from ..optim import EMA, Lookahead, build_optimizer, build_scheduler
 from ..precision import Amp
 from ..trained import placed
@@ -37,7 +37,7 @@ from .comm import NoHook, comm_hook
 from .distill import NoTeacher, Teacher, no_distill
 from .evaluation import Evaluator, NoRobustnessCheck, RobustnessCheck
 from .monitor import Monitor
-from .plan import Plan, plan
+from .plan import Plan, built, plan
 from .report import Clock, Report
 from .state import Checkpointer, Keyed, ModelWeights, RollbackOnNonFinite, RunState, StopOnNonFinite, agreed_checkpoint
 from .step import (DynamicLossScale, EMAHook, FixedLossScale, LookaheadHook, NoLossScale, Step, StepSeed, no_attack,
@@ -102,8 +102,7 @@ def model_chain(cfg: Config, env: DistEnv, p: Plan, train: TrainData, report: Re
                 clock: Clock) -> tuple[nn.Module, dict | None]:
     """pretrained -> (SyncBN) -> freeze -> device, channels_last -> a data-dependent first layer's fit."""
     m, betons, pretrained, fresh = cfg.model, p.betons, p.pretrained, p.resume is None
-    model = build_model(m.name, len(betons.classes), m.width, m.norm.value, m.residual, m.blurpool)
-    regularize(model, m.dropout, m.drop_path)
+    model = built(cfg, len(betons.classes), p.widths)  # a pruned model in its own widths
     loaded = None
     if pretrained is not None:
         loaded = files.load_pretrained(model, pretrained, betons.classes)

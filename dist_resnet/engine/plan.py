@@ -5,8 +5,8 @@ and returns what they found (`Plan`), which `build` then builds from; `python -m
 then refuse.
 
 The order is the run's: runtime checks -> data opened -> resume point agreed by every rank -> pretrained
-weights and normalisation -> the split and the data's checks -> the model's fit (a model on the meta device:
-no memory, no RNG draw) -> the teacher (distill.teacher) -> the run folder free.
+weights and normalisation -> the split and the data's checks -> the model's fit (a model on the meta device, in
+the widths its weights record: no memory, no RNG draw) -> the teacher (distill.teacher) -> the run folder free.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..data.manifest import Betons
 from ..data.split import split_indices
 from ..distributed import DistEnv
 from ..models import build_model, channels_last_fault, check_input, files, regularize
+from ..models.widths import rebuild
 from ..precision import Amp
 from ..tracking import check_installed
 from .distill import teacher_file
@@ -49,6 +50,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     teacher: files.ModelFile | None = None  # distill.teacher, opened and checked against the data
+    widths: tuple[dict, str] | None = None  # the layers' widths the model is rebuilt to (a pruned model's), and whence
 
 
 def runtime_checks(cfg: Config, env: DistEnv) -> Amp:
@@ -134,13 +136,32 @@ def total_steps(cfg: Config, per_epoch: int) -> int:
     return t.max_steps
 
 
-def model_fit(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.ModelFile | None, say: Callable) -> bool:
-    """The model, built on the meta device: the pretrained weights must fit it (CheckpointError naming the
-    tensors), and the memory format it trains in (channels_last, unless this device's kernels fault on it)."""
+def model_widths(resume: tuple[Path, dict] | None, pretrained: files.ModelFile | None) -> tuple[dict, str] | None:
+    """The widths the model takes (dist_resnet.models.widths), and the file that records them: a resumed run's
+    checkpoint's, or its pretrained weights' (a pruned model fine-tunes in its own shape)."""
+    if resume is not None and resume[1].get("widths"):
+        return resume[1]["widths"], str(resume[0])
+    if pretrained is not None and pretrained.widths:
+        return pretrained.widths, pretrained.path
+    return None
+
+
+def built(cfg: Config, classes: int, shape: tuple[dict, str] | None):
+    """The configured model, in the recorded widths, with its dropout and stochastic depth."""
+    m = cfg.model
+    model = rebuild(build_model(m.name, classes, m.width, m.norm.value, m.residual, m.blurpool), *(shape or (None, "")))
+    regularize(model, m.dropout, m.drop_path)
+    return model
+
+
+def model_fit(cfg: Config, env: DistEnv, betons: Betons, pretrained: files.ModelFile | None,
+              shape: tuple[dict, str] | None, say: Callable) -> bool:
+    """The model, built on the meta device in its recorded widths: the pretrained weights must fit it
+    (CheckpointError naming the tensors), and the memory format it trains in (channels_last, unless this device's
+    kernels fault on it)."""
     m = cfg.model
     with torch.device("meta"):
-        model = build_model(m.name, len(betons.classes), m.width, m.norm.value, m.residual, m.blurpool)
-        regularize(model, m.dropout, m.drop_path)
+        model = built(cfg, len(betons.classes), shape)
     if pretrained is not None:
         files.match_pretrained(model.state_dict(), pretrained, betons.classes)
     fault = channels_last_fault(model, env.device) if m.channels_last else None
@@ -161,14 +182,15 @@ def plan(cfg: Config, env: DistEnv, say: Callable) -> Plan:
     train_idx, val_idx = split_indices(betons, d.val_fraction, d.val_seed, d.folds, d.fold)
     train_count = betons.count("train") if train_idx is None else len(train_idx)
     data_checks(cfg, env, betons, amp, train_count, len(val_idx))
-    channels_last = model_fit(cfg, env, betons, pretrained, say)
+    shape = model_widths(resume, pretrained)
+    channels_last = model_fit(cfg, env, betons, pretrained, shape, say)
     teacher = teacher_file(cfg, betons)
     per_epoch = train_count // cfg.train.batch_size  # drop_last: the global batches of the train order
     steps = total_steps(cfg, per_epoch)
     if env.is_main:
         folder_free(Path(cfg.run.dir))
     return Plan(amp, betons, resume, pretrained, mean, std, train_idx, val_idx, channels_last, per_epoch, steps,
-                teacher)
+                teacher, shape)
 
 
 def folder_free(run_dir: Path) -> None:

@@ -21,12 +21,13 @@ from ..checkpoint import load_latest, unwrap
 from ..config import Config, ConfigError, load_config, resume_changes
 from ..data.manifest import Betons
 from ..distributed import EXIT_DIVERGED, DistEnv, JobExit, spread
-from ..models import load_weights
+from ..models import load_weights, widths
 
 KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc", "history", "ema",
         "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data", "classes", "normalize",
-        "image_shape", "monitor", "comm_hook", "precision", "distill")  # monitor, comm_hook, precision, distill:
-# since early stopping, PowerSGD, the precision record and distillation; older checkpoints, without them, resume too
+        "image_shape", "monitor", "comm_hook", "precision", "distill", "widths")  # monitor, comm_hook, precision,
+# distill, widths: since early stopping, PowerSGD, the precision record, distillation and pruning; older checkpoints,
+# without them, resume too
 OPTIONAL = {"ema": None, "lookahead": None, "comm_hook": None}  # features a run may not have: None in its checkpoints
 
 
@@ -50,13 +51,15 @@ class Keyed:
 
 
 class ModelWeights:
-    """The unwrapped model's weights ("model"), loaded with a clear error for another model's."""
+    """The unwrapped model's weights ("model") and every layer's width ("widths": a pruned model's shape),
+    loaded with a clear error for another model's."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def state_dict(self) -> dict:
-        return {"model": unwrap(self.model).state_dict()}
+        net = unwrap(self.model)
+        return {"model": net.state_dict(), "widths": widths.record(net)}
 
     def load_state_dict(self, state: dict, source: str = "") -> None:
         load_weights(self.model, state["model"], source)

@@ -38,6 +38,7 @@ class ModelFile:
     mean: list[float] | None = None
     std: list[float] | None = None
     image_shape: list[int] | None = None  # [H, W] of the training images
+    widths: dict | None = None  # every layer's width (dist_resnet.models.widths), in files of ours
     state: dict = field(default_factory=dict, repr=False)  # the whole checkpoint, when it is one
 
     @property
@@ -77,7 +78,7 @@ def read(path: str | Path, ema: bool = False) -> ModelFile:
         norm = state.get("normalize") or {}
         return ModelFile(path, "checkpoint", _tensors_only(path, state["ema"] if ema else state["model"]),
                          state["config"], state.get("classes"), norm.get("mean"), norm.get("std"),
-                         state.get("image_shape"), state)
+                         state.get("image_shape"), state.get("widths"), state)
     if ema:
         raise CheckpointError(f"{path} is not a dist_resnet checkpoint, so it has no EMA weights")
     return ModelFile(path, "state_dict", _tensors_only(path, state.get("state_dict", state)))
@@ -104,8 +105,12 @@ def _read_safetensors(path: str) -> ModelFile:
         parsed = {k: json.loads(meta[k]) for k in ("config", "classes", "mean", "std", "image_shape")}
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}'s dist_resnet metadata is incomplete or damaged ({e})") from None
+    try:
+        widths = json.loads(meta["widths"]) if "widths" in meta else None  # files before the record have none
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}'s widths record is damaged ({e})") from None
     return ModelFile(path, "safetensors", _strip(weights), parsed["config"], parsed["classes"], parsed["mean"],
-                     parsed["std"], parsed["image_shape"])
+                     parsed["std"], parsed["image_shape"], widths)
 
 
 def torchvision_weights(model_name: str) -> ModelFile:

@@ -104,6 +104,18 @@ def importance(name: str):
     return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2)
 
 
+def round_to(net: torch.nn.Module, frozen: list, args) -> int:
+    """--round-to, lowered where the narrowest prunable layer would keep fewer channels than it (Torch-Pruning rounds
+    what a layer keeps down to the multiple: 4 of 8 channels at --round-to 8 would be none)."""
+    narrowest = min(m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m not in frozen)
+    keep = int(narrowest * (1 - args.ratio))
+    if keep >= args.round_to:
+        return args.round_to
+    print(f"note: --round-to {args.round_to} lowered to {max(1, keep)}: the narrowest layer ({narrowest} channels) "
+          f"keeps {keep} at --ratio {args.ratio:g}")
+    return max(1, keep)
+
+
 def prune(net: torch.nn.Module, args, measure: Measure) -> None:
     """Remove the channels in place (Torch-Pruning), the head's outputs and frozen layers kept."""
     import torch_pruning as tp
@@ -111,8 +123,8 @@ def prune(net: torch.nn.Module, args, measure: Measure) -> None:
     frozen = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and not m.weight.requires_grad]
     example = torch.zeros(1, 3, *measure.size, device=next(net.parameters()).device)
     pruner = tp.pruner.MetaPruner(net, example, importance(args.importance), global_pruning=args.scope == "global",
-                                  pruning_ratio=args.ratio, max_pruning_ratio=0.95, round_to=args.round_to,
-                                  ignored_layers=[getattr(net, HEAD), *frozen])
+                                  pruning_ratio=args.ratio, max_pruning_ratio=0.95,
+                                  round_to=round_to(net, frozen, args), ignored_layers=[getattr(net, HEAD), *frozen])
     if args.importance == "taylor":
         net.zero_grad()
         for x, y in measure.train_batches(args.batches):

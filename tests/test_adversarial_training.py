@@ -41,6 +41,8 @@ def adversarial_run(betons, tmp_path_factory) -> Path:
     return shared(tmp_path_factory, "adversarial_run", build)
 
 
+@pytest.mark.slow  # the suite's longest fixture (206 s of a worker on an AVX2 CPU); the collapse check and
+# best_robust.pt are also checked on the resume test's tiny run below
 def test_adversarial_training_is_clearly_more_robust_in_half_the_budget(adversarial_run, trained_run, betons):
     """Same recipe, half the epochs (2 of the standard run's 4); PGD-10 at eps 8 on the 1,000 test images."""
     adv = metrics(adversarial_run)
@@ -98,6 +100,11 @@ def test_an_adversarial_run_stopped_mid_epoch_resumes_bit_identically(tiny_beton
             "adv.steps=2", "adv.check_images=50", "train.stop_check_every=3"]
     codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / 'ref'}"], tmp_path / "ref.log")
     assert codes == [0], (tmp_path / "ref.log").read_text()
+    ref = metrics(tmp_path / "ref")  # the collapse check ran on its 50 train images; best_robust.pt holds the epoch
+    h = ref["history"][0]
+    assert 0 <= h["check_robust_acc"] <= h["check_acc"] and ref["collapses"] == []
+    assert load(tmp_path / "ref" / "best_robust.pt")["epoch"] == 1
+    assert ref["best_check_robust_acc"] == h["check_robust_acc"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "STOP").touch()
     codes = launch("dist_resnet.train", [*opts, f"run.dir={tmp_path / 'run'}"], tmp_path / "a.log")

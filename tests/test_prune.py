@@ -108,8 +108,9 @@ def test_every_loader_rebuilds_the_pruned_model(pruned, betons, subset_dir, tmp_
 
 
 def fine_tune(tiny_betons, run_dir, pruned_path, teacher, *overrides) -> list[str]:
-    return [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", f"model.pretrained={pruned_path}",
-            f"distill.teacher={teacher}", "distill.alpha=0.5", *overrides]
+    distil = [f"distill.teacher={teacher}", "distill.alpha=0.5"] if teacher else []
+    return [*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", f"model.pretrained={pruned_path}", *distil,
+            *overrides]
 
 
 def test_a_pruned_fine_tune_with_its_teacher_resumes_bit_exactly(pruned, trained_run, tiny_betons, tmp_path):
@@ -127,10 +128,11 @@ def test_a_pruned_fine_tune_with_its_teacher_resumes_bit_exactly(pruned, trained
 def test_two_ranks_fine_tune_a_pruned_model_as_one_rank_does(pruned, trained_run, betons, tmp_path):
     """BatchNorm sees half the global batch on each of 2 ranks: 1 rank accumulating 2 micro-batches of that half
     sees the same. 4 steps of 1024 at a small LR, the weights compared (each rank keeps its own running
-    statistics, so those are not); measured 2.6e-6."""
+    statistics, so those are not); measured 2.6e-6 with the teacher distilling (2 ranks against 1 distilling:
+    tests/test_distill.py), and here without it."""
     opts = ["train.epochs=1", "optim.lr=0.02", "train.batch_size=1024"]
     for name, nproc, extra in (("w1", 1, ["train.accum_steps=2"]), ("w2", 2, [])):
-        argv = fine_tune(betons, tmp_path / name, pruned["path"], trained_run / "last.pt", *opts, *extra)
+        argv = fine_tune(betons, tmp_path / name, pruned["path"], None, *opts, *extra)
         assert launch("dist_resnet.train", argv, tmp_path / f"{name}.log", nproc) == [0] * nproc
     a, b = weights(tmp_path / "w1"), weights(tmp_path / "w2")
     keys = [k for k in a if a[k].is_floating_point() and "running_" not in k]
@@ -139,6 +141,17 @@ def test_two_ranks_fine_tune_a_pruned_model_as_one_rank_does(pruned, trained_run
     print(f"2 ranks against 1 (2 micro-batches), pruned fine-tune: relative L2 {rel:.1e}")
     assert rel < 5e-5 and a["fc.weight"].shape == b["fc.weight"].shape == (10, widths.record(net_of(pruned["path"]))
                                                                           ["fc"][0])
+
+
+def test_check_refuses_a_pruned_file_for_another_model_in_one_line(pruned, tiny_betons, tmp_path, capsys):
+    from dist_resnet import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f"data.dir={tiny_betons}", f"run.dir={tmp_path / 'run'}", "model.name=resnet18",
+                    f"model.pretrained={pruned['path']}", "--check"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "records the widths of another model" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def group_norm_file(trained_run, tmp_path) -> str:
@@ -173,3 +186,4 @@ def test_bad_pruning_input_is_one_line_and_exit_2(trained_run, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert (tmp_path / "exists.pt").read_text() == "keep me" and not (tmp_path / "p.pt").exists()
+

@@ -1,6 +1,7 @@
 """The README's "Evaluate, predict, export" and "Explain" commands, exactly as the README gives them, on a
 bf16 checkpoint and on an fp32 one: every file they promise is written, and every model card's accuracy is
-the accuracy of the file it sits beside, scored here independently with onnxruntime."""
+the accuracy of the file it sits beside, scored here independently with onnxruntime. (`bench compress` trains
+for an hour at its defaults: here its arguments are parsed; tests/test_prune.py runs it at tiny settings.)"""
 from __future__ import annotations
 
 import importlib
@@ -20,7 +21,8 @@ def readme_commands() -> list[list[str]]:
     """The commands of the README's two blocks, as argument lists (optional `[...]` parts left out)."""
     text = (ROOT / "README.md").read_text()
     block = text[text.index("**Evaluate, predict, export**"):text.index("**Look**")]
-    lines = [re.sub(r"\s*\[[^\]]*\]", "", line) for line in block.splitlines() if line.startswith("python -m ")]
+    lines = [re.sub(r"\s*\[[^\]]*\]", "", line.split("  #")[0]) for line in block.splitlines()
+             if line.startswith("python -m ")]
     return [shlex.split(line)[2:] for line in lines]
 
 
@@ -66,14 +68,18 @@ def test_the_readme_commands_on_a_checkpoint(which, trained_run, bf16_run, beton
     (tmp_path / "photo.jpg").write_bytes((subset_dir / "test" / "dog" / "0002.jpg").read_bytes())
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()
-    assert len(commands) == 6 and all(c[0].startswith("dist_resnet.") for c in commands)
-    for module, *argv in commands:
+    assert len(commands) == 8 and all(c[0].startswith("dist_resnet.") for c in commands)
+    compress = [c for c in commands if c[:2] == ["dist_resnet.bench", "compress"]]
+    from dist_resnet.bench.compress import arguments
+
+    assert len(compress) == 1 and arguments().parse_intermixed_args(compress[0][2:]).out == "compress"
+    for module, *argv in [c for c in commands if c not in compress]:
         argv = [str(run_dir / "best.pt") if a == "runs/cpu/best.pt" else a for a in argv]
         extra = ["--speed-seconds", "0.05"] if "--int8" in argv else []  # measured, never judged: kept short
         importlib.import_module(module).main([*argv, *extra])
     out = capsys.readouterr().out
     for name in ("eval.json", "confusion.png", "model.onnx", "model.onnx.md", "model-int8.onnx", "model-int8.onnx.md",
-                 "explained/index.csv", "explained/0001-photo.png", "mistakes.png"):
+                 "pruned.pt", "explained/index.csv", "explained/0001-photo.png", "mistakes.png"):
         assert (tmp_path / name).is_file(), name
     assert out.count("\t") >= 3 * 3  # predict printed 3 images x 3 classes
     for model in ("model.onnx", "model-int8.onnx"):

@@ -6,6 +6,7 @@
     python -m dist_resnet.bench tta        --config configs/resnet9.yaml  data.dir=DIR --target 0.9 --seeds 5
     python -m dist_resnet.bench profile    --config configs/cpu.yaml data.dir=DIR --steps 20 --out DIR/profile.json
     python -m dist_resnet.bench report     --data DIR --out DIR [--budget-s S]
+    python -m dist_resnet.bench compress   --data DIR --out DIR [--seeds 2] [--ratios 0.3,0.5]
 
 Each measurement takes the same `--config` and `key=value` overrides as `dist_resnet.train` (also under
 torchrun). Warm-up (numba, torch.compile, cudnn autotune) is timed apart and excluded; steady state is

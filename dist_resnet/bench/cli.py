@@ -20,6 +20,7 @@ EPILOG = """examples:
   python -m dist_resnet.bench tta --config configs/fast.yaml data.dir=data/cifar10 --target 0.905 --seeds 5
   python -m dist_resnet.bench profile --config configs/cpu.yaml data.dir=data/cifar10 --steps 20 --out prof/profile.json
   python -m dist_resnet.bench report --data data/cifar10 --out bench-report     # every figure, in one time budget
+  python -m dist_resnet.bench compress --data data/cifar10 --out compress       # distil, prune, int8: the frontier
 """
 
 
@@ -34,10 +35,11 @@ NUMBERS = [("steps", int, 50, "throughput: timed steps per repeat; profile: prof
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist_resnet.bench", description=doc, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["throughput", "loader", "tta", "profile", "report"],
+    p.add_argument("what", choices=["throughput", "loader", "tta", "profile", "report", "compress"],
                    help="what to measure; `profile`: torch.profiler over --steps steps (a trace, the top operators "
                         "and the step's split, beside --out); `report` runs the others as a set "
-                        "(see dist_resnet.bench.report)")
+                        "(see dist_resnet.bench.report); `compress`: the accuracy-speed frontier of distillation, "
+                        "pruning and int8 (its own options: bench compress --help)")
     p.add_argument("--config", help="the training preset (YAML), as dist_resnet.train takes it")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (data.dir is required)")
     for name, kind, default, what in NUMBERS:
@@ -77,6 +79,11 @@ def variants(args, overrides: list[str]) -> list[tuple[str, object]]:
 
 
 def main(argv: list[str] | None = None, doc: str = "") -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compress"]:  # its own options (dist_resnet.bench.compress)
+        from .compress import main as compress_main
+
+        return compress_main(argv[1:])
     args = parser(doc).parse_intermixed_args(argv)
     if args.what == "report":
         from .report import main as report_main

@@ -6,8 +6,8 @@ step breakdown (bf16 against fp32 is the ablation's first two rows); the fast pr
 accuracy and training time, mean ± std); the resnet18 preset's time-to-accuracy once; resnet18's profile
 (bench profile: a trace, the top operators, the step's split); an adversarial training step's throughput
 and the epoch time it implies. On a CPU (default budget 1800 s): the cpu preset's throughput in fp32
-against bf16, its profile, its time-to-accuracy, and the int8 ONNX export of the model it trained against
-the fp32 graph.
+against bf16, its profile, its time-to-accuracy, the int8 ONNX export of the model it trained against
+the fp32 graph, and a small compression frontier with that model as the teacher (bench compress).
 
 Each part is one command of this package, run as its own process: the report shows that command, and
 running it again alone gives the same measurement. A part gets its share of the budget plus what the
@@ -98,6 +98,11 @@ def cpu_parts(data: str, out: Path, q: Callable[[str, str], str]) -> list[Part]:
         Part("int8", "int8 ONNX export of that model against its fp32 graph",
              ["dist_resnet.export", str(ckpt), "--format", "onnx", "--int8", "--out", str(out / "model-int8.onnx"),
               "--verify-test-set", f"data.dir={data}"], 0.18, needs="cpu_tta"),
+        Part("compress", "compression frontier, small: that model as the teacher, a width-8 student alone and "
+                         "distilled, the teacher pruned at 0.5 and fine-tuned (the full one: bench compress)",
+             ["dist_resnet.bench", "compress", "--data", data, "--out", str(out / "compress"), "--teacher", str(ckpt),
+              "--width", "8", "--epochs", q("epochs", "2"), "--ratios", "0.5", "--finetune-epochs", "1", "--seeds",
+              "1"], 0.45, needs="cpu_tta"),
     ]
 
 
@@ -150,7 +155,8 @@ def run_part(part: Part, extra: list[str], out: Path, limit: float, done: set[st
     target = out / "parts" / f"{part.name}.json"
     target.unlink(missing_ok=True)
     deadline = [] if part.argv[0] != "dist_resnet.bench" else ["--deadline-s", f"{limit - SLACK_S:.0f}"]
-    output = ["--json" if part.argv[0] == "dist_resnet.export" else "--out", str(target)]
+    own_folder = part.argv[0] == "dist_resnet.export" or part.argv[1:2] == ["compress"]  # --out is theirs
+    output = ["--json" if own_folder else "--out", str(target)]
     argv = [sys.executable, "-m", *part.argv, *extra, *output, *deadline]
     part.result["command"] = "python -m " + shlex.join([*part.argv, *extra])
     t0 = time.perf_counter()

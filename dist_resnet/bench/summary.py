@@ -83,9 +83,19 @@ def profile_rows(m: dict) -> list[tuple[str, str]]:
     return rows + [("trace (beside this part's JSON)", ", ".join(f"parts/trace/{t}" for t in m["trace"]))]
 
 
+def compress_rows(m: dict) -> list[tuple[str, str]]:
+    rows = []
+    for r in m["rows"]:
+        if "acc_mean" in r and "fp32_img_per_s_b64" in r:
+            rows.append((f"{r['variant']} ({r['how']})", f"{100 * r['acc_mean']:.2f} % (int8 graph "
+                         f"{100 * r['top1']['int8']:.2f} %), {r['flops'] / 1e6:.1f} MFLOPs, img/s at batch 64: fp32 "
+                         f"{r['fp32_img_per_s_b64']:.0f}, int8 {r['int8_img_per_s_b64']:.0f}"))
+    return rows + [(f"goal: {g['goal']}", f"{'met' if g['met'] else 'missed'}: {g['measured']}") for g in m["goals"]]
+
+
 def figures(part: dict) -> list[tuple[str, str]]:
     m = part.get("measured")
-    kinds = (("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows), ("first_epoch_s", loader_rows),
+    kinds = (("goals", compress_rows), ("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows), ("first_epoch_s", loader_rows),
              ("split", profile_rows))
     return next((rows(m) for key, rows in kinds if key in (m or {})), [])  # each part's JSON has its own key
 

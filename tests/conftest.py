@@ -57,8 +57,8 @@ def source_images(subset_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 # test_slurm.py waits on Slurm much of its time: it starts early, beside the longest.
 LONGEST_FIRST = ["test_slurm.py", "test_multinode.py", "test_tracking.py", "test_prune.py",  # 120 155 107 ~150
                  "test_reliability.py", "test_photos.py", "test_sweep.py", "test_distributed.py",  # 90 79 73 72
-                 "test_finetune.py", "test_distill.py", "test_compress.py", "test_adversarial_training.py",
-                 "test_adversarial.py", "test_train.py", "test_bench.py", "test_explain.py",  # 66 63 ~60 ~60 62 54 42
+                 "test_finetune.py", "test_distill.py", "test_adversarial_training.py",
+                 "test_adversarial.py", "test_train.py", "test_bench.py", "test_explain.py",  # 66 63 ~60 62 54 ~100 42
                  "test_shipping.py", "test_loader.py", "test_host_sync.py", "test_precision.py", "test_prepare.py",  # 35 33 27 25 25
                  "test_early_stop.py", "test_config.py", "test_mix.py", "test_folds.py", "test_int8.py",  # 25 24 22 22 21
                  "test_predict_export.py", "test_gpu_paths.py", "test_models.py"]  # 12 12 7; the rest under a second

@@ -53,7 +53,7 @@ def test_profile_writes_a_trace_the_top_operators_and_the_steps_split(tiny_beton
 
 def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_files(tiny_betons, tmp_path):
     """`bench report` with tiny settings: the CPU set (precision, the cpu preset's time-to-accuracy, int8 of
-    the model it trained), each part a process of its own; report.json and report.md hold the same
+    the model it trained, the compression frontier from it), each part a process of its own; report.json and report.md hold the same
     figures, the hardware, and each part's command."""
     from tests.conftest import python_module
 
@@ -61,13 +61,13 @@ def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_file
     tiny = [o for o in TINY[2:] if not o.startswith("run.")] + ["train.epochs=1"]
     # the betons as every other command takes them (data.dir=), not only --data
     python_module("dist_resnet.bench", "report", f"data.dir={tiny_betons}", "--out", str(out), "--quick",
-                  "--budget-s", "300", *tiny, timeout=400)
+                  "--budget-s", "600", *tiny, timeout=700)  # ~130 s; each part's share must cover its start
     report = json.loads((out / "report.json").read_text())
     text = (out / "report.md").read_text()
-    assert report["kind"] == "cpu" and report["total_s"] <= 300 + 30
+    assert report["kind"] == "cpu" and report["total_s"] <= 600 + 30
     assert report["hardware"]["cores"] >= 1 and "native" in report["hardware"]["cpu_bf16"]
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == ["precision", "profile", "cpu_tta", "int8"]
+    assert list(parts) == ["precision", "profile", "cpu_tta", "int8", "compress"]
     assert all(p["status"] == "done" for p in parts.values())
     assert (out / "parts" / "profile.md").exists() and list((out / "parts" / "trace").glob("*.json"))
     rows = parts["precision"]["measured"]["rows"]
@@ -81,6 +81,34 @@ def test_report_on_cpu_measures_each_part_within_its_budget_and_writes_both_file
         assert p["command"].startswith("python -m dist_resnet.") and p["command"] in text
     assert f"{tta['acc_mean'] * 100:.2f}" in text and "bf16 against fp32" in text and "img/s at batch 64" in text
     assert "step: backward" in text and "top on the host" in text
+    compress_part(parts["compress"], out / "compress", text)
+
+
+def compress_part(part: dict, out, text: str) -> None:
+    """bench compress, as the report's part runs it: the cpu preset's model (here 1 tiny epoch) as the teacher, a
+    width-8 student alone and distilled, the teacher pruned at 0.5 and fine-tuned with it distilling; each variant's
+    fp32 and int8 graphs scored on the test set and timed together; the table, the goals and the plot. The command
+    the report names, run again, reuses every run and graph (only the speeds are measured again)."""
+    import shlex
+
+    from dist_resnet.bench import compress
+
+    result = part["measured"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["teacher", "small", "small+kd", "pruned-0.5"] and not result["skipped"]
+    for r in rows.values():
+        assert r["fp32_img_per_s_b64"] > 0 and r["int8_img_per_s_b1"] > 0 and 0 < r["top1"]["int8"] <= 1
+        assert all(c.startswith("python -m dist_resnet.") for c in r["commands"])
+        assert r["commands"] or r["variant"] == "teacher"  # a given teacher has no command here
+        assert 0 <= r["acc_mean"] <= 1 and f"| {r['variant']} |" in (out / "frontier.md").read_text()
+    # the teacher's channels halved (rounded to a multiple of 4 here): a quarter of its FLOPs, near enough
+    assert 0.2 < rows["pruned-0.5"]["flops_share"] < 0.35 and rows["small"]["flops_share"] == 1.0  # both width 8
+    assert rows["teacher"]["top1"]["fp32"] == pytest.approx(rows["teacher"]["top1"]["pytorch"], abs=0.01)
+    assert len(result["goals"]) == 4 and all(g["measured"] for g in result["goals"])
+    assert "goal: distillation lifts" in text and "python -m dist_resnet.prune" in (out / "frontier.md").read_text()
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    again = compress.main(shlex.split(part["command"])[4:])  # after "python -m dist_resnet.bench compress"
+    assert [r["acc_mean"] for r in again["rows"]] == [r["acc_mean"] for r in result["rows"]]
 
 
 def test_a_report_part_past_its_budget_is_stopped_and_said_so(tiny_betons, tmp_path):

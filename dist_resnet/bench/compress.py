@@ -15,7 +15,8 @@ one process at batch 1 and 64, taking turns (dist_resnet.bench.frontier). It wri
 the goals, the commands), OUT/frontier.json and OUT/frontier.png (accuracy against img/s, fp32 and int8).
 
 Runs that finished are reused and a stopped one resumes (train.resume=true), so a second call continues the
-first. `key=value` overrides apply to every training run (e.g. train.batch_size=100 on small data)."""
+first. `key=value` overrides apply to every training run (e.g. train.batch_size=100 on small data); a variant's
+own keys (model.width, train.epochs, the distill.* keys) come after them and win."""
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,7 @@ class Runner:
     def train(self, name: str, seed: int, keys: list[str]) -> Path | None:
         run_dir = self.out / "runs" / name
         argv = ["dist_resnet.train", "--config", shown(CONFIG), f"data.dir={self.args.data}", f"run.dir={run_dir}",
-                f"train.seed={seed}", "run.progress=false", "run.pictures=false", *keys, *self.args.overrides]
+                f"train.seed={seed}", "run.progress=false", "run.pictures=false", *self.args.overrides, *keys]
         return run_dir if self.call(name, argv + ["train.resume=true"], done=finished(run_dir)) else None
 
     def call(self, name: str, argv: list[str], done: bool) -> bool:

@@ -36,7 +36,8 @@ from ..precision import cpu_bf16_support
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SLACK_S = 10.0  # a part's start (imports) and end (teardown), outside its own deadline
-QUICK = {"steps": "1", "warmup": "1", "repeats": "2", "seeds": "2", "epochs": "1"}  # --quick: a smoke test
+QUICK = {"steps": "1", "warmup": "1", "repeats": "2", "seeds": "2", "epochs": "1", "speed": "0.02",
+         "calibration": "64"}  # --quick: a smoke test
 
 
 @dataclass
@@ -102,7 +103,8 @@ def cpu_parts(data: str, out: Path, q: Callable[[str, str], str]) -> list[Part]:
                          "distilled, the teacher pruned at 0.5 and fine-tuned (the full one: bench compress)",
              ["dist_resnet.bench", "compress", "--data", data, "--out", str(out / "compress"), "--teacher", str(ckpt),
               "--width", "8", "--epochs", q("epochs", "2"), "--ratios", "0.5", "--finetune-epochs", "1", "--seeds",
-              "1"], 0.45, needs="cpu_tta"),
+              "1", "--speed-seconds", q("speed", "0.5"), "--calibration", q("calibration", "500")], 0.45,
+             needs="cpu_tta"),
     ]
 
 

@@ -68,13 +68,14 @@ def test_the_checkpoint_keeps_its_keys_and_format(cpu_run):
 
     keys = ["format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "best_acc",
             "history", "ema", "lookahead", "rollbacks", "config", "world_size", "best_robust", "collapses", "data",
-            "classes", "normalize", "image_shape", "monitor", "comm_hook", "precision", "distill"]  # monitor,
-    # comm_hook, precision, distill: added with early stopping, the DDP communication hooks (None without
-    # PowerSGD), the precision record (each stretch of steps' precision) and distillation (None without a teacher)
+            "classes", "normalize", "image_shape", "monitor", "comm_hook", "precision", "distill", "widths"]  # monitor,
+    # comm_hook, precision, distill, widths: added with early stopping, the DDP communication hooks (None without
+    # PowerSGD), the precision record (each stretch of steps' precision), distillation (None without a teacher) and
+    # pruning (every layer's width)
     assert FORMAT_VERSION == 1 and list(KEYS) == keys[1:]
     ckpt = load(cpu_run[0] / "last.pt")
     assert list(ckpt) == keys and ckpt["ema"] is None and ckpt["lookahead"] is None and ckpt["rollbacks"] == []
-    assert ckpt["distill"] is None
+    assert ckpt["distill"] is None and ckpt["widths"]["fc"] == [128, 10]  # resnet9 at width 16: 8 x 16 features
     assert ckpt["comm_hook"] is None and ckpt["precision"] == [{"from_step": 0, "precision": "fp32", "why": "as set"}]
     assert ckpt["scaler"] == {} and ckpt["best_robust"] == -1.0 and ckpt["collapses"] == []
 

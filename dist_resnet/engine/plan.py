@@ -27,7 +27,7 @@ from ..data.manifest import Betons
 from ..data.split import split_indices
 from ..distributed import DistEnv
 from ..models import build_model, channels_last_fault, check_input, files, regularize
-from ..models.widths import rebuild
+from ..models.widths import own_shape, rebuild
 from ..precision import Amp
 from ..tracking import check_installed
 from .distill import teacher_file
@@ -138,10 +138,11 @@ def total_steps(cfg: Config, per_epoch: int) -> int:
 
 def model_widths(resume: tuple[Path, dict] | None, pretrained: files.ModelFile | None) -> tuple[dict, str] | None:
     """The widths the model takes (dist_resnet.models.widths), and the file that records them: a resumed run's
-    checkpoint's, or its pretrained weights' (a pruned model fine-tunes in its own shape)."""
+    checkpoint's, or its pretrained weights' where they are a pruned model's (which fine-tunes in its own shape;
+    other weights must fit the configured model, as before)."""
     if resume is not None and resume[1].get("widths"):
         return resume[1]["widths"], str(resume[0])
-    if pretrained is not None and pretrained.widths:
+    if pretrained is not None and own_shape(pretrained.widths, pretrained.config):
         return pretrained.widths, pretrained.path
     return None
 

@@ -129,14 +129,16 @@ def markdown(result: dict) -> str:
     h = result["hardware"]
     lines = [f"Measured {h['date']} on {h['cpu']} ({h['cores']} cores), torch {h['torch']}, commit {h['commit']}; "
              f"{result.get('total_s', 0) / 60:.0f} min in all.", "",
-             "| variant | how | test acc (runs: mean ± std, seeds) | train s (mean) | int8 graph acc | params | MFLOPs | "
-             "FLOPs × teacher | img/s b1 fp32 | b1 int8 | img/s b64 fp32 | b64 int8 | int8 b64 × teacher fp32 |",
+             "| variant | how | test acc (runs: mean ± std, seeds) | train s (mean) | int8 graph acc | params | "
+             "MFLOPs | FLOPs × teacher | img/s b1 fp32 | b1 int8 | img/s b64 fp32 | b64 int8 | "
+             "int8 b64 × teacher fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         acc = f"{r['acc_mean']:.2%} ± {r['acc_std']:.2%} ({r['seeds']})" if "acc_mean" in r else "not run"
         times = [t for t in r.get("train_time_s") or [] if t]
         lines.append(" | ".join([
-            f"| {r['variant']}", r["how"], acc, f"{sum(times) / len(times):.0f}" if times else "-", f"{r['top1']['int8']:.2%}" if "top1" in r else "-",
+            f"| {r['variant']}", r["how"], acc, f"{sum(times) / len(times):.0f}" if times else "-",
+            f"{r['top1']['int8']:.2%}" if "top1" in r else "-",
             f"{r['params']:,}" if "params" in r else "-", f"{r['flops'] / 1e6:.1f}" if "flops" in r else "-",
             f"{r['flops_share']:.2f}" if "flops_share" in r else "-", _rate(r, "fp32", 1), _rate(r, "int8", 1),
             _rate(r, "fp32", 64), _rate(r, "int8", 64),

@@ -95,8 +95,8 @@ def compress_rows(m: dict) -> list[tuple[str, str]]:
 
 def figures(part: dict) -> list[tuple[str, str]]:
     m = part.get("measured")
-    kinds = (("goals", compress_rows), ("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows), ("first_epoch_s", loader_rows),
-             ("split", profile_rows))
+    kinds = (("goals", compress_rows), ("written", int8_rows), ("rows", throughput_rows), ("runs", tta_rows),
+             ("first_epoch_s", loader_rows), ("split", profile_rows))
     return next((rows(m) for key, rows in kinds if key in (m or {})), [])  # each part's JSON has its own key
 
 

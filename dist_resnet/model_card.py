@@ -92,18 +92,12 @@ def teacher(record: dict) -> list[str]:
             f"alpha {t['alpha']:g}, temperature {t['temperature']:g}"]
 
 
-def shape(mf, cfg) -> tuple[str, list[str]]:
+def shape(mf) -> tuple[str, list[str]]:
     """A pruned model's shape for the architecture line (the share of conv channels its widths record keeps), and
     where it came from, for a file dist_resnet.prune wrote."""
-    import torch
+    from .models.widths import kept_share
 
-    from .models import build_model
-    from .models.widths import pruned_share, record
-
-    m = cfg.model
-    with torch.device("meta"):
-        full = record(build_model(m.name, len(mf.classes), m.width, m.norm.value, m.residual, m.blurpool))
-    share = pruned_share(mf.widths, full)
+    share = kept_share(mf.widths, mf.config)
     p = mf.state.get("pruned")
     made = [f"- Pruned by dist_resnet.prune from `{p['source']}` (sha256 `{p['source_sha256']}`): ratio "
             f"{p['ratio']:g}, {p['importance']} importance ({p['scope']}); FLOPs {p['before']['flops'] / 1e6:.1f} M -> "
@@ -224,7 +218,7 @@ def write(out: Path, mf, cfg, size: tuple[int, int], params: int, result: dict, 
     manifest, manifest_path = read_manifest(cfg)
     weights = (f"the EMA of the weights (train.ema_decay={cfg.train.ema_decay:g}), not the raw weights" if ema
                else "the trained weights (not an EMA)")
-    pruned, lineage = shape(mf, cfg)
+    pruned, lineage = shape(mf)
     card = [f"# {m.name} on {Path(cfg.data.dir).name}: `{name}`", "",
             "## Model",
             f"- Architecture: {m.name}, width {m.width}{pruned}, {m.norm.value} norm, {params:,} parameters",

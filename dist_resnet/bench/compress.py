@@ -150,7 +150,7 @@ def variants(args, runner: Runner) -> list[Variant]:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         pruned = runner.out / f"pruned-{ratio:g}.pt"
         made = runner.call(f"prune-{ratio:g}", ["dist_resnet.prune", teacher_pt, "--ratio", f"{ratio:g}", "--out",
-                                                 str(pruned), "--importance", args.importance, *data_override(args)],
+                                                 str(pruned), "--importance", args.importance, f"data.dir={args.data}"],
                            done=pruned.is_file())
         v = Variant(f"pruned-{ratio:g}", f"teacher pruned at {ratio:g} ({args.importance}), fine-tuned "
                                         f"{args.finetune_epochs} epochs with the teacher distilling")
@@ -160,10 +160,6 @@ def variants(args, runner: Runner) -> list[Variant]:
             v.runs = [r for s in seeds if (r := runner.train(f"pruned-{ratio:g}-s{s}", s, keys))]
         out.append(v)
     return out
-
-
-def data_override(args) -> list[str]:
-    return [f"data.dir={args.data}"]
 
 
 def teacher_width(args, teacher_pt: str) -> int:

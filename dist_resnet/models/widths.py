@@ -98,18 +98,24 @@ def pruned_share(widths: dict | None, full: dict[str, list[int]]) -> float | Non
     return None if kept == total else kept / total
 
 
-def own_shape(widths: dict | None, config: dict | None) -> bool:
-    """Whether a file's record differs from the model its own training config builds: a pruned model, whose shape
-    a fine-tune takes over (an unpruned file's record is its config's, and a fine-tune builds its own config)."""
+def kept_share(widths: dict | None, config: dict | None) -> float | None:
+    """The share of its conv channels a file's record keeps of the model its own training config builds: a pruned
+    model's; None where it keeps them all (or the file has no record)."""
     if not widths or not config:
-        return False
+        return None
     from . import build_model
 
     m = config["model"]
     with torch.device("meta"):
         full = record(build_model(m["name"], widths.get(HEAD, [0, 1])[1], m["width"], m["norm"],
                                   m.get("residual", False), m.get("blurpool", False)))
-    return pruned_share(widths, full) is not None
+    return pruned_share(widths, full)
+
+
+def own_shape(widths: dict | None, config: dict | None) -> bool:
+    """Whether a file's record is a pruned model's, whose shape a fine-tune takes over (an unpruned file's record is
+    its config's, and a fine-tune builds its own config)."""
+    return kept_share(widths, config) is not None
 
 
 def flops(model: nn.Module, size: tuple[int, int]) -> int:

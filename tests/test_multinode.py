@@ -196,7 +196,10 @@ def test_elastic_torchrun_goes_on_after_a_node_crash_and_takes_back_a_node_that_
     assert m["completed"] and m["world_size"] == 2 and len(m["history"]) == 30 and m["test_count"] == 200, text
 
 
-@pytest.mark.parametrize("storage", ["journal", pytest.param("postgresql", marks=pytest.mark.slow)])
+# a long variant: its parts run fast on one node (tests/test_slurm.py: USR1 mid-trial, the trial queued, the task
+# requeued and the trial resumed; tests/test_sweep.py: two workers sharing one study on PostgreSQL)
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
 def test_sweep_tasks_on_two_nodes_share_a_study_and_resume_a_preempted_trial(nodes, tiny_betons, tmp_path, storage):
     """`sbatch --array=0-1 slurm/sweep.sh`: one task on n1, one on n2 (each takes a whole node), one study,
     shared through the journal file in the shared folder, or through PostgreSQL on n1's address. USR1 (the

@@ -40,6 +40,18 @@ def bf16_run(tiny_betons, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def ema_run(tiny_betons, tmp_path_factory) -> Path:
+    """A tiny fp32 run with EMA, 2 epochs (the bf16 run above is built only for the `slow` variant: where
+    bf16 is emulated it costs about 40 s)."""
+    from dist_resnet import train
+
+    run_dir = tmp_path_factory.mktemp("ema") / "run"
+    train.main([*TINY, f"data.dir={tiny_betons}", f"run.dir={run_dir}", "train.epochs=2", "train.ema=true",
+                "train.ema_decay=0.9", "model.width=4"])
+    return run_dir
+
+
 def onnx_accuracy(model: Path, data: Path) -> tuple[float, int]:
     """Top-1 of an .onnx file on the whole test beton, read here from the beton's raw bytes."""
     import onnxruntime as ort
@@ -57,9 +69,9 @@ def onnx_accuracy(model: Path, data: Path) -> tuple[float, int]:
 # bf16: the same commands on a bf16 checkpoint, a long variant (its exports and cards are also checked by
 # test_cards_of_two_exports_in_one_folder_each_describe_their_own_file; bf16 is emulated on CPUs without it)
 @pytest.mark.parametrize("which", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
-def test_the_readme_commands_on_a_checkpoint(which, trained_run, bf16_run, betons, tiny_betons, subset_dir,
-                                             tmp_path, monkeypatch, capsys):
-    run_dir, data = (trained_run, betons) if which == "fp32" else (bf16_run, tiny_betons)
+def test_the_readme_commands_on_a_checkpoint(which, trained_run, betons, tiny_betons, subset_dir, tmp_path,
+                                             monkeypatch, capsys, request):
+    run_dir, data = (trained_run, betons) if which == "fp32" else (request.getfixturevalue("bf16_run"), tiny_betons)
     assert (run_dir / "config.yaml").read_text().count(f"precision: {which}") == 1
     photos = tmp_path / "more_images"
     photos.mkdir()
@@ -91,7 +103,7 @@ def test_the_readme_commands_on_a_checkpoint(which, trained_run, bf16_run, beton
 
 
 
-def test_cards_of_two_exports_in_one_folder_each_describe_their_own_file(trained_run, bf16_run, tiny_betons, tmp_path):
+def test_cards_of_two_exports_in_one_folder_each_describe_their_own_file(trained_run, ema_run, tmp_path):
     """An int8 export without --verify-test-set (it used to crash on the card, KeyError 'goals'), after an
     fp32 one into the same folder: two cards, each naming its file; the calibration images are those used
     (9999 asked of 5,000); an --ema export says its weights are the EMA's and gives the EMA's accuracy."""
@@ -106,9 +118,9 @@ def test_cards_of_two_exports_in_one_folder_each_describe_their_own_file(trained
     assert fp32.splitlines()[0].endswith(": `model.onnx`") and "`model-int8.onnx`" in int8.splitlines()[0]
     assert "calibrated on 5000 train images" in int8 and "was not run through this file" in int8
     assert "int8" not in fp32.split("## Measured by this export")[1].split("## Intended")[0]
-    export.main([str(bf16_run / "last.pt"), "--format", "safetensors", "--ema", "--out", str(tmp_path / "ema.safetensors")])
+    export.main([str(ema_run / "last.pt"), "--format", "safetensors", "--ema", "--out", str(tmp_path / "ema.safetensors")])
     card = (tmp_path / "ema.safetensors.md").read_text()
-    last = [h for h in torch.load(bf16_run / "last.pt", weights_only=True)["history"] if "ema_test_acc" in h][-1]
+    last = [h for h in torch.load(ema_run / "last.pt", weights_only=True)["history"] if "ema_test_acc" in h][-1]
     assert "the EMA of the weights (train.ema_decay=0.9)" in card
     assert f"Test accuracy of the EMA weights (decay 0.9) at epoch {last['epoch']}" in card
     assert f"{last['ema_test_acc']:.4f} on" in card

@@ -186,7 +186,7 @@ def folded_sweep(mlflow_server, tiny_betons, tmp_path_factory):
     from dist_resnet import sweep
 
     out = tmp_path_factory.mktemp("kfold") / "k3"
-    args = ["--config", TINY[1], "--study", "k3", "--out", str(out), "--trials", "2", "--folds", "3", "--sampler",
+    args = ["--config", TINY[1], "--study", "k3", "--out", str(out), "--trials", "1", "--folds", "3", "--sampler",
             "random", "--seed", "0", "--pruner", "none", "--space", "optim.lr=log(0.2,0.4)", f"data.dir={tiny_betons}",
             *TINY[2:], "train.epochs=1", f"run.mlflow={mlflow_server}", "run.mlflow_experiment=kfold"]
     return out, sweep.main(args)
@@ -194,7 +194,7 @@ def folded_sweep(mlflow_server, tiny_betons, tmp_path_factory):
 
 def test_a_3_fold_sweep_writes_each_fold_and_the_mean(folded_sweep):
     out, result = folded_sweep
-    assert [r["state"] for r in result["table"]] == ["complete", "complete"]
+    assert [r["state"] for r in result["table"]] == ["complete"]
     for r in result["table"]:
         folds = [r[f"fold_{i}"] for i in range(3)]
         assert r["val_acc"] == pytest.approx(statistics.fmean(folds)) and r["val_std"] == pytest.approx(
@@ -222,7 +222,7 @@ def test_a_sweeps_folds_are_child_runs_of_its_mlflow_run(mlflow_server, folded_s
     assert parent.data.metrics["best_val_acc"] == pytest.approx(result["best_value"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = sorted(r.info.run_name for r in children)
-    assert names == [f"trial-{t:04d}/fold-{i}" for t in range(2) for i in range(3)]
+    assert names == [f"trial-0000/fold-{i}" for i in range(3)]
     for r in children:
         trial, fold = r.info.run_name.split("/")
         row = next(x for x in result["table"] if x["run_dir"] == trial)

@@ -98,7 +98,8 @@ def cpu_parts(data: str, out: Path, q: Callable[[str, str], str]) -> list[Part]:
              0.70),
         Part("int8", "int8 ONNX export of that model against its fp32 graph",
              ["dist_resnet.export", str(ckpt), "--format", "onnx", "--int8", "--out", str(out / "model-int8.onnx"),
-              "--verify-test-set", f"data.dir={data}"], 0.18, needs="cpu_tta"),
+              "--verify-test-set", "--speed-seconds", q("speed", "0.5"), "--calibration", q("calibration", "256"),
+              f"data.dir={data}"], 0.18, needs="cpu_tta"),
         Part("compress", "compression frontier, small: that model as the teacher, a width-8 student alone and "
                          "distilled, the teacher pruned at 0.5 and fine-tuned (the full one: bench compress)",
              ["dist_resnet.bench", "compress", "--data", data, "--out", str(out / "compress"), "--teacher", str(ckpt),

@@ -35,7 +35,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import CheckpointError

@@ -177,7 +177,7 @@ def _measured(result: dict, classes: list[str], name: str) -> list[str]:
     if "check" not in result:
         return [f"- `{name}` holds {result['tensors']} tensors ({result['bytes'] / 2**20:.1f} MiB), read back and "
                 "compared with the checkpoint's weights: identical."]
-    lines = [f"Measured by this export with onnxruntime on the CPU, without test-time augmentation.", "",
+    lines = ["Measured by this export with onnxruntime on the CPU, without test-time augmentation.", "",
              *_check(result, name)]
     test = result.get("test")
     if test is None:

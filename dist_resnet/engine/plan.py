@@ -27,7 +27,7 @@ from ..data.manifest import Betons
 from ..data.split import split_indices
 from ..distributed import DistEnv
 from ..models import build_model, channels_last_fault, check_input, files, regularize
-from ..models.widths import own_shape, rebuild
+from ..models.widths import kept_share, rebuild
 from ..precision import Amp
 from ..tracking import check_installed
 from .distill import teacher_file
@@ -142,7 +142,7 @@ def model_widths(resume: tuple[Path, dict] | None, pretrained: files.ModelFile |
     other weights must fit the configured model, as before)."""
     if resume is not None and resume[1].get("widths"):
         return resume[1]["widths"], str(resume[0])
-    if pretrained is not None and own_shape(pretrained.widths, pretrained.config):
+    if pretrained is not None and kept_share(pretrained.widths, pretrained.config) is not None:
         return pretrained.widths, pretrained.path
     return None
 

@@ -89,18 +89,10 @@ def rebuild(model: nn.Module, widths: dict | None, source: str) -> nn.Module:
     return model
 
 
-def pruned_share(widths: dict | None, full: dict[str, list[int]]) -> float | None:
-    """The share of the full model's conv channels (outputs) a record keeps; None where it keeps them all."""
-    if not widths:
-        return None
-    convs = [k for k, v in full.items() if len(v) == 2 and k != HEAD]
-    kept, total = sum(widths[k][1] for k in convs), sum(full[k][1] for k in convs)
-    return None if kept == total else kept / total
-
-
 def kept_share(widths: dict | None, config: dict | None) -> float | None:
-    """The share of its conv channels a file's record keeps of the model its own training config builds: a pruned
-    model's; None where it keeps them all (or the file has no record)."""
+    """The share of its conv channels (outputs) a file's record keeps of the model its own training config builds:
+    a pruned model's, whose shape a fine-tune takes over; None where it keeps them all (an unpruned file's record is
+    its config's) or the file has no record."""
     if not widths or not config:
         return None
     from . import build_model
@@ -109,13 +101,9 @@ def kept_share(widths: dict | None, config: dict | None) -> float | None:
     with torch.device("meta"):
         full = record(build_model(m["name"], widths.get(HEAD, [0, 1])[1], m["width"], m["norm"],
                                   m.get("residual", False), m.get("blurpool", False)))
-    return pruned_share(widths, full)
-
-
-def own_shape(widths: dict | None, config: dict | None) -> bool:
-    """Whether a file's record is a pruned model's, whose shape a fine-tune takes over (an unpruned file's record is
-    its config's, and a fine-tune builds its own config)."""
-    return kept_share(widths, config) is not None
+    convs = [k for k, v in full.items() if len(v) == 2 and k != HEAD]
+    kept, total = sum(widths[k][1] for k in convs), sum(full[k][1] for k in convs)
+    return None if kept == total else kept / total
 
 
 def flops(model: nn.Module, size: tuple[int, int]) -> int:
